@@ -16,7 +16,7 @@ once per ``meta_step()`` in every algorithm.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 
@@ -121,10 +121,12 @@ class Offline(Algorithm):
 
     records = True
 
-    def __init__(self, batch_size: int = 1, epochs: int = 1, max_updates: Optional[int] = None) -> None:
+    def __init__(self, batch_size: int = 1, epochs: int = 1, max_updates: Optional[int] = None,
+                 gradient: Callable[..., tuple[list[torch.Tensor], torch.Tensor]] = meta_gradient) -> None:
         if batch_size < 1 or epochs < 1 or (max_updates is not None and max_updates < 1):
             raise ValueError("offline(): batch_size, epochs and max_updates must be >= 1")
         self.batch_size, self.epochs, self.max_updates = batch_size, epochs, max_updates
+        self.gradient = gradient
 
     def end_task(self, opt: "WarpGradMetaOptimizer", run: TaskRun) -> None:
         assert run.trajectory is not None
@@ -140,7 +142,7 @@ class Offline(Algorithm):
         for _ in range(self.epochs):
             for batch in buffer.batches(self.batch_size, opt.device):
                 with opt.warp_trainable():
-                    grads, loss = meta_gradient(opt.objective, context, batch, opt.meta_parameters())
+                    grads, loss = self.gradient(opt.objective, context, batch, opt.meta_parameters())
                 opt.apply_warp_gradients(grads)
                 losses.append(loss)
                 updates += 1
@@ -211,8 +213,11 @@ def online() -> Online:
     return Online()
 
 
-def offline(batch_size: int = 1, epochs: int = 1, max_updates: Optional[int] = None) -> Offline:
-    return Offline(batch_size, epochs, max_updates)
+def offline(batch_size: int = 1, epochs: int = 1, max_updates: Optional[int] = None,
+            gradient: Callable[..., tuple[list[torch.Tensor], torch.Tensor]] = meta_gradient) -> Offline:
+    """Algorithm 2; ``gradient(objective, context, samples, meta_params)`` computes each
+    mini-batch's meta-gradient (default: per-sample loop; see ``warpopt.vectorised``)."""
+    return Offline(batch_size, epochs, max_updates, gradient)
 
 
 def continual(every: int = 30, objective: Optional[Objective] = None) -> Continual:

@@ -57,6 +57,8 @@ class WarpGradMetaOptimizer(torch.optim.Optimizer):
         learned_clip: clip value for the learned hyper-parameters' meta-gradients.
         on_nonfinite: "raise" (default) or "skip" (warn and drop the task) when a task
             gradient becomes NaN/inf.
+        reduce: applied to every meta-gradient (φ and θ0) before it is used, e.g. an
+            all-reduce mean across processes (``warpopt.distributed``); identity by default.
     """
 
     def __init__(
@@ -78,6 +80,7 @@ class WarpGradMetaOptimizer(torch.optim.Optimizer):
         learned_lr: float = 1e-3,
         learned_clip: Optional[float] = 1e-3,
         on_nonfinite: str = "raise",
+        reduce: Optional[Callable[[list[torch.Tensor]], list[torch.Tensor]]] = None,
         **task_kwargs: Any,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -119,6 +122,7 @@ class WarpGradMetaOptimizer(torch.optim.Optimizer):
         self.replay = replay if replay is not None else ReplayBuffer()
         self.on_nonfinite = on_nonfinite
         self.learned_clip = learned_clip
+        self.reduce = reduce if reduce is not None else (lambda grads: grads)
 
         with torch.no_grad():
             self.theta0 = [nn.Parameter(p.detach().clone()) for p in self._adapt]
@@ -359,6 +363,7 @@ class WarpGradMetaOptimizer(torch.optim.Optimizer):
     def apply_warp_gradients(self, grads: list[torch.Tensor]) -> None:
         """φ ← meta-optimizer step with gradient ``grads`` (aligned with ``meta_parameters()``)."""
         params = self.meta_parameters()
+        grads = self.reduce(list(grads))
         finite = torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum()) if grads else True
         if not bool(finite):
             raise FloatingPointError("the warp meta-gradient is NaN/inf: check the task and meta losses")
@@ -379,8 +384,8 @@ class WarpGradMetaOptimizer(torch.optim.Optimizer):
             return
         for p in self.meta_parameters():
             p.grad = None
-        for p, g in zip(self.theta0, self._init_sum):
-            p.grad = g / self._init_count
+        for p, g in zip(self.theta0, self.reduce([g / self._init_count for g in self._init_sum])):
+            p.grad = g
         self.meta_optimizer.step()
         for p in self.theta0:
             p.grad = None
