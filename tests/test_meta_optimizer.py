@@ -363,3 +363,18 @@ def test_unwarped_model_and_nested_tasks_are_rejected():
             opt.meta_step()
     with pytest.raises(RuntimeError, match="outside a task"):
         opt.step()
+
+
+def test_learn_false_adapts_without_recording_or_meta_learning():
+    model = make_model()
+    opt = warpopt.WarpGradMetaOptimizer(model, lr=0.1, algorithm=warpopt.online())
+    data = make_tasks(1)[0]
+    with opt.task(data, loss_fn, learn=False):
+        for x, y in data:
+            opt.zero_grad()
+            loss_fn(model(x), y).backward()
+            opt.step()
+    assert len(opt.replay) == 0 and not opt.algorithm.pending()
+    assert any(not torch.equal(p, t) for p, t in zip(model.adapt_parameters(), opt.theta0))
+    with pytest.raises(RuntimeError, match="nothing to meta-learn"):
+        opt.meta_step()

@@ -230,19 +230,21 @@ class WarpGradMetaOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------ tasks
     @contextlib.contextmanager
     def task(self, data: Any, loss_fn: Optional[Callable] = None, *, reset: Optional[bool] = None,
-             **task_kwargs: Any) -> Iterator[Task]:
+             learn: bool = True, **task_kwargs: Any) -> Iterator[Task]:
         """Adapt to one task: reset θ ← θ0, record its trajectory, commit it at the end.
 
         ``data`` is the task's data (an iterable of batches, a callable, or a ``Task``) from
         which the meta-objectives draw fresh batches; ``loss_fn`` its criterion (or pass
         ``batch_loss=``, ``meta_data=``, ``meta_loss=``; see ``warpopt.Task``). ``reset``
-        overrides the algorithm's choice (continual learning keeps θ). On an exception or a
-        non-finite task gradient, parameters are restored and nothing is committed.
+        overrides the algorithm's choice (continual learning keeps θ). ``learn=False``
+        adapts without recording or meta-learning from the task (evaluation on held-out
+        tasks). On an exception or a non-finite task gradient, parameters are restored and
+        nothing is committed.
         """
         if self._run is not None:
             raise RuntimeError("tasks cannot be nested: finish the current `with opt.task(...)` block first")
         task = data if isinstance(data, Task) else Task(data, loss_fn, **task_kwargs)
-        run = self._begin(task, self.algorithm.resets if reset is None else reset)
+        run = self._begin(task, self.algorithm.resets if reset is None else reset, learn)
         try:
             yield task
         except BaseException:
@@ -251,7 +253,7 @@ class WarpGradMetaOptimizer(torch.optim.Optimizer):
             raise
         self._end(run)
 
-    def _begin(self, task: Task, reset: bool) -> TaskRun:
+    def _begin(self, task: Task, reset: bool, learn: bool = True) -> TaskRun:
         buffers = self._live_buffers()
         with torch.no_grad():
             # What a failed task restores: the state before this task touched anything.
@@ -270,17 +272,18 @@ class WarpGradMetaOptimizer(torch.optim.Optimizer):
             start = [p.detach().clone() for p in self._adapt]
             start_buffers = [b.detach().clone() for b in buffers]
         run = TaskRun(task, self.replay_context(), self._adapt, buffers, [t.detach() for t in self.theta0],
-                      start, start_buffers, finite=torch.ones((), dtype=torch.bool, device=self.device))
+                      start, start_buffers, learn=learn, finite=torch.ones((), dtype=torch.bool, device=self.device))
         run.extras["restore"] = restore
-        if self.algorithm.records:
+        if learn and self.algorithm.records:
             run.trajectory = self.replay.trajectory(task)
             run.trajectory.record(0, self._adapt, self.current_states(), buffers)
             run.extras["hook"] = self.task_optimizer.register_step_post_hook(self._recorder(run))
         run.extras["requires_grad"] = [p.requires_grad for p in self._warp]
-        if not self.algorithm.harvests:
+        if not (learn and self.algorithm.harvests):
             for p in self._warp:
                 p.requires_grad_(False)  # frozen while the task adapts: no φ work in its backward
-        self.initialisation.begin_task(run)
+        if learn:
+            self.initialisation.begin_task(run)
         self._run = run
         return run
 
@@ -321,6 +324,8 @@ class WarpGradMetaOptimizer(torch.optim.Optimizer):
         if run.trajectory is not None and not self.replay.include_final and run.trajectory.points:
             if run.trajectory.points[-1].step == run.steps and run.steps > 0:
                 run.trajectory.points.pop()
+        if not run.learn:
+            return
         contribution = self.initialisation.end_task(run)
         self.algorithm.end_task(self, run)
         if contribution is not None:
@@ -346,17 +351,20 @@ class WarpGradMetaOptimizer(torch.optim.Optimizer):
         if run is not None:
             norms = torch._foreach_norm(grads)
             run.finite &= torch.isfinite(torch.stack(norms).sum())
-        with torch.enable_grad():
-            self.algorithm.before_update(self, run)
+        learn = run is None or run.learn
+        if learn:
+            with torch.enable_grad():
+                self.algorithm.before_update(self, run)
         previous = ([p.detach().clone() for p in self._adapt]
-                    if run is not None and self.initialisation.needs_previous else None)
+                    if run is not None and learn and self.initialisation.needs_previous else None)
         self.task_optimizer.step()
         if run is not None:
             if previous is not None:
                 self.initialisation.after_step(run, previous, grads)
             run.steps += 1
         self.counters["task_steps"] += 1
-        self.algorithm.after_update(self, run)
+        if learn:
+            self.algorithm.after_update(self, run)
         return loss
 
     # ------------------------------------------------------------------ meta step

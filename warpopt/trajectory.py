@@ -302,6 +302,7 @@ class TaskRun:
     start_params: list[torch.Tensor]
     start_buffers: list[torch.Tensor]
     trajectory: Optional[Trajectory] = None
+    learn: bool = True
     steps: int = 0
     finite: Optional[torch.Tensor] = None
     meta_grads: Optional[list[torch.Tensor]] = None
