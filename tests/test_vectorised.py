@@ -1,0 +1,166 @@
+"""Vectorised replay (warpopt.vectorised) gives the per-sample loop's meta-gradient (float64)."""
+import pytest
+import torch
+from torch import nn
+
+import warpopt
+from warpopt.objectives import meta_gradient
+from warpopt.vectorised import vectorised, vectorised_meta_gradient
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    old, threads = torch.get_default_dtype(), torch.get_num_threads()
+    torch.set_default_dtype(torch.float64)
+    torch.set_num_threads(1)  # tiny tensors: threads only add synchronisation
+    yield
+    torch.set_default_dtype(old)
+    torch.set_num_threads(threads)
+
+
+def _mlp():
+    return nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 2))
+
+
+def _convnet():
+    return nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(),
+                         nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 2))
+
+
+def _warped(kind, seed=0):
+    torch.manual_seed(seed)
+    model = warpopt.warp(_mlp() if kind == "mlp" else _convnet())
+    with torch.no_grad():  # non-identity warps, so second-order terms are not trivial
+        for p in model.warp_parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    return model
+
+
+def _task_data(kind, seed):
+    """A deterministic batch source k -> batch (so loop and vmap see the same batches)."""
+    g = torch.Generator().manual_seed(seed)
+    shape = (5, 3) if kind == "mlp" else (4, 1, 5, 5)
+    xs = [torch.randn(*shape, generator=g) for _ in range(4)]
+    if kind == "mlp":
+        ys = [torch.randn(5, 2, generator=g) for _ in range(4)]
+        return (lambda k: (xs[k % 4], ys[k % 4])), nn.functional.mse_loss
+    ys = [torch.randint(0, 2, (4,), generator=g) for _ in range(4)]
+    return (lambda k: (xs[k % 4], ys[k % 4])), nn.functional.cross_entropy
+
+
+OPTIMIZERS = {
+    "sgd": (torch.optim.SGD, {"lr": 0.1}),
+    "momentum": (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9}),
+    "adam": (torch.optim.Adam, {"lr": 0.01}),
+}
+
+
+def _filled(kind, optimizer, objective, tasks=2, steps=2, **kwargs):
+    """An optimizer whose replay buffer holds the trajectories of ``tasks`` adapted tasks."""
+    model = _warped(kind)
+    cls, hyper = OPTIMIZERS[optimizer]
+    opt = warpopt.WarpGradMetaOptimizer(model, task_optimizer=cls, objective=objective,
+                                        initialisation=warpopt.none(), **hyper, **kwargs)
+    for t in range(tasks):
+        data, loss_fn = _task_data(kind, seed=10 + t)
+        with opt.task(data, loss_fn):
+            for k in range(steps):
+                x, y = data(k)
+                opt.zero_grad()
+                loss_fn(model(x), y).backward()
+                opt.step()
+    samples = [opt.replay.sample(i, opt.device) for i in range(len(opt.replay))]
+    return opt, samples
+
+
+def _both(opt, samples, **kwargs):
+    context, params = opt.replay_context(), opt.meta_parameters()
+    with opt.warp_trainable():
+        loop, loop_loss = meta_gradient(opt.objective, context, samples, params)
+        vec, vec_loss = vectorised_meta_gradient(opt.objective, context, samples, params, **kwargs)
+    return loop, loop_loss, vec, vec_loss
+
+
+@pytest.mark.parametrize("kind", ["mlp", "conv"])
+@pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("objective", [warpopt.exact, warpopt.approx], ids=["exact", "approx"])
+def test_same_meta_gradient_as_loop(kind, optimizer, objective):
+    opt, samples = _filled(kind, optimizer, objective)
+    assert len(samples) == 6
+    if optimizer != "sgd":  # θ_0 (fresh state) and later points (with state) in one mini-batch
+        assert not samples[0].states[0] and any(s.states[0] for s in samples)
+    loop, loop_loss, vec, vec_loss = _both(opt, samples)
+    assert sum(g.abs().sum() for g in loop) > 0
+    torch.testing.assert_close(vec_loss, loop_loss, rtol=1e-10, atol=1e-12)
+    for a, b in zip(vec, loop):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+
+
+def test_batchnorm_buffers_are_replayed_and_left_untouched():
+    opt, samples = _filled("conv", "sgd", warpopt.exact)
+    assert samples[0].buffers, "the conv net's BatchNorm statistics should be adapt buffers"
+    before = [[b.clone() for b in s.buffers] for s in samples]
+    live = [b.clone() for b in opt.model.buffers()]
+    loop, _, vec, _ = _both(opt, samples)
+    for s, saved in zip(samples, before):
+        for b, c in zip(s.buffers, saved):
+            assert torch.equal(b, c)
+    for b, c in zip(opt.model.buffers(), live):
+        assert torch.equal(b, c)
+    # eval mode: replay normalises with each sample's recorded running statistics
+    opt.model.eval()
+    loop, loop_loss, vec, vec_loss = _both(opt, samples)
+    torch.testing.assert_close(vec_loss, loop_loss)
+    for a, b in zip(vec, loop):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+
+
+def test_learned_lr_and_chunks():
+    opt, samples = _filled("mlp", "momentum", warpopt.exact, learn_lr=True)
+    loop, loop_loss, vec, vec_loss = _both(opt, samples, chunk_size=3)
+    assert loop[-1].abs() > 0  # the learned lr gets a meta-gradient, through the replayed step
+    for a, b in zip(vec, loop):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+
+
+def test_unequal_batches_grouped_or_rejected():
+    opt, samples = _filled("mlp", "sgd", warpopt.exact, tasks=1)
+    g = torch.Generator().manual_seed(3)
+    x_small, y_small = torch.randn(2, 3, generator=g), torch.randn(2, 2, generator=g)
+    other = warpopt.Task(lambda k: (x_small, y_small), nn.functional.mse_loss)
+    samples[1].task = other  # a sample whose batches have another shape
+    loop, _, vec, _ = _both(opt, samples)
+    for a, b in zip(vec, loop):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+    with pytest.raises(ValueError, match="equal batch shapes"):
+        _both(opt, samples, strict=True)
+
+
+def test_custom_objective_falls_back_or_raises():
+    opt, samples = _filled("mlp", "sgd", warpopt.exact, tasks=1)
+
+    def custom(context, sample):
+        return warpopt.approx(context, sample) * 2
+
+    context, params = opt.replay_context(), opt.meta_parameters()
+    with opt.warp_trainable():
+        loop, _ = meta_gradient(custom, context, samples, params)
+        vec, _ = vectorised()(custom, context, samples, params)
+        for a, b in zip(vec, loop):
+            torch.testing.assert_close(a, b)
+        with pytest.raises(TypeError, match="exact and warpopt.approx"):
+            vectorised(fallback=False)(custom, context, samples, params)
+
+
+def test_offline_meta_step_matches_loop():
+    results = []
+    for gradient in (meta_gradient, vectorised(chunk_size=4)):
+        torch.manual_seed(0)
+        opt, _ = _filled("conv", "adam", warpopt.exact, algorithm=warpopt.offline(batch_size=4, gradient=gradient))
+        stats = opt.meta_step()
+        assert stats["warp_updates"] == 2  # 6 points in batches of 4
+        results.append((stats["meta_loss"], [p.detach().clone() for p in opt.meta_parameters()]))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-10)
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
