@@ -1,0 +1,134 @@
+"""examples/fewshot.py: Warp-MAML partition, baselines and 2-episode end-to-end runs."""
+import json
+import pickle
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "examples"))
+
+import fewshot  # noqa: E402
+from fewshot_models import ConvNet, MAMLBaseline, sgd_adapt, warp_convnet  # noqa: E402
+
+OMNIGLOT = ROOT.parent / "shared" / "data" / "omniglot"
+TINY = ["--filters", "4", "4", "4", "4", "--meta-steps", "2", "--eval-episodes", "2", "--no-progress",
+        "--threads", "1"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny convs: OpenMP threads only add overhead (and stall when the cores are shared)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_warp_maml_partition_matches_appendix_h():
+    net = ConvNet(1, [8, 8, 8, 8], 5, 28)
+    x = torch.randn(4, 1, 28, 28)
+    before = net(x)
+    model = warp_convnet(net)
+    assert torch.allclose(model(x), before, atol=1e-6)  # identity warps
+    adapt = {n for n, _ in model.named_adapt_parameters()}
+    warp = {n for n, _ in model.named_warp_parameters()}
+    assert adapt == {f"features.{i}.{m}.{p}" for i in (1, 2, 3) for m in ("conv", "norm") for p in ("weight", "bias")} \
+        | {"head.weight", "head.bias"}
+    assert warp == {f"features.0.{m}.{p}" for m in ("conv", "norm") for p in ("weight", "bias")} \
+        | {f"features.{i}.conv.warp.{p}" for i in (1, 2, 3) for p in ("weight", "bias")}
+    assert model.features[3].conv.warp.weight.shape == (8, 8, 3, 3)
+
+
+def test_maml_is_second_order_and_fomaml_is_not():
+    torch.manual_seed(0)
+    x, y = torch.randn(4, 1, 28, 28), torch.tensor([0, 1, 0, 1])
+    qx, qy = torch.randn(6, 1, 28, 28), torch.tensor([0, 1, 0, 1, 0, 1])
+    grads = {}
+    for first_order in (False, True):
+        net = ConvNet(1, [4, 4, 4, 4], 2, 28)
+        torch.manual_seed(1)
+        net.load_state_dict(ConvNet(1, [4, 4, 4, 4], 2, 28).state_dict())
+        base = MAMLBaseline(net, lr=0.4, meta_lr=1e-3, steps=2, first_order=first_order)
+        theta = sgd_adapt(net, base.theta0(), lambda k: (x, y), 2, 0.4, create_graph=not first_order)
+        loss = F.cross_entropy(torch.func.functional_call(net, theta, (qx,)), qy)
+        grads[first_order] = torch.autograd.grad(loss, net.features[0].conv.weight)[0]
+    # FOMAML's gradient equals the query gradient at θ_K; MAML's carries the Hessian terms.
+    assert not torch.allclose(grads[False], grads[True], atol=1e-7)
+
+
+def _check_run(out: Path, kinds):
+    res = json.loads((out / "results.json").read_text())["results"]
+    cfg = json.loads((out / "config.json").read_text())
+    assert [r["meta_learner"] for r in res] == kinds
+    for r in res:
+        assert 0.0 <= r["accuracy"] <= 100.0 and r["test_episodes"] == 2 and r["meta_steps"] == 2
+    assert cfg["sources"]["meta_steps"] == "command line" and cfg["algorithm"].startswith("online")
+    assert (out / "fewshot.png").stat().st_size > 0
+    return res
+
+
+def _make_mini_imagenet(root: Path, classes=3, per_class=8):
+    rng = np.random.default_rng(0)
+    for split in ("train", "validation", "test"):
+        data = rng.integers(0, 256, size=(classes * per_class, 84, 84, 3), dtype=np.uint8)
+        class_dict = {f"n{split[:2]}{c:05d}": list(range(c * per_class, (c + 1) * per_class)) for c in range(classes)}
+        with open(root / f"mini-imagenet-cache-{split}.pkl", "wb") as f:
+            pickle.dump({"image_data": data, "class_dict": class_dict}, f)
+
+
+def test_two_episode_warp_maml_on_generated_miniimagenet(tmp_path):
+    _make_mini_imagenet(tmp_path)
+    out = tmp_path / "run"
+    results = fewshot.main(["--dataset", "miniimagenet", "--data-root", str(tmp_path), "--ways", "2",
+                            "--shots", "1", "--queries", "2", "--image-size", "28",
+                            "--meta-learner", "warp-maml", "fomaml", "--out", str(out)] + TINY)
+    _check_run(out, ["warp-maml", "fomaml"])
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["train_shots"] == 5  # paper: meta-train with K = 5 for 1-shot evaluation
+    assert results[0]["parameters"]["warp"] > 0 and results[1]["parameters"]["warp"] == 0
+    summary = fewshot.main(["--summarize", str(out), str(out), "--out", str(tmp_path / "summary")])
+    assert len(summary) == 4 and (tmp_path / "summary" / "fewshot.png").is_file()
+
+
+def test_warp_maml_meta_step_moves_phi_and_theta0(tmp_path):
+    _make_mini_imagenet(tmp_path)
+    args = fewshot.parse_args(["--dataset", "miniimagenet", "--data-root", str(tmp_path), "--image-size", "28",
+                               "--ways", "2", "--shots", "1", "--queries", "2"] + TINY)
+    cfg = fewshot.resolve(args)
+    pools = fewshot.load_pools(cfg)
+    learner = fewshot.Learner("warp-maml", cfg, 2, 3, torch.device("cpu"))
+    phi = [p.detach().clone() for p in learner.model.warp_parameters()]
+    theta0 = [t.detach().clone() for t in learner.opt.theta0]
+    sampler = fewshot.EpisodeSampler(pools["train"], 2, cfg["train_shots"], 2, seed=0)
+    learner.train_step([sampler.episode(0)])
+    assert learner.opt.counters["meta_steps"] == 1 and learner.opt.counters["task_steps"] == 5
+    assert all(not torch.equal(a, p) for a, p in zip(phi, learner.model.warp_parameters()))
+    assert any(not torch.equal(a, t) for a, t in zip(theta0, learner.opt.theta0))
+
+
+def test_missing_miniimagenet_names_the_expected_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="mini-imagenet-cache-train.pkl"):
+        fewshot.main(["--dataset", "miniimagenet", "--data-root", str(tmp_path), "--out", str(tmp_path / "o")] + TINY)
+
+
+def test_multishot_protocol_config():
+    cfg = fewshot.resolve(fewshot.parse_args(["--dataset", "tieredimagenet", "--protocol", "multishot"]))
+    assert (cfg["ways"], cfg["shots"], cfg["queries"], cfg["filters"]) == ([10], 640, 50, [64, 64, 160, 160, 256, 256])
+    assert (cfg["momentum"], cfg["meta_learner"], cfg["meta_steps"], cfg["meta_batch"]) == (0.9, ["warp-leap"], 2000, 5)
+    assert (cfg["inner_steps"], cfg["inner_batch"]) == (100, 64)
+    net = ConvNet(3, cfg["filters"], 10, 84, pools=5)
+    assert net(torch.randn(2, 3, 84, 84)).shape == (2, 10) and net.head.in_features == 2 * 2 * 256
+
+
+@pytest.mark.skipif(not (OMNIGLOT / "images_background.npz").is_file(), reason="Omniglot data absent")
+def test_two_episode_warp_maml_on_omniglot(tmp_path):
+    out = tmp_path / "run"
+    fewshot.main(["--dataset", "omniglot", "--data-root", str(OMNIGLOT), "--ways", "5", "--shots", "1",
+                  "--meta-learner", "warp-maml", "--out", str(out), "--cache-dir", str(ROOT / "runs" / "cache")]
+                 + TINY)
+    _check_run(out, ["warp-maml"])
