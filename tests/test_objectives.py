@@ -1,4 +1,5 @@
 """Numerical checks of the meta-objectives (Eq. 7, Eq. 8) in float64."""
+import pytest
 import torch
 from torch import nn
 
@@ -8,7 +9,14 @@ from warpopt.task_optimizers import functional_step_for, optimizer_states
 from warpopt.tasks import Task
 from warpopt.trajectory import Sample
 
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 
 def _warped_mlp(seed=0):
