@@ -378,3 +378,13 @@ def test_learn_false_adapts_without_recording_or_meta_learning():
     assert any(not torch.equal(p, t) for p, t in zip(model.adapt_parameters(), opt.theta0))
     with pytest.raises(RuntimeError, match="nothing to meta-learn"):
         opt.meta_step()
+
+
+def test_meta_step_stats_are_per_step_with_running_counters():
+    model = make_model()
+    opt = warpopt.WarpGradMetaOptimizer(model, lr=0.1)
+    for expected_total in (8, 16):
+        adapt(opt, model, make_tasks())
+        stats = opt.meta_step()
+        assert stats["warp_updates"] == 8
+        assert stats["counters"]["warp_updates"] == expected_total

@@ -419,7 +419,7 @@ class WarpGradMetaOptimizer(torch.optim.Optimizer):
             self._load_snapshot(snapshot)
             raise
         self.counters["meta_steps"] += 1
-        stats = {**stats, **{k: v for k, v in self.counters.items()}}
+        stats = {**stats, "counters": dict(self.counters)}  # per-step figures stay unshadowed
         for hook in list(self._meta_step_post_hooks.values()):
             hook(self, stats)
         return stats

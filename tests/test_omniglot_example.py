@@ -1,0 +1,81 @@
+"""The multi-shot Omniglot example (examples/omniglot.py): model, warp variants, end-to-end run."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+import omniglot as example  # noqa: E402
+
+DATA = Path(example.DEFAULT_DATA)
+needs_data = pytest.mark.skipif(not (DATA / "alphabets.tsv").is_file() and not (DATA / "images_background").is_dir(),
+                                reason=f"Omniglot not found at {DATA} (set WARPOPT_OMNIGLOT)")
+
+
+def _args(tmp_path, *extra):
+    return example.parse_args(["--num-pretrain", "2", "--meta-batch", "2", "--meta-steps", "1", "--steps", "3",
+                               "--eval-steps", "3", "--max-updates", "3", "--num-eval-tasks", "1",
+                               "--threads", "1", "--out", str(tmp_path), *extra])
+
+
+@pytest.mark.parametrize("name", sorted(example.WARP_LAYERS))
+def test_every_warp_variant_inserts_four_identity_warps(name):
+    torch.manual_seed(0)
+    plain = example.Learner().eval()
+    x = torch.rand(4, 1, 28, 28)
+    expected = plain(x)
+    net = example.Learner()
+    net.load_state_dict(plain.state_dict())
+    model = example.warpopt.warp(net, where=example.ConvBlock, layer=example.WARP_LAYERS[name]).eval()
+    assert len(example.warpopt.warping.warp_layers(model)) == 4
+    assert torch.allclose(model(x), expected, atol=1e-5)
+    assert list(model.warp_parameters())
+
+
+def test_quick_settings_apply_but_explicit_flags_win():
+    args = example.parse_args(["--quick", "--meta-steps", "3"])
+    assert args.meta_steps == 3 and args.num_pretrain == example.QUICK["num_pretrain"]
+    assert example.parse_args([]).meta_steps == 1000
+    assert example.parse_args(["--algorithm", "online"]).meta_lr == 1e-3
+
+
+@needs_data
+def test_two_task_warp_leap_run_end_to_end(tmp_path):
+    args = _args(tmp_path)
+    args.run_seed = 0
+    data = example.load_omniglot(args.data, cache_dir=args.cache_dir)
+    train, test = example.multishot_split(data, seed=0, num_pretrain=2)
+    net, fresh = example.build_model(args, "conv", 0)
+    identity = [p.detach().clone() for p in fresh.warp_parameters()]
+    timer = {"task_steps": 0, "task_s": 0.0, "replayed": 0, "meta_s": 0.0}
+    model, theta0 = example.meta_train("warp-leap", args, train, torch.Generator().manual_seed(0), timer)
+    # φ moved away from the identity, θ0 moved, the head of θ0 is zero (reset for every task).
+    assert any(not torch.equal(a, b) for a, b in zip(model.warp_parameters(), identity))
+    assert any(not torch.equal(t, p) for t, p in zip(theta0, fresh.adapt_parameters()))
+    heads = example.head_slots(model, model)
+    assert len(heads) == 2 and all(theta0[j].abs().sum() == 0 for j in heads)
+    assert timer["task_steps"] == 2 * 3 and timer["replayed"] == 3
+    acc, curves = example.evaluate(model, theta0, test[:1], 20, 0.1, 3, torch.Generator().manual_seed(1))
+    assert 0.0 <= acc[0] <= 1.0 and len(curves[0]) == 3
+
+
+@needs_data
+def test_main_writes_results_config_and_table(tmp_path):
+    example.main(["--meta-learner", "warp-leap", "sgd", *_args_list(tmp_path)])
+    rows = json.loads((tmp_path / "results.json").read_text())["runs"]
+    assert {r["method"] for r in rows} == {"warp-leap", "sgd"}
+    for r in rows:
+        assert 0.0 <= r["test_acc"] <= 1.0 and 0.0 <= r["train_auc"] <= 1.0 and len(r["train_curve"]) == 3
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["num_pretrain"] == 2 and "sources" in config
+    table = (tmp_path / "table.md").read_text()
+    assert "Warp-Leap" in table and "| 2 |" in table
+    assert (tmp_path / "fig6.png").stat().st_size > 0 and (tmp_path / "curves.png").stat().st_size > 0
+
+
+def _args_list(tmp_path):
+    return ["--num-pretrain", "2", "--meta-batch", "2", "--meta-steps", "1", "--steps", "3", "--eval-steps", "3",
+            "--max-updates", "3", "--num-eval-tasks", "1", "--threads", "1", "--out", str(tmp_path)]
