@@ -29,6 +29,13 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["Algorithm", "Online", "Offline", "Continual", "online", "offline", "continual"]
 
 
+def _accumulate(total: Optional[list[torch.Tensor]], grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    if total is None:
+        return grads
+    torch._foreach_add_(total, grads)
+    return total
+
+
 class Algorithm:
     """Base class. ``resets``: tasks start from θ0; ``records``: trajectories are buffered;
     ``harvests``: warp parameters stay trainable during tasks so the task backward fills φ.grad."""
@@ -77,20 +84,13 @@ class Online(Algorithm):
         sample = run.sample(opt.current_states())
         with opt.warp_trainable():
             grads, _ = meta_gradient(opt.objective, run.context, [sample], opt.meta_parameters())
-        if run.meta_grads is None:
-            run.meta_grads = grads
-        else:
-            torch._foreach_add_(run.meta_grads, grads)
+        run.meta_grads = _accumulate(run.meta_grads, grads)
         run.meta_count += 1
 
     def end_task(self, opt: "WarpGradMetaOptimizer", run: TaskRun) -> None:
-        if run.meta_grads is None:
-            return
-        if self._sum is None:
-            self._sum = run.meta_grads
-        else:
-            torch._foreach_add_(self._sum, run.meta_grads)
-        self._count += run.meta_count
+        if run.meta_grads is not None:
+            self._sum = _accumulate(self._sum, run.meta_grads)
+            self._count += run.meta_count
 
     def pending(self) -> bool:
         return self._count > 0
@@ -182,10 +182,7 @@ class Continual(Algorithm):
         with opt.warp_trainable():
             grads, _ = meta_gradient(self.objective, run.context, [run.sample(opt.current_states())],
                                      opt.meta_parameters())
-        if self._sum is None:
-            self._sum = grads
-        else:
-            torch._foreach_add_(self._sum, grads)
+        self._sum = _accumulate(self._sum, grads)
 
     def after_update(self, opt: "WarpGradMetaOptimizer", run: Optional[TaskRun]) -> None:
         self._count += 1

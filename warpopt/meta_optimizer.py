@@ -269,10 +269,11 @@ class WarpGradMetaOptimizer(torch.optim.Optimizer):
                     for group in self.param_groups:
                         for key, value in self.learned.items():
                             group[key] = float(value)
+            # θ_0 of this task: θ0 after a reset, the carried-over θ in continual learning.
             start = [p.detach().clone() for p in self._adapt]
             start_buffers = [b.detach().clone() for b in buffers]
-        run = TaskRun(task, self.replay_context(), self._adapt, buffers, [t.detach() for t in self.theta0],
-                      start, start_buffers, learn=learn, finite=torch.ones((), dtype=torch.bool, device=self.device))
+        run = TaskRun(task, self.replay_context(), self._adapt, buffers, start, start_buffers, learn=learn,
+                      finite=torch.ones((), dtype=torch.bool, device=self.device))
         run.extras["restore"] = restore
         if learn and self.algorithm.records:
             run.trajectory = self.replay.trajectory(task)

@@ -289,9 +289,9 @@ class ReplayBuffer:
 class TaskRun:
     """The live state of one task while it adapts (used by algorithms and θ0 meta-learners).
 
-    ``params``/``buffers`` are the model's live adapt tensors, ``theta0`` the initialisation
-    the task started from, ``steps`` the number of task updates taken so far (k), ``context``
-    the ``ReplayContext`` for functional evaluation at arbitrary θ.
+    ``params``/``buffers`` are the model's live adapt tensors, ``theta0``/``start_buffers``
+    copies of where the task started, ``steps`` the number of task updates taken so far (k),
+    ``context`` the ``ReplayContext`` for functional evaluation at arbitrary θ.
     """
 
     task: Task
@@ -299,7 +299,6 @@ class TaskRun:
     params: list[torch.Tensor]
     buffers: list[torch.Tensor]
     theta0: list[torch.Tensor]
-    start_params: list[torch.Tensor]
     start_buffers: list[torch.Tensor]
     trajectory: Optional[Trajectory] = None
     learn: bool = True
