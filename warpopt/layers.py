@@ -77,8 +77,12 @@ def _per_position(fn: Callable[[Tensor], Tensor], x: Tensor, spatial_dims: int) 
     if spatial_dims == 0:
         return fn(x)
     y = fn(x.movedim(1, -1)).movedim(-1, 1)
-    # Keep the input's memory layout: strides steer later ops, e.g. the order in which
-    # dropout draws its mask, so a permuted output would change a dropout net's samples.
+    # Keep the input's exact strides: they steer later ops (a conv reads a 1-channel map with
+    # channels-last strides as channels-last, and dropout draws its mask in memory order), so
+    # a permuted output would change a dropout net's samples. `is_contiguous` cannot tell the
+    # layouts apart when C = 1, hence the stride comparison.
+    if y.shape == x.shape and y.stride() != x.stride():
+        return torch.empty_like(x).copy_(y)
     return y.contiguous() if x.is_contiguous() else y
 
 
