@@ -20,14 +20,6 @@ TINY = ["--filters", "4", "4", "4", "4", "--meta-steps", "2", "--eval-episodes",
         "--threads", "1"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny convs: OpenMP threads only add overhead (and stall when the cores are shared)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def test_warp_maml_partition_matches_appendix_h():
     net = ConvNet(1, [8, 8, 8, 8], 5, 28)

@@ -37,13 +37,6 @@ DIMS = (3, 4, 5, 2)  # d0 -> d1 -> d2 -> d3
 N = 6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def task_learner(seed: int = 0) -> nn.Sequential:
     torch.manual_seed(seed)

@@ -23,14 +23,6 @@ from warpopt.layers import (
     default_warp_layer,
 )
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny tensors: intra-op threads only add contention (and time) here."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 # (factory, identity holds in train mode, needs non-negative inputs)
 ZOO = {

@@ -10,12 +10,10 @@ from warpopt.vectorised import vectorised, vectorised_meta_gradient
 
 @pytest.fixture(autouse=True)
 def float64():
-    old, threads = torch.get_default_dtype(), torch.get_num_threads()
+    old = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
-    torch.set_num_threads(1)  # tiny tensors: threads only add synchronisation
     yield
     torch.set_default_dtype(old)
-    torch.set_num_threads(threads)
 
 
 def _mlp():

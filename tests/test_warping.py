@@ -26,14 +26,6 @@ from warpopt.layers import (
 )
 from warpopt.warping import is_warped, unwarp, warp
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny tensors: intra-op threads only add contention (and time) here."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 # ----------------------------------------------------------------------------- architectures
 

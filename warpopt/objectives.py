@@ -95,6 +95,13 @@ def approx(context: ReplayContext, sample: Sample) -> torch.Tensor:
     return context.meta_loss_at(sample, [u.detach() for u in updated])
 
 
+def accumulate_gradient(loss: torch.Tensor, params: Sequence[torch.Tensor], into: Sequence[torch.Tensor]) -> None:
+    """``into += ∂loss/∂params``; parameters the loss does not reach are left as they are."""
+    for g, part in zip(into, torch.autograd.grad(loss, params, allow_unused=True)):
+        if part is not None:
+            g.add_(part)
+
+
 def meta_gradient(objective: Objective, context: ReplayContext, samples: Sequence[Sample],
                   meta_params: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
     """∇ of the mean objective over ``samples`` w.r.t. ``meta_params``, and the mean loss.
@@ -107,9 +114,6 @@ def meta_gradient(objective: Objective, context: ReplayContext, samples: Sequenc
     n = len(samples)
     for sample in samples:
         loss = objective(context, sample) / n
-        parts = torch.autograd.grad(loss, meta_params, allow_unused=True)
-        for g, part in zip(grads, parts):
-            if part is not None:
-                g.add_(part)
+        accumulate_gradient(loss, meta_params, grads)
         total = total + loss.detach()
     return grads, total

@@ -50,7 +50,7 @@ from torch.func import functional_call, grad, vmap
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
-from .objectives import ReplayContext, approx, exact, meta_gradient
+from .objectives import ReplayContext, accumulate_gradient, approx, exact, meta_gradient
 from .trajectory import Sample
 
 __all__ = ["vectorised", "vectorised_meta_gradient"]
@@ -202,10 +202,7 @@ def vectorised_meta_gradient(objective: Any, context: ReplayContext, samples: Se
         for start in range(0, len(members), step):  # one graph per chunk: memory ∝ chunk_size
             loss = fn(*_stacked(members[start:start + step])).sum() / n
             if loss.requires_grad:
-                parts = torch.autograd.grad(loss, meta_params, allow_unused=True)
-                for g, part in zip(grads, parts):
-                    if part is not None:
-                        g.add_(part)
+                accumulate_gradient(loss, meta_params, grads)
             total = total + loss.detach()
     return grads, total
 
