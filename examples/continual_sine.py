@@ -250,7 +250,8 @@ def main(argv=None):
     theta0 = {k: v.detach().clone() for k, v in model.named_adapt_parameters()}
     opt = warpopt.WarpGradMetaOptimizer(
         model, lr=args.lr, meta_lr=args.meta_lr, objective=warpopt.exact, initialisation=warpopt.none(),
-        algorithm=warpopt.offline(batch_size=args.replay_batch, max_updates=args.max_updates))
+        algorithm=warpopt.offline(batch_size=args.replay_batch, max_updates=args.max_updates,
+                                  gradient=warpopt.vectorised.vectorised()))  # η samples per vmap call
     config = {**vars(args), "task_optimizer": "SGD", "meta_optimizer": "Adam", "objective": "exact (Eq. 7)",
               "algorithm": "offline (Algorithm 2)", "initialisation": "none (fixed random θ0)",
               "warp_layers": [n for n in model.warp_layers()], "sources": {

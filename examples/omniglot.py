@@ -115,7 +115,7 @@ class FrozenWarp(Algorithm):
 
 def build_model(args, warp_layer: str, seed: int):
     torch.manual_seed(seed)
-    net = Learner()
+    net = Learner(filters=args.filters)
     model = warpopt.warp(net, where=ConvBlock, layer=WARP_LAYERS[warp_layer])
     with torch.no_grad():  # the head starts every task at zero (see module docstring)
         net.head.weight.zero_()
@@ -183,7 +183,7 @@ def meta_train(method, args, train_tasks, gen, timer):
 def multihead_pretrain(args, train_tasks, gen, timer):
     """Multi-headed fine-tuning baseline: train the body on all N tasks, one head per task."""
     net, model = build_model(args, "none", args.run_seed)
-    heads = nn.ModuleList([nn.Linear(64, 20) for _ in train_tasks]).to(args.device)
+    heads = nn.ModuleList([nn.Linear(args.filters, 20) for _ in train_tasks]).to(args.device)
     for h in heads:
         nn.init.zeros_(h.weight)
         nn.init.zeros_(h.bias)
@@ -273,10 +273,10 @@ def run(method, args, data):
     }
 
 
-QUICK = dict(num_pretrain=5, meta_steps=3, meta_batch=4, steps=50, max_updates=200, num_eval_tasks=3)
+QUICK = dict(num_pretrain=5, filters=32, meta_steps=100, meta_batch=2, steps=50, max_updates=50, num_eval_tasks=3)
 SOURCES = {
     "steps": "paper/original (100 task steps)", "eval_steps": "paper/original (100)",
-    "batch_size": "paper ablation (20; original default 128)", "inner_lr": "original (SGD 0.1)",
+    "batch_size": "paper ablation (20; original default 128)", "filters": "paper (64)", "inner_lr": "original (SGD 0.1)",
     "meta_batch": "original (20 tasks)", "meta_steps": "original (1000)",
     "meta_optimizer": "original (SGD)", "meta_lr": "original (0.1, warp parameters)",
     "init_lr": "original (0.1, θ0)", "replay_batch": "paper (η = 1)",
@@ -305,6 +305,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--eval-steps", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=20)
+    p.add_argument("--filters", type=int, default=64, help="conv filters per block (paper: 64)")
     p.add_argument("--inner-lr", type=float, default=0.1)
     p.add_argument("--meta-batch", type=int, default=20)
     p.add_argument("--meta-steps", type=int, default=1000)

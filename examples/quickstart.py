@@ -48,7 +48,8 @@ def held_out_loss(model, opt, tasks):
 net = nn.Sequential(nn.Linear(1, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU(), nn.Linear(40, 1))
 model = warpopt.warp(net, layer=warpopt.MLPResidualWarp)       # residual MLP warps after each ReLU
 opt = warpopt.WarpGradMetaOptimizer(model, lr=0.01, meta_lr=1e-3, initialisation=warpopt.none(),
-                                    algorithm=warpopt.offline(batch_size=10))
+                                    algorithm=warpopt.offline(batch_size=10,  # replayed with vmap
+                                                              gradient=warpopt.vectorised.vectorised()))
 held_out = [sine_task() for _ in range(50)]
 before = held_out_loss(model, opt, held_out)
 for step in range(args.meta_steps):

@@ -292,6 +292,25 @@ def test_disk_storage_round_trips_points(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_host_step_counts_are_recorded_on_the_host_and_replayed_exactly():
+    # torch.optim keeps Adam's step count on the CPU; recording must not move it to the
+    # parameters' device (a synchronisation per step on a GPU) nor round it (half storage).
+    model = make_model()
+    buffer = warpopt.ReplayBuffer(dtype=torch.float16)
+    opt = warpopt.WarpGradMetaOptimizer(model, lr=0.1, replay=buffer, task_optimizer=torch.optim.Adam)
+    adapt(opt, model, make_tasks(1, batches=3))
+    n_params = len(list(model.adapt_parameters()))
+    for index in range(len(buffer)):
+        point = buffer._points[index][1]
+        sample = buffer.sample(index, torch.device("cpu"))
+        assert point.host == (float(sample.step),) * (n_params if sample.step else 0)
+        assert point.exact.numel() == 0  # no step count went to the device-side vector
+        for state in sample.states if sample.step else ():
+            assert state["step"].device.type == "cpu" and float(state["step"]) == sample.step
+    live = opt.task_optimizer.state[next(model.adapt_parameters())]["step"]
+    assert float(live) == 3.0  # reading the live counter did not alias or change it
+
+
 # ---------------------------------------------------------------- bad input and faults
 def test_meta_step_with_empty_buffer_raises_and_changes_nothing():
     model = make_model()

@@ -3,7 +3,7 @@
     model = warpopt.warp(net)
     opt = warpopt.WarpGradMetaOptimizer(model, lr=0.1, meta_lr=1e-3)
 """
-from . import algorithms, initialisation, layers, objectives, task_optimizers, warping
+from . import algorithms, initialisation, layers, objectives, task_optimizers, vectorised, warping
 from .algorithms import continual, offline, online
 from .initialisation import InitialisationLearner, fomaml, leap, maml, multitask, none, reptile
 from .layers import (ConvBNWarp, ConvWarp, LinearWarp, MLPResidualWarp, ResidualWarp, ScaleWarp,
@@ -25,5 +25,5 @@ __all__ = [
     "ConvWarp", "LinearWarp", "ScaleWarp", "ConvBNWarp", "ResidualWarp", "TwoLayerResidualWarp",
     "MLPResidualWarp", "TaskFiLM", "TaskAdaptable", "default_warp_layer",
     "functional_step_for", "register_functional_step",
-    "algorithms", "initialisation", "layers", "objectives", "task_optimizers", "warping",
+    "algorithms", "initialisation", "layers", "objectives", "task_optimizers", "vectorised", "warping",
 ]

@@ -358,8 +358,10 @@ def optimizer_states(optimizer: torch.optim.Optimizer, params: Sequence[Tensor],
 
     Tensors are returned as-is (they are the optimizer's *live* buffers, mutated by
     the next ``optimizer.step()``) unless ``copy=True``.  ``step`` is returned as a
-    0-dim tensor with the param's real dtype (≥ float32) on the param's device so it
-    fits a flat buffer; ``None`` entries are dropped.
+    0-dim tensor with the param's real dtype (≥ float32) on the device where the optimizer
+    keeps it (torch.optim keeps it on the CPU unless ``capturable``/``fused``): moving it
+    to the parameter's GPU would be a host synchronisation at every recorded step.
+    ``None`` entries are dropped.
     """
     out: list[State] = []
     for p in params:
@@ -369,7 +371,7 @@ def optimizer_states(optimizer: torch.optim.Optimizer, params: Sequence[Tensor],
             if v is None:
                 continue
             if k == "step":
-                v = torch.as_tensor(v).detach().to(device=p.device, dtype=_step_dtype(p))
+                v = torch.as_tensor(v).detach().to(dtype=_step_dtype(p))
             elif isinstance(v, Tensor) and copy:
                 v = v.detach().clone()
             st[k] = v

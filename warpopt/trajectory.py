@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterator, Optional, Sequence
 
 import torch
@@ -28,39 +28,47 @@ __all__ = ["Point", "Sample", "Trajectory", "TaskRun", "ReplayBuffer", "Storage"
 State = dict[str, torch.Tensor]
 
 
-def _is_exact(key: str, t: torch.Tensor) -> bool:
+FLOAT, EXACT, HOST = 0, 1, 2  # where a recorded tensor goes: see _kind
+
+
+def _kind(key: str, t: torch.Tensor) -> int:
     # Step counts drive Adam's bias correction and integer buffers count batches: a
-    # half-precision copy of either would change the replayed update.
-    return key == "step" or not t.is_floating_point()
+    # half-precision copy of either would change the replayed update, so they are kept
+    # exactly. Step counts the optimizer keeps on the host (torch.optim's default) stay
+    # there as Python numbers: copying them to a GPU would synchronise at every step.
+    if key == "step" and t.device.type == "cpu" and t.numel() == 1:
+        return HOST
+    return EXACT if key == "step" or not t.is_floating_point() else FLOAT
 
 
 @dataclass(frozen=True)
 class _Layout:
-    """Where each tensor of a point lives inside its two flat vectors."""
+    """Where each tensor of a point lives: the ``flat`` or ``exact`` vector, or ``host``."""
 
     state_keys: tuple[tuple[str, ...], ...]  # per parameter, the optimizer-state keys
-    entries: tuple[tuple[bool, int, int, torch.Size, torch.dtype], ...]  # exact?, offset, numel, shape, dtype
+    entries: tuple[tuple[int, int, int, torch.Size, torch.dtype], ...]  # kind, offset, numel, shape, dtype
 
     @staticmethod
     def of(tensors: Sequence[tuple[str, torch.Tensor]], state_keys) -> "_Layout":
-        offsets = {True: 0, False: 0}
+        offsets = {FLOAT: 0, EXACT: 0, HOST: 0}
         entries = []
         for key, t in tensors:
-            exact = _is_exact(key, t)
-            entries.append((exact, offsets[exact], t.numel(), t.shape, t.dtype))
-            offsets[exact] += t.numel()
+            kind = _kind(key, t)
+            entries.append((kind, offsets[kind], t.numel(), t.shape, t.dtype))
+            offsets[kind] += t.numel()
         return _Layout(state_keys, tuple(entries))
 
 
 @dataclass
 class Point:
-    """A recorded θ_k: ``float`` and ``exact`` flat vectors plus their layout."""
+    """A recorded θ_k: ``float`` and ``exact`` flat vectors, host-side step counts, their layout."""
 
     step: int
     flat: torch.Tensor
     exact: torch.Tensor
     layout: _Layout
     path: Optional[str] = None  # set when the tensors live on disk
+    host: tuple[float, ...] = ()
 
     def nbytes(self) -> int:
         return self.flat.numel() * self.flat.element_size() + self.exact.numel() * self.exact.element_size()
@@ -84,31 +92,42 @@ class Sample:
 
 def flatten_point(step: int, params: Sequence[torch.Tensor], states: Sequence[State],
                   buffers: Sequence[torch.Tensor], dtype: Optional[torch.dtype] = None) -> Point:
-    """Copy θ_k, its optimizer state and buffers into one flat tensor per kind (one cat each)."""
+    """Copy θ_k, its optimizer state and buffers into one flat tensor per kind (one cat each).
+
+    Nothing here waits for the device: device tensors are concatenated on the device, and
+    host-side step counts are read on the host.
+    """
     items: list[tuple[str, torch.Tensor]] = [("param", p) for p in params]
     for s in states:
         items.extend(s.items())
     items.extend(("buffer", b) for b in buffers)
-    layout = _Layout.of(items, tuple(tuple(s.keys()) for s in states))
-    float_parts, exact_parts = [], []
-    for (key, t), (exact, *_rest) in zip(items, layout.entries):
-        (exact_parts if exact else float_parts).append(t.detach().reshape(-1))
     ref = params[0]
+    layout = _Layout.of(items, tuple(tuple(s.keys()) for s in states))
+    parts: dict[int, list[torch.Tensor]] = {FLOAT: [], EXACT: [], HOST: []}
+    for (key, t), (kind, *_rest) in zip(items, layout.entries):
+        parts[kind].append(t.detach().reshape(-1))
     flat_dtype = dtype or ref.dtype
-    flat = (torch.cat([t.to(flat_dtype) for t in float_parts]) if float_parts
+    flat = (torch.cat([t.to(flat_dtype) for t in parts[FLOAT]]) if parts[FLOAT]
             else ref.new_empty(0, dtype=flat_dtype))
-    exact_t = (torch.cat([t.to(torch.float64) for t in exact_parts]) if exact_parts
+    exact_t = (torch.cat([t.to(torch.float64) for t in parts[EXACT]]) if parts[EXACT]
                else ref.new_empty(0, dtype=torch.float64))
-    return Point(step, flat, exact_t, layout)
+    host = tuple(t.item() for t in parts[HOST])
+    return Point(step, flat, exact_t, layout, host=host)
 
 
 def unflatten_point(point: Point, device: torch.device) -> tuple[list[torch.Tensor], list[State], list[torch.Tensor]]:
-    """Inverse of ``flatten_point``: tensors on ``device`` in their recorded dtypes."""
+    """Inverse of ``flatten_point``: tensors on ``device`` in their recorded dtypes.
+
+    Host-side step counts come back as 0-dim CPU tensors, where the task optimizer kept them.
+    """
     flat = point.flat.to(device, non_blocking=True)
     exact = point.exact.to(device, non_blocking=True)
     tensors = []
-    for is_exact, offset, numel, shape, dtype in point.layout.entries:
-        src = exact if is_exact else flat
+    for kind, offset, numel, shape, dtype in point.layout.entries:
+        if kind == HOST:
+            tensors.append(torch.tensor(point.host[offset], dtype=dtype).view(shape))
+            continue
+        src = exact if kind == EXACT else flat
         tensors.append(src[offset:offset + numel].view(shape).to(dtype))
     n_params = len(point.layout.state_keys)
     params, rest = tensors[:n_params], iter(tensors[n_params:])
@@ -146,7 +165,7 @@ class CPUStorage(Storage):
         return out.copy_(t, non_blocking=self.pin_memory)
 
     def put(self, point: Point) -> Point:
-        return Point(point.step, self._to_cpu(point.flat), self._to_cpu(point.exact), point.layout)
+        return replace(point, flat=self._to_cpu(point.flat), exact=self._to_cpu(point.exact))
 
 
 class DiskStorage(Storage):
@@ -162,11 +181,11 @@ class DiskStorage(Storage):
         self._count += 1
         torch.save({"flat": point.flat.cpu(), "exact": point.exact.cpu()}, path)
         # The layout stays in memory; the tensors are replaced by the file's path.
-        return Point(point.step, torch.empty(0), torch.empty(0), point.layout, path)
+        return replace(point, flat=torch.empty(0), exact=torch.empty(0), path=path)
 
     def get(self, point: Point) -> Point:
         data = torch.load(point.path, weights_only=True)
-        return Point(point.step, data["flat"], data["exact"], point.layout)
+        return replace(point, flat=data["flat"], exact=data["exact"], path=None)
 
     def release(self, point: Point) -> None:
         if point.path and os.path.exists(point.path):
