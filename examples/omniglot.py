@@ -331,6 +331,9 @@ def parse_args(argv=None):
 
 def estimate(args, rows):
     """Extrapolate the full protocol (1000 meta-steps, 20 tasks, 2000 replays) from measured costs."""
+    if args.filters != 64:  # costs measured on a narrower net would underestimate the paper's
+        print("(no full-protocol estimate: it needs costs measured with --filters 64)")
+        return None
     step = [r["task_s"] / r["task_steps"] for r in rows if r["method"] == "warp-leap" and r["task_steps"]]
     replay = [r["meta_s"] / r["replayed"] for r in rows if r["method"] == "warp-leap" and r["replayed"]]
     if not step or not replay:
