@@ -50,6 +50,16 @@ def synthetic_task(device: torch.device, batch: int = 20, ways: int = 20, distin
     return lambda k: (xs[k % distinct], ys[k % distinct])
 
 
+def adapt_task(opt, model: nn.Module, data: Callable, loss_fn: Callable, steps: int) -> None:
+    """One recorded task: ``steps`` plain task-loop steps inside ``opt.task(data, loss_fn)``."""
+    with opt.task(data, loss_fn):
+        for k in range(steps):
+            x, y = data(k)
+            opt.zero_grad()
+            loss_fn(model(x), y).backward()
+            opt.step()
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -25,7 +25,7 @@ from torch.func import functional_call  # noqa: E402
 import warpopt  # noqa: E402
 from warpopt.objectives import meta_gradient  # noqa: E402
 from warpopt.vectorised import vectorised  # noqa: E402
-from _common import machine, median, parser, setup, synthetic_task, timed, warped_omniglot  # noqa: E402
+from _common import adapt_task, machine, median, parser, setup, synthetic_task, timed, warped_omniglot  # noqa: E402
 
 p = parser(__doc__)
 p.add_argument("--tasks", type=int, default=20)
@@ -63,12 +63,7 @@ def fast() -> list[torch.Tensor]:
         algorithm=warpopt.offline(batch_size=args.eta, gradient=vectorised(chunk_size=args.chunk_size)
                                   if args.gradient == "vmap" else meta_gradient))
     for data in tasks:
-        with opt.task(data, loss_fn):
-            for k in range(args.steps):
-                x, y = data(k)
-                opt.zero_grad()
-                loss_fn(model(x), y).backward()
-                opt.step()
+        adapt_task(opt, model, data, loss_fn, args.steps)
     opt.meta_step()
     return [q.detach().clone() for q in warp]
 

@@ -17,7 +17,7 @@ from torch import nn  # noqa: E402
 import warpopt  # noqa: E402
 from warpopt.objectives import meta_gradient  # noqa: E402
 from warpopt.vectorised import vectorised  # noqa: E402
-from _common import machine, parser, setup, synthetic_task, warped_omniglot  # noqa: E402
+from _common import adapt_task, machine, parser, setup, synthetic_task, warped_omniglot  # noqa: E402
 
 p = parser(__doc__)
 p.add_argument("--steps", type=int, default=100, help="K")
@@ -37,12 +37,7 @@ MiB = 2 ** 20
 def fill(dtype=None) -> warpopt.WarpGradMetaOptimizer:
     opt = warpopt.WarpGradMetaOptimizer(model, lr=0.1, initialisation=warpopt.none(),
                                         replay=warpopt.ReplayBuffer(dtype=dtype))
-    with opt.task(data, loss_fn):
-        for k in range(args.steps):
-            x, y = data(k)
-            opt.zero_grad()
-            loss_fn(model(x), y).backward()
-            opt.step()
+    adapt_task(opt, model, data, loss_fn, args.steps)
     return opt
 
 

@@ -17,7 +17,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import warpopt  # noqa: E402
-from _common import machine, median, parser, setup, synthetic_task, timed, warped_omniglot  # noqa: E402
+from _common import adapt_task, machine, median, parser, setup, synthetic_task, timed, warped_omniglot  # noqa: E402
 
 p = parser(__doc__)
 p.add_argument("--steps", type=int, default=100)
@@ -53,12 +53,7 @@ def recorded(**kwargs):
                                         replay=warpopt.ReplayBuffer(**kwargs))
 
     def run() -> None:
-        with opt.task(data, loss_fn):
-            for k in range(args.steps):
-                x, y = data(k)
-                opt.zero_grad()
-                loss_fn(model(x), y).backward()
-                opt.step()
+        adapt_task(opt, model, data, loss_fn, args.steps)
         assert len(opt.replay) > 0
         opt.replay.clear()
 
