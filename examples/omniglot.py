@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import math
 import os
@@ -41,6 +42,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _parallel import run_parallel  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 try:
@@ -137,8 +141,15 @@ def meta_optimizer_factory(name: str):
     return {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}[name]
 
 
-def meta_train(method, args, train_tasks, gen, timer):
-    """Meta-train θ0 (and φ for Warp-Leap) with WarpGradMetaOptimizer; returns (model, θ0)."""
+def _no_progress(n: int) -> None:
+    pass
+
+
+def meta_train(method, args, train_tasks, gen, timer, progress=_no_progress):
+    """Meta-train θ0 (and φ for Warp-Leap) with WarpGradMetaOptimizer; returns (model, θ0).
+
+    ``progress(1)`` is called after every meta-step.
+    """
     warp_layer = args.warp_layer if method == "warp-leap" else "none"
     net, model = build_model(args, warp_layer, args.run_seed)
     if method == "warp-leap":
@@ -155,7 +166,7 @@ def meta_train(method, args, train_tasks, gen, timer):
     heads = head_slots(model, net)
     meta_batch = min(args.meta_batch, len(train_tasks))
     rng = random.Random(args.run_seed)
-    for _ in tqdm(range(args.meta_steps), desc=f"{method} N={len(train_tasks)}", leave=False):
+    for _ in range(args.meta_steps):
         for i in rng.sample(range(len(train_tasks)), meta_batch):
             with torch.no_grad():
                 for j in heads:
@@ -174,14 +185,18 @@ def meta_train(method, args, train_tasks, gen, timer):
         opt.meta_step()
         timer["replayed"] += (opt.counters["warp_updates"] - before) * args.replay_batch
         timer["meta_s"] += time.process_time() - t0
+        progress(1)
     with torch.no_grad():
         for j in heads:
             opt.theta0[j].zero_()
     return model, [t.detach().clone() for t in opt.theta0]
 
 
-def multihead_pretrain(args, train_tasks, gen, timer):
-    """Multi-headed fine-tuning baseline: train the body on all N tasks, one head per task."""
+def multihead_pretrain(args, train_tasks, gen, timer, progress=_no_progress):
+    """Multi-headed fine-tuning baseline: train the body on all N tasks, one head per task.
+
+    Trains for as many SGD steps as meta-training's task steps; ``progress(1)`` per meta-step's worth.
+    """
     net, model = build_model(args, "none", args.run_seed)
     heads = nn.ModuleList([nn.Linear(args.filters, 20) for _ in train_tasks]).to(args.device)
     for h in heads:
@@ -192,14 +207,17 @@ def multihead_pretrain(args, train_tasks, gen, timer):
     for p in model.warp_parameters():
         p.requires_grad_(False)
     rng = random.Random(args.run_seed)
-    budget = args.meta_steps * min(args.meta_batch, len(train_tasks)) * args.steps  # = meta-training's task steps
+    per_meta_step = min(args.meta_batch, len(train_tasks)) * args.steps
+    budget = args.meta_steps * per_meta_step  # = meta-training's task steps
     t0 = time.perf_counter()
-    for _ in tqdm(range(budget), desc=f"finetune N={len(train_tasks)}", leave=False):
+    for step in range(budget):
         i = rng.randrange(len(train_tasks))
         x, y = train_tasks[i].sample(args.batch_size, gen)
         opt.zero_grad()
         F.cross_entropy(heads[i](net.features(x)), y).backward()
         opt.step()
+        if (step + 1) % per_meta_step == 0:
+            progress(1)
     timer["task_steps"] += budget
     timer["task_s"] += time.perf_counter() - t0
     theta0 = [p.detach().clone() for p in model.adapt_parameters()]
@@ -240,17 +258,20 @@ def evaluate(model, theta0, tasks, batch_size, lr, steps, gen):
     return test_acc, curves
 
 
-def run(method, args, data):
-    """One (method, N, seed) run: meta-train (unless sgd) and evaluate on the held-out alphabets."""
+def run(method, args, data, progress=_no_progress):
+    """One (method, N, seed) run: meta-train (unless sgd) and evaluate on the held-out alphabets.
+
+    Calls ``progress(n)`` with ``job_units(method, args)`` units in all.
+    """
     train_tasks, test_tasks = multishot_split(data, seed=args.run_seed, num_pretrain=args.num_pretrain)
     test_tasks = test_tasks[: args.num_eval_tasks]
     gen = torch.Generator().manual_seed(args.run_seed)
     timer = {"task_steps": 0, "task_s": 0.0, "replayed": 0, "meta_s": 0.0}  # CPU (process) seconds
     start, cpu_start = time.perf_counter(), time.process_time()
     if method in OPT_METHODS and args.num_pretrain > 0:
-        model, theta0 = meta_train(method, args, train_tasks, gen, timer)
+        model, theta0 = meta_train(method, args, train_tasks, gen, timer, progress)
     elif method == "finetune" and args.num_pretrain > 0:
-        model, theta0 = multihead_pretrain(args, train_tasks, gen, timer)
+        model, theta0 = multihead_pretrain(args, train_tasks, gen, timer, progress)
     else:  # no meta-training: SGD from a random initialisation
         _, model = build_model(args, "none", args.run_seed)
         theta0 = [p.detach().clone() for p in model.adapt_parameters()]
@@ -260,6 +281,7 @@ def run(method, args, data):
     acc, curves = evaluate(model, theta0, test_tasks, args.batch_size * scale, args.inner_lr * scale,
                            args.eval_steps, eval_gen)
     eval_s = time.perf_counter() - t0
+    progress(1)
     mean_curve = torch.tensor(curves).mean(0).tolist()
     return {
         "method": method, "seed": args.run_seed, "num_pretrain": args.num_pretrain,
@@ -273,7 +295,39 @@ def run(method, args, data):
     }
 
 
-QUICK = dict(num_pretrain=5, filters=32, meta_steps=100, meta_batch=2, steps=50, max_updates=50, num_eval_tasks=3)
+def job_units(method: str, args) -> int:
+    """Progress units of one run: its meta-steps (none without meta-training) and the evaluation."""
+    return (args.meta_steps if method != "sgd" and args.num_pretrain > 0 else 0) + 1
+
+
+#: rough relative cost of a run, so that the slowest start first when runs go in parallel
+COST = {"warp-leap": 3, "leap": 1, "reptile": 1, "fomaml": 1, "finetune": 1, "sgd": 0}
+
+
+@functools.lru_cache(maxsize=2)
+def _load(path: str, cache_dir: str, device: str):
+    return load_omniglot(path, image_size=28, cache_dir=cache_dir).to(device)
+
+
+def _run_job(job, progress):
+    method, seed, args = job
+    args = copy.copy(args)
+    args.run_seed = seed
+    return run(method, args, _load(args.data, args.cache_dir, args.device), progress)
+
+
+def run_all(args):
+    """Yield the result of every (method, seed) run, ``args.workers`` processes at a time
+    (slowest methods first); a run's result does not depend on the number of workers."""
+    jobs = sorted(((m, s, args) for s in args.seeds for m in args.meta_learner), key=lambda j: -COST[j[0]])
+    if args.workers <= 1 and args.threads:
+        torch.set_num_threads(args.threads)
+    yield from run_parallel(_run_job, jobs, workers=args.workers, threads=args.threads or 1,
+                            total=sum(job_units(m, args) for m, _, _ in jobs), desc="omniglot")
+
+
+QUICK = dict(num_pretrain=25, filters=32, meta_steps=160, meta_batch=2, steps=50, max_updates=50, num_eval_tasks=10,
+             workers=2)
 SOURCES = {
     "steps": "paper/original (100 task steps)", "eval_steps": "paper/original (100)",
     "batch_size": "paper ablation (20; original default 128)", "filters": "paper (64)", "inner_lr": "original (SGD 0.1)",
@@ -316,7 +370,9 @@ def parse_args(argv=None):
     p.add_argument("--max-updates", type=int, default=None)
     p.add_argument("--sgd-scale", type=int, default=10)
     p.add_argument("--num-eval-tasks", type=int, default=10)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is faster on a busy machine)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads per run (default: torch's; 1 per worker when --workers > 1)")
+    p.add_argument("--workers", type=int, default=1, help="runs (method, seed) in parallel processes")
     p.add_argument("--gpu-speedup", type=float, default=10.0,
                    help="assumed GPU/2-core-CPU speed ratio for the printed wall-time estimate")
     known, _ = p.parse_known_args(argv)
@@ -347,9 +403,6 @@ def main(argv=None):
     args = parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    data = load_omniglot(args.data, image_size=28, cache_dir=args.cache_dir).to(args.device)
     config = {k: v for k, v in vars(args).items()}
     config["sources"] = SOURCES
     (out / "config.json").write_text(json.dumps(config, indent=2))
@@ -358,15 +411,12 @@ def main(argv=None):
     key = lambda r: (r["method"], r["num_pretrain"], r["seed"], r["warp_layer"], r.get("algorithm"),  # noqa: E731
                      r.get("objective"), r.get("quick"))
     new = []
-    for seed in args.seeds:
-        args.run_seed = seed
-        for method in args.meta_learner:
-            row = run(method, args, data)
-            new.append(row)
-            rows = [r for r in rows if key(r) != key(row)] + [row]
-            results_file.write_text(json.dumps({"runs": rows}, indent=1))
-            print(f"seed {seed} {method:9s} N={args.num_pretrain}: test acc {100 * row['test_acc']:.1f}%  "
-                  f"train AUC {row['train_auc']:.3f}  ({row['time_s']:.0f} s)", flush=True)
+    for row in run_all(args):
+        new.append(row)
+        rows = [r for r in rows if key(r) != key(row)] + [row]
+        results_file.write_text(json.dumps({"runs": rows}, indent=1))
+        tqdm.write(f"seed {row['seed']} {row['method']:9s} N={args.num_pretrain}: test acc "
+                   f"{100 * row['test_acc']:.1f}%  train AUC {row['train_auc']:.3f}  ({row['time_s']:.0f} s)")
     for method in args.meta_learner:
         accs = [100 * r["test_acc"] for r in new if r["method"] == method]
         sd = torch.tensor(accs).std().item() if len(accs) > 1 else 0.0

@@ -79,7 +79,7 @@ def _sorted_labels(table: dict) -> list[str]:
 def markdown(table: dict) -> str:
     labels = _sorted_labels(table)
     ns = sorted({n for name in labels for n in table[name]})
-    lines = ["Test accuracy (%) on the held-out alphabets (10; 3 in --quick) after 100 steps, mean ± std over seeds "
+    lines = ["Test accuracy (%) on the held-out alphabets (--num-eval-tasks, paper 10) after 100 steps, mean ± std over seeds "
              "(seeds in brackets). †Multi-headed. ‡No meta-training, 10x batch size and learning rate.", "",
              "| No. meta-training tasks | " + " | ".join(labels) + " |",
              "|---|" + "---|" * len(labels)]

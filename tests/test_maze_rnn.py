@@ -154,20 +154,37 @@ def test_end_to_end_continual_warp_updates_every_30():
     assert any(not torch.equal(a, p) for a, p in zip(warp0, model.warp_parameters()))
 
 
-def test_example_runs_and_reports(tmp_path):
+def _example():
     import importlib.util
-    import json
     import os
 
     path = os.path.join(os.path.dirname(__file__), "..", "examples", "maze.py")
     spec = importlib.util.spec_from_file_location("maze_example", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    return mod
+
+
+def test_quick_mode_settings_apply_but_explicit_flags_win():
+    mod = _example()
+    quick, full = mod.parse_args(["--quick"]), mod.parse_args([])
+    assert (quick.warp_every, quick.episodes, quick.size, quick.workers) == (5, 400, 9, 2)
+    assert len(quick.seeds) == 10 and quick.model == ["warp-rnn", "rnn"]
+    assert (full.warp_every, full.episodes, full.size) == (30, 200_000, 11)
+    assert mod.parse_args(["--quick", "--warp-every", "30"]).warp_every == 30
+
+
+def test_example_runs_and_reports(tmp_path):
+    import json
+
+    mod = _example()
     out = tmp_path / "maze"
     mod.main(["--model", "warp-rnn", "tnets-rnn", "rnn", "hyper-rnn", "--episodes", "3", "--seeds", "0", "1",
               "--size", "7", "--episode-length", "6", "--batch", "3", "--hidden", "8", "--meta-hidden", "6",
               "--warp-every", "2", "--out", str(out)])
     results = json.loads((out / "results.json").read_text())
     assert len(results) == 4 and (out / "maze_rewards.png").exists() and (out / "config.json").exists()
+    paired = results["warp-rnn/size7/episodes3"]["vs_rnn_same_seed"]
+    assert paired["seeds"] == 2 and 0 <= paired["wins"] <= 2 and "vs_rnn_same_seed" not in results["rnn/size7/episodes3"]
     run = json.loads((out / "runs" / "warp-rnn_size7_seed0.json").read_text())
     assert len(run["reward"]) == 3 and run["counters"]["warp_updates"] == 1

@@ -79,3 +79,16 @@ def test_main_writes_results_config_and_table(tmp_path):
 def _args_list(tmp_path):
     return ["--num-pretrain", "2", "--meta-batch", "2", "--meta-steps", "1", "--steps", "3", "--eval-steps", "3",
             "--max-updates", "3", "--num-eval-tasks", "1", "--threads", "1", "--out", str(tmp_path)]
+
+
+@needs_data
+def test_parallel_workers_give_the_same_results_as_one_process(tmp_path):
+    serial, parallel = tmp_path / "serial", tmp_path / "parallel"
+    example.main(["--meta-learner", "warp-leap", "sgd", *_args_list(serial)])
+    example.main(["--meta-learner", "warp-leap", "sgd", "--workers", "2", *_args_list(parallel)])
+    runs = {p: {r["method"]: r for r in json.loads((p / "results.json").read_text())["runs"]}
+            for p in (serial, parallel)}
+    assert set(runs[serial]) == set(runs[parallel]) == {"warp-leap", "sgd"}
+    for method, row in runs[serial].items():
+        other = runs[parallel][method]
+        assert row["test_acc"] == other["test_acc"] and row["train_curve"] == other["train_curve"]
