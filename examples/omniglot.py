@@ -320,7 +320,7 @@ def run_all(args):
     """Yield the result of every (method, seed) run, ``args.workers`` processes at a time
     (slowest methods first); a run's result does not depend on the number of workers."""
     jobs = sorted(((m, s, args) for s in args.seeds for m in args.meta_learner), key=lambda j: -COST[j[0]])
-    if args.workers <= 1 and args.threads:
+    if args.threads:  # for runs in this process (one job, or --workers 1)
         torch.set_num_threads(args.threads)
     yield from run_parallel(_run_job, jobs, workers=args.workers, threads=args.threads or 1,
                             total=sum(job_units(m, args) for m, _, _ in jobs), desc="omniglot")
