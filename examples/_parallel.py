@@ -15,6 +15,10 @@ import torch
 from tqdm import tqdm
 
 
+def no_progress(n: int) -> None:
+    """The ``progress`` of a run that nobody watches."""
+
+
 def _call(packed: tuple) -> Any:
     worker, job, queue, threads = packed
     torch.set_num_threads(threads)

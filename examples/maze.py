@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import warpopt  # noqa: E402
 from warpopt.envs.maze import MazeVectorEnv  # noqa: E402
 from warpopt.rnn import MODELS, WARP_MODULES, make_agent, run_episodes, warp_agent  # noqa: E402
-from _parallel import run_parallel  # noqa: E402
+from _parallel import no_progress, run_parallel  # noqa: E402
 
 COLOURS = {"warp-rnn": "tab:red", "rnn": "tab:blue", "hyper-rnn": "tab:green", "tnets-rnn": "tab:purple"}
 SOURCES = {
@@ -94,7 +94,7 @@ def parse_args(argv=None):
     return args
 
 
-def run_one(kind: str, seed: int, args: argparse.Namespace, progress=None) -> dict:
+def run_one(kind: str, seed: int, args: argparse.Namespace, progress=no_progress) -> dict:
     """Train one model with one seed; returns its reward curve."""
     device = torch.device(args.device)
     torch.manual_seed(seed)
@@ -122,10 +122,9 @@ def run_one(kind: str, seed: int, args: argparse.Namespace, progress=None) -> di
         torch.nn.utils.clip_grad_norm_(clipped, args.clip)
         opt.step()
         curve.append(float(rewards.mean()))
-        if progress is not None and (it + 1) % 10 == 0:
+        if (it + 1) % 10 == 0:
             progress(10)
-    if progress is not None:
-        progress(args.episodes % 10)
+    progress(args.episodes % 10)
     out = {"model": kind, "seed": seed, "episodes": args.episodes, "size": args.size,
            "seconds": time.time() - start, "cpu_seconds": time.process_time() - cpu, "reward": curve}
     if hasattr(opt, "counters"):

@@ -44,7 +44,7 @@ from torch import nn
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _parallel import run_parallel  # noqa: E402
+from _parallel import no_progress, run_parallel  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 try:
@@ -141,11 +141,7 @@ def meta_optimizer_factory(name: str):
     return {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}[name]
 
 
-def _no_progress(n: int) -> None:
-    pass
-
-
-def meta_train(method, args, train_tasks, gen, timer, progress=_no_progress):
+def meta_train(method, args, train_tasks, gen, timer, progress=no_progress):
     """Meta-train θ0 (and φ for Warp-Leap) with WarpGradMetaOptimizer; returns (model, θ0).
 
     ``progress(1)`` is called after every meta-step.
@@ -192,7 +188,7 @@ def meta_train(method, args, train_tasks, gen, timer, progress=_no_progress):
     return model, [t.detach().clone() for t in opt.theta0]
 
 
-def multihead_pretrain(args, train_tasks, gen, timer, progress=_no_progress):
+def multihead_pretrain(args, train_tasks, gen, timer, progress=no_progress):
     """Multi-headed fine-tuning baseline: train the body on all N tasks, one head per task.
 
     Trains for as many SGD steps as meta-training's task steps; ``progress(1)`` per meta-step's worth.
@@ -258,7 +254,7 @@ def evaluate(model, theta0, tasks, batch_size, lr, steps, gen):
     return test_acc, curves
 
 
-def run(method, args, data, progress=_no_progress):
+def run(method, args, data, progress=no_progress):
     """One (method, N, seed) run: meta-train (unless sgd) and evaluate on the held-out alphabets.
 
     Calls ``progress(n)`` with ``job_units(method, args)`` units in all.
