@@ -39,7 +39,28 @@ def test_quick_settings_apply_but_explicit_flags_win():
     args = example.parse_args(["--quick", "--meta-steps", "3"])
     assert args.meta_steps == 3 and args.num_pretrain == example.QUICK["num_pretrain"]
     assert example.parse_args([]).meta_steps == 1000
+    assert args.warp_layer == "residual" and example.parse_args([]).warp_layer == "conv"  # paper default
+    assert example.parse_args(["--quick", "--warp-layer", "conv"]).warp_layer == "conv"
     assert example.parse_args(["--algorithm", "online"]).meta_lr == 1e-3
+
+
+def test_channels_last_is_the_default_and_computes_the_same_function(tmp_path):
+    on = example.parse_args(["--out", str(tmp_path)])
+    off = example.parse_args(["--no-channels-last", "--out", str(tmp_path)])
+    assert on.channels_last and not off.channels_last
+    (fast_net, fast), (plain_net, plain) = example.build_model(on, "conv", 0), example.build_model(off, "conv", 0)
+    convs = [m.weight for m in fast.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous() for w in convs)
+    x, y = torch.rand(8, 1, 28, 28), torch.randint(0, 20, (8,))
+    with torch.no_grad():
+        for p in [*fast_net.head.parameters(), *plain_net.head.parameters()]:  # a non-zero head
+            p.fill_(0.01)
+    grads = []
+    for model in (fast, plain):
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        grads.append(torch.autograd.grad(loss, list(model.adapt_parameters())))
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
 
 
 @needs_data
