@@ -327,10 +327,8 @@ def run_all(args):
 
 # Meta-training tasks run the full 100 steps that evaluation runs: with 50 (and 160 meta-steps in the
 # same time) Warp-Leap's held-out training accuracy flattened after ~40 steps (seed 0: 60.8 vs 64.4 %).
-# The warp is Table 3's conv+BN+Res+ReLU: with ~1 % of the paper's meta-training, the plain linear conv
-# warp only tied Leap on final accuracy (3 seeds), the residual one is ahead on each (README).
 QUICK = dict(num_pretrain=25, filters=32, meta_steps=105, meta_batch=2, max_updates=50, num_eval_tasks=10,
-             warp_layer="residual", workers=2)
+             workers=2)
 SOURCES = {
     "steps": "paper/original (100 task steps)", "eval_steps": "paper/original (100)",
     "batch_size": "paper ablation (20; original default 128)", "filters": "paper (64)", "inner_lr": "original (SGD 0.1)",

@@ -39,8 +39,6 @@ def test_quick_settings_apply_but_explicit_flags_win():
     args = example.parse_args(["--quick", "--meta-steps", "3"])
     assert args.meta_steps == 3 and args.num_pretrain == example.QUICK["num_pretrain"]
     assert example.parse_args([]).meta_steps == 1000
-    assert args.warp_layer == "residual" and example.parse_args([]).warp_layer == "conv"  # paper default
-    assert example.parse_args(["--quick", "--warp-layer", "conv"]).warp_layer == "conv"
     assert example.parse_args(["--algorithm", "online"]).meta_lr == 1e-3
 
 
