@@ -368,9 +368,11 @@ def test_exact_objective_with_a_non_differentiable_optimizer_is_rejected():
         warpopt.WarpGradMetaOptimizer(model, lr=0.1, task_optimizer=torch.optim.LBFGS)
 
 
-def test_unwarped_model_and_nested_tasks_are_rejected():
-    with pytest.raises(TypeError, match="warp"):
-        warpopt.WarpGradMetaOptimizer(nn.Linear(2, 2), lr=0.1)
+def test_nothing_to_meta_learn_and_nested_tasks_are_rejected():
+    with pytest.raises(TypeError, match="nn.Module"):
+        warpopt.WarpGradMetaOptimizer([torch.zeros(2, requires_grad=True)], lr=0.1)
+    with pytest.raises(ValueError, match="nothing to meta-learn.*warp"):  # no φ and a fixed θ0
+        warpopt.WarpGradMetaOptimizer(nn.Linear(2, 2), lr=0.1, initialisation=warpopt.none())
     model = make_model()
     opt = warpopt.WarpGradMetaOptimizer(model, lr=0.1)
     data = make_tasks(1)[0]
@@ -393,7 +395,7 @@ def test_learn_false_adapts_without_recording_or_meta_learning():
             opt.zero_grad()
             loss_fn(model(x), y).backward()
             opt.step()
-    assert len(opt.replay) == 0 and not opt.algorithm.pending()
+    assert len(opt.replay) == 0 and not opt.algorithm.pending(opt.algorithm_state)
     assert any(not torch.equal(p, t) for p, t in zip(model.adapt_parameters(), opt.theta0))
     with pytest.raises(RuntimeError, match="nothing to meta-learn"):
         opt.meta_step()

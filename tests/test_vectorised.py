@@ -1,4 +1,6 @@
 """Vectorised replay (warpopt.vectorised) gives the per-sample loop's meta-gradient (float64)."""
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -135,20 +137,33 @@ def test_unequal_batches_grouped_or_rejected():
         _both(opt, samples, strict=True)
 
 
-def test_custom_objective_falls_back_or_raises():
+def test_custom_objective_is_vectorised_or_says_why_not():
+    """One definition per objective: a custom one is vmapped like exact/approx; one vmap cannot
+    map falls back to the loop with a warning, or raises TypeError giving vmap's reason."""
     opt, samples = _filled("mlp", "sgd", warpopt.exact, tasks=1)
 
     def custom(context, sample):
-        return warpopt.approx(context, sample) * 2
+        return warpopt.approx(context, sample) * 2 + warpopt.exact(context, sample)
+
+    def not_vmappable(context, sample):
+        loss = warpopt.approx(context, sample)
+        return loss * 2 if loss.item() > 0 else loss  # data-dependent control flow
 
     context, params = opt.replay_context(), opt.meta_parameters()
-    with opt.warp_trainable():
-        loop, _ = meta_gradient(custom, context, samples, params)
-        vec, _ = vectorised()(custom, context, samples, params)
-        for a, b in zip(vec, loop):
-            torch.testing.assert_close(a, b)
-        with pytest.raises(TypeError, match="exact and warpopt.approx"):
-            vectorised(fallback=False)(custom, context, samples, params)
+    loop, loop_loss = meta_gradient(custom, context, samples, params)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback: really vectorised
+        vec, vec_loss = vectorised()(custom, context, samples, params)
+    torch.testing.assert_close(vec_loss, loop_loss, rtol=1e-10, atol=1e-12)
+    for a, b in zip(vec, loop):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+    loop, _ = meta_gradient(not_vmappable, context, samples, params)
+    with pytest.warns(RuntimeWarning, match="fell back to the per-sample loop"):
+        vec, _ = vectorised()(not_vmappable, context, samples, params)
+    for a, b in zip(vec, loop):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(TypeError, match="cannot vectorise the objective 'not_vmappable'"):
+        vectorised(fallback=False)(not_vmappable, context, samples, params)
 
 
 def test_offline_meta_step_matches_loop():

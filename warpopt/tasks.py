@@ -10,6 +10,7 @@ supervised data, ``supervised(criterion)`` builds one from a criterion ``(output
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
@@ -80,6 +81,11 @@ class Task:
 
     ``task_batch(k)``/``meta_batch(k)`` receive the step index k of the replayed θ_k, so a
     task can make L_meta depend on where in the trajectory θ_k lies (continual learning, Eq. 19).
+
+    ``loop_batch(k)`` is the batch the training loop itself used at step k (what MAML
+    differentiates through): the batches of ``for batch in task`` (iterating the task yields
+    its data once and keeps a reference to each batch: K batches per task, no copies), else
+    ``data(k)`` for a callable source or ``data[k % len(data)]`` for a sequence.
     """
 
     def __init__(
@@ -101,6 +107,8 @@ class Task:
             raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
         self.batch_loss: BatchLoss = batch_loss if batch_loss is not None else supervised(loss_fn)  # type: ignore[arg-type]
         self.meta_batch_loss: BatchLoss = meta_loss if meta_loss is not None else self.batch_loss
+        self._data = data
+        self._seen: list[Any] = []
         self._task_source = cycle(data)
         self._meta_source = cycle(meta_data) if meta_data is not None else self._task_source
         self.name = name
@@ -112,6 +120,33 @@ class Task:
     def meta_batch(self, k: int = 0) -> Any:
         """A fresh batch for L_meta at step k (a different draw from ``task_batch``)."""
         return self._meta_source(k)
+
+    def __iter__(self) -> Iterator[Any]:
+        """The task's data, once, each batch kept for ``loop_batch`` (use as ``for x, y in task``;
+        several passes append: epochs)."""
+        if callable(self._data) and not hasattr(self._data, "__iter__"):
+            raise TypeError("this task's data is a callable k -> batch: loop over range(K) and call it "
+                            "(or task.task_batch(k)) instead of iterating the task")
+        for batch in self._data:  # type: ignore[union-attr]
+            self._seen.append(batch)
+            yield batch
+
+    def start_loop(self) -> None:
+        """Forget the batches seen so far (a new adaptation of this task starts at step 0)."""
+        self._seen = []
+
+    def loop_batch(self, k: int) -> Any:
+        """The batch the training loop used at step k (see the class docstring)."""
+        if k < len(self._seen):
+            return self._seen[k]
+        if callable(self._data) and not hasattr(self._data, "__iter__"):
+            return self._task_source(k)
+        if isinstance(self._data, Sequence) and len(self._data):
+            return self._data[k % len(self._data)]
+        raise ValueError(
+            f"the batch of step {k} is unknown: the loop's batches of a one-shot iterable are only seen "
+            "when the loop iterates the task itself (`with opt.task(data, loss_fn) as task: for x, y in "
+            "task: ...`); or pass a list of batches or a callable k -> batch")
 
     def task_loss(self, forward: Forward, batch: Any) -> torch.Tensor:
         return self.batch_loss(forward, batch)

@@ -22,7 +22,7 @@ import torch
 
 from .tasks import Task
 
-__all__ = ["Point", "Sample", "Trajectory", "TaskRun", "ReplayBuffer", "Storage",
+__all__ = ["Point", "Sample", "Trajectory", "ReplayBuffer", "Storage",
            "DeviceStorage", "CPUStorage", "DiskStorage"]
 
 State = dict[str, torch.Tensor]
@@ -79,7 +79,8 @@ class Sample:
     """A replayed (τ, θ_k): what the meta-objectives evaluate (Eq. 7/8).
 
     ``params[i]`` has the shape of the i-th adapt parameter; ``states[i]`` is the task
-    optimizer's state for it at θ_k (empty at θ_0); ``buffers`` are the adapt buffers.
+    optimizer's state for it at θ_k (empty at θ_0); ``buffers`` are the adapt buffers;
+    ``task_batch``/``meta_batch`` the batches L_task and L_meta are evaluated on.
     """
 
     task: Task
@@ -88,6 +89,8 @@ class Sample:
     params: list[torch.Tensor]
     states: list[State]
     buffers: list[torch.Tensor]
+    task_batch: Any = None  # drawn at replay time (``warpopt.objectives.with_batches``)
+    meta_batch: Any = None
 
 
 def flatten_point(step: int, params: Sequence[torch.Tensor], states: Sequence[State],
@@ -240,27 +243,70 @@ class ReplayBuffer:
         self._points: list[tuple[int, Point]] = []  # (task id, point)
         self._tasks: dict[int, Task] = {}
         self._offered = 0
+        self._next_id = 0
 
     def trajectory(self, task: Task) -> Trajectory:
         """A fresh trajectory for ``task`` recorded with this buffer's settings."""
         return Trajectory(task, self.every, self.dtype)
 
-    def commit(self, trajectory: Trajectory) -> None:
-        """Add a finished task's points (Algorithm 2, line 9)."""
-        task_id = max(self._tasks, default=-1) + 1
-        self._tasks[task_id] = trajectory.task
-        for point in trajectory.points:
-            self._offer(task_id, point)
+    def commit(self, trajectory: Trajectory, steps: int) -> int:
+        """Add a finished task's points (Algorithm 2, line 9); returns the task's id.
 
-    def _offer(self, task_id: int, point: Point) -> None:
-        self._offered += 1
-        if self.capacity is None or len(self._points) < self.capacity:
-            self._points.append((task_id, self.storage.put(point)))
-            return
-        j = int(torch.randint(self._offered, (1,), generator=self.generator))
-        if j < self.capacity:  # reservoir sampling: replace a uniformly chosen slot
-            self.storage.release(self._points[j][1])
-            self._points[j] = (task_id, self.storage.put(point))
+        ``steps`` is K, the number of task updates taken: θ_K (the point after the last
+        update) is kept only with ``include_final``. A meta-batch of |B| tasks × K steps
+        therefore holds (K + 1)·|B| points (K·|B| without θ_K). All or nothing: if storing a
+        point fails, the points already stored are released and the buffer, its counters and
+        its generator are as they were.
+        """
+        points = list(trajectory.points)
+        if not self.include_final and steps > 0 and points and points[-1].step == steps:
+            points.pop()
+        task_id = self.next_task_id()
+        generator_state, offered = self.generator.get_state(), self._offered
+        entries, stored, replaced = list(self._points), [], []
+        try:
+            for point in points:
+                self._offered += 1
+                slot = len(entries)
+                if self.capacity is not None and len(entries) >= self.capacity:
+                    # reservoir sampling: uniform over all points offered since the last clear
+                    slot = int(torch.randint(self._offered, (1,), generator=self.generator))
+                    if slot >= self.capacity:
+                        continue
+                kept = self.storage.put(point)
+                stored.append(kept)
+                if slot == len(entries):
+                    entries.append((task_id, kept))
+                else:
+                    replaced.append(entries[slot][1])
+                    entries[slot] = (task_id, kept)
+        except BaseException:
+            for kept in stored:
+                self.storage.release(kept)
+            self.generator.set_state(generator_state)
+            self._offered = offered
+            raise
+        self._points, self._tasks[task_id], self._next_id = entries, trajectory.task, task_id + 1
+        for old in replaced:  # only now: a failed commit must leave them in place
+            if all(old is not p for _, p in entries):
+                self.storage.release(old)
+        live = {i for i, _ in self._points}
+        self._tasks = {i: t for i, t in self._tasks.items() if i in live}
+        return task_id
+
+    def next_task_id(self) -> int:
+        """The id the next committed task gets (ids restart after ``clear``)."""
+        return self._next_id
+
+    def task_points(self) -> dict[int, int]:
+        """Task id -> number of its points in the buffer."""
+        counts: dict[int, int] = {}
+        for task_id, _ in self._points:
+            counts[task_id] = counts.get(task_id, 0) + 1
+        return counts
+
+    def task_of(self, index: int) -> int:
+        return self._points[index][0]
 
     def __len__(self) -> int:
         return len(self._points)
@@ -278,13 +324,17 @@ class ReplayBuffer:
         params, states, buffers = unflatten_point(self.storage.get(point), device)
         return Sample(self._tasks[task_id], task_id, point.step, params, states, buffers)
 
-    def batches(self, batch_size: int, device: torch.device) -> Iterator[list[Sample]]:
-        """One pass over the buffer in mini-batches drawn without replacement (Alg. 2, l. 14)."""
+    def order(self, batch_size: int) -> list[list[int]]:
+        """One pass over the buffer: mini-batches of indices drawn without replacement (Alg. 2, l. 14)."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         order = torch.randperm(len(self._points), generator=self.generator).tolist()
-        for start in range(0, len(order), batch_size):
-            yield [self.sample(i, device) for i in order[start:start + batch_size]]
+        return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+
+    def batches(self, batch_size: int, device: torch.device) -> Iterator[list[Sample]]:
+        """The samples of ``order(batch_size)``, one mini-batch at a time."""
+        for indices in self.order(batch_size):
+            yield [self.sample(i, device) for i in indices]
 
     def num_batches(self, batch_size: int) -> int:
         return math.ceil(len(self._points) / batch_size)
@@ -295,6 +345,7 @@ class ReplayBuffer:
         self._points.clear()
         self._tasks.clear()
         self._offered = 0
+        self._next_id = 0
 
     def state_dict(self) -> dict[str, Any]:
         return {"generator": self.generator.get_state(), "offered": self._offered}
@@ -302,32 +353,3 @@ class ReplayBuffer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.generator.set_state(state["generator"])
         self._offered = state["offered"]
-
-
-@dataclass
-class TaskRun:
-    """The live state of one task while it adapts (used by algorithms and θ0 meta-learners).
-
-    ``params``/``buffers`` are the model's live adapt tensors, ``theta0``/``start_buffers``
-    copies of where the task started, ``steps`` the number of task updates taken so far (k),
-    ``context`` the ``ReplayContext`` for functional evaluation at arbitrary θ.
-    """
-
-    task: Task
-    context: Any
-    params: list[torch.Tensor]
-    buffers: list[torch.Tensor]
-    theta0: list[torch.Tensor]
-    start_buffers: list[torch.Tensor]
-    trajectory: Optional[Trajectory] = None
-    learn: bool = True
-    steps: int = 0
-    finite: Optional[torch.Tensor] = None
-    meta_grads: Optional[list[torch.Tensor]] = None
-    meta_count: int = 0
-    extras: dict[str, Any] = field(default_factory=dict)
-
-    def sample(self, states: Sequence[State]) -> Sample:
-        """The live θ_k as a replay sample (for the online algorithms)."""
-        return Sample(self.task, -1, self.steps, [p.detach() for p in self.params], list(states),
-                      [b.detach() for b in self.buffers])

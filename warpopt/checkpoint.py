@@ -1,0 +1,226 @@
+"""State I/O of ``WarpGradMetaOptimizer``: snapshots out, validated loads in.
+
+``state_dict`` returns deep copies (later training never mutates a saved dict).
+``load_state_dict`` checks the whole dict against the optimizer's configuration (algorithm,
+objective, θ0 learner, task and meta optimizer classes and hyper-parameter keys, parameter
+names, shapes and dtypes) before writing anything, and a failure while writing puts back
+what was already written: a mismatch raises a ``ValueError`` naming the field and nothing
+changes.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Iterable, Optional, Protocol
+
+import torch
+
+from .algorithms import Accumulator, Algorithm
+from .initialisation import InitialisationLearner
+from .meta_update import Contributions, MetaParameters
+from .session import Model, TaskRun
+from .trajectory import ReplayBuffer
+
+
+class WarpGradMetaOptimizer(Protocol):
+    """What this module reads and writes of the optimizer (no import of the shell: no cycle)."""
+
+    core: Model
+    meta: MetaParameters
+    algorithm: Algorithm
+    initialisation: InitialisationLearner
+    objective: Any
+    replay: ReplayBuffer
+    algorithm_state: Accumulator
+    contributions: Contributions
+    counters: dict[str, int]
+    _run: Optional[TaskRun]
+
+__all__ = ["task_groups", "state_dict", "load_state_dict", "config"]
+
+KEYS = ("config", "task", "warp_optimizer", "init_optimizer", "theta0", "initial_buffers", "warp", "learned",
+        "algorithm_state", "contributions", "replay", "counters")
+
+
+def task_groups(params: Optional[Iterable[Any]], named_adapt: list) -> list[dict[str, Any]]:
+    """Param groups for the task optimizer: all adapt parameters, or the user's groups (checked)."""
+    adapt_ids = {id(p) for _, p in named_adapt}
+    if params is None:
+        if not named_adapt:
+            raise ValueError("the warped model has no adapt parameters to train on tasks")
+        return [{"params": [p for _, p in named_adapt]}]
+    groups = list(params)
+    if groups and not isinstance(groups[0], dict):
+        groups = [{"params": groups}]
+    for group in groups:
+        group_params = group["params"]
+        group_params = [group_params] if isinstance(group_params, torch.Tensor) else list(group_params)
+        for p in group_params:
+            if id(p) not in adapt_ids:
+                raise ValueError(
+                    f"a parameter of shape {tuple(p.shape)} passed in params is not an adapt "
+                    "parameter of the warped model; pass parameters from model.adapt_parameters()")
+        group["params"] = group_params
+    return groups
+
+
+def _name(obj: Any) -> str:
+    return getattr(obj, "__qualname__", None) or type(obj).__qualname__
+
+
+def _tensors(ts: Iterable[torch.Tensor]) -> list[tuple[tuple[int, ...], str]]:
+    return [(tuple(t.shape), str(t.dtype)) for t in ts]
+
+
+def _group_keys(optimizer: Optional[torch.optim.Optimizer]) -> Optional[list[list[str]]]:
+    return None if optimizer is None else [sorted(k for k in g if k != "params") for g in optimizer.param_groups]
+
+
+def config(opt: WarpGradMetaOptimizer) -> dict[str, Any]:
+    """What a state dict must agree with to be loaded into ``opt``."""
+    core, meta = opt.core, opt.meta
+    return {
+        "algorithm": type(opt.algorithm).__qualname__,
+        "objective": _name(opt.objective),
+        "initialisation": type(opt.initialisation).__qualname__,
+        "task_optimizer": type(core.task_optimizer).__qualname__,
+        "task_hyperparameters": _group_keys(core.task_optimizer),
+        "meta_optimizer": None if meta.warp_optimizer is None else type(meta.warp_optimizer).__qualname__,
+        "meta_hyperparameters": _group_keys(meta.warp_optimizer),
+        "init_optimizer": None if meta.init_optimizer is None else type(meta.init_optimizer).__qualname__,
+        "init_hyperparameters": _group_keys(meta.init_optimizer),
+        "adapt_parameters": list(core.adapt_names),
+        "theta0": _tensors(meta.theta0),
+        "warp": _tensors(meta.warp),
+        "initial_buffers": list(zip(core.buffer_names, _tensors(core.initial_buffers))),
+        "learned": sorted(meta.learned),
+    }
+
+
+def _clone(x: Any) -> Any:
+    return copy.deepcopy(x)
+
+
+def state_dict(opt: WarpGradMetaOptimizer) -> dict[str, Any]:
+    if opt._run is not None or len(opt.replay):
+        raise RuntimeError("state_dict() mid meta-batch: the replay buffer holds task data sources "
+                           "that cannot be saved; call it after meta_step()")
+    return _snapshot(opt)
+
+
+def _snapshot(opt: WarpGradMetaOptimizer) -> dict[str, Any]:
+    acc, contrib = opt.algorithm_state, opt.contributions
+    return {
+        "config": config(opt),
+        "task": _clone(opt.core.task_optimizer.state_dict()),
+        "warp_optimizer": None if opt.meta.warp_optimizer is None else _clone(opt.meta.warp_optimizer.state_dict()),
+        "init_optimizer": None if opt.meta.init_optimizer is None else _clone(opt.meta.init_optimizer.state_dict()),
+        "theta0": [t.detach().clone() for t in opt.meta.theta0],
+        "initial_buffers": [b.clone() for b in opt.core.initial_buffers],
+        "warp": [p.detach().clone() for p in opt.meta.warp],
+        "learned": {k: v.detach().clone() for k, v in opt.meta.learned.items()},
+        "algorithm_state": {"total": None if acc.total is None else [t.clone() for t in acc.total], "count": acc.count},
+        "contributions": {"total": None if contrib.total.total is None else [t.clone() for t in contrib.total.total],
+                          "count": contrib.total.count,
+                          "by_task": [(i, [t.clone() for t in g]) for i, g in contrib.by_task]},
+        "replay": _clone(opt.replay.state_dict()),
+        "counters": dict(opt.counters),
+    }
+
+
+def _check_optimizer_state(field: str, saved: Any, live: Optional[torch.optim.Optimizer]) -> None:
+    if (saved is None) != (live is None):
+        raise ValueError(f"state_dict field {field!r}: saved {'nothing' if saved is None else 'a state'}, "
+                         f"this optimizer has {'none' if live is None else 'one'}")
+    if live is None:
+        return
+    groups = saved.get("param_groups") if isinstance(saved, dict) else None
+    if groups is None or len(groups) != len(live.param_groups):
+        raise ValueError(f"state_dict field {field!r}: {0 if groups is None else len(groups)} param groups, "
+                         f"this optimizer has {len(live.param_groups)}")
+    for i, (g, h) in enumerate(zip(groups, live.param_groups)):
+        if len(g["params"]) != len(h["params"]):
+            raise ValueError(f"state_dict field {field!r}: param group {i} has {len(g['params'])} parameters, "
+                             f"this optimizer's has {len(h['params'])}")
+    params = [p for h in live.param_groups for p in h["params"]]
+    ids = [i for g in groups for i in g["params"]]
+    for pid, p in zip(ids, params):
+        for key, value in saved["state"].get(pid, {}).items():
+            if isinstance(value, torch.Tensor) and value.dim() and value.shape != p.shape:
+                raise ValueError(f"state_dict field {field!r}: state {key!r} has shape {tuple(value.shape)}, "
+                                 f"its parameter {tuple(p.shape)}")
+
+
+def _check_tensors(field: str, saved: Any, live: list[torch.Tensor]) -> None:
+    if not isinstance(saved, (list, tuple)) or len(saved) != len(live):
+        raise ValueError(f"state_dict field {field!r}: expected {len(live)} tensors, got "
+                         f"{len(saved) if isinstance(saved, (list, tuple)) else type(saved).__name__}")
+    for i, (s, t) in enumerate(zip(saved, live)):
+        if not isinstance(s, torch.Tensor) or s.shape != t.shape or s.dtype != t.dtype:
+            got = (tuple(s.shape), s.dtype) if isinstance(s, torch.Tensor) else type(s).__name__
+            raise ValueError(f"state_dict field {field!r}[{i}]: expected {tuple(t.shape)} {t.dtype}, got {got}")
+
+
+def validate(opt: WarpGradMetaOptimizer, sd: Any) -> None:
+    """Raise ``ValueError`` naming the first field of ``sd`` that does not fit ``opt``."""
+    if not isinstance(sd, dict):
+        raise ValueError(f"not a WarpGradMetaOptimizer state_dict: got {type(sd).__name__}")
+    missing = [k for k in KEYS if k not in sd]
+    if missing:
+        raise ValueError(f"not a WarpGradMetaOptimizer state_dict: missing {missing}")
+    mine = config(opt)
+    for key, value in mine.items():
+        saved = sd["config"].get(key, "<missing>")
+        if isinstance(saved, list):  # tuples become lists through some serialisers
+            saved = [list(x) if isinstance(x, tuple) else x for x in saved]
+            value = [list(x) if isinstance(x, tuple) else x for x in value]
+        if saved != value:
+            raise ValueError(f"state_dict config {key!r} is {saved!r}, this optimizer has {value!r}: it was saved "
+                             "by a differently configured optimizer")
+    _check_optimizer_state("task", sd["task"], opt.core.task_optimizer)
+    _check_optimizer_state("warp_optimizer", sd["warp_optimizer"], opt.meta.warp_optimizer)
+    _check_optimizer_state("init_optimizer", sd["init_optimizer"], opt.meta.init_optimizer)
+    _check_tensors("theta0", sd["theta0"], opt.meta.theta0)
+    _check_tensors("warp", sd["warp"], opt.meta.warp)
+    _check_tensors("initial_buffers", sd["initial_buffers"], opt.core.initial_buffers)
+    if set(sd["learned"]) != set(opt.meta.learned):
+        raise ValueError(f"state_dict field 'learned': {sorted(sd['learned'])}, this optimizer {sorted(opt.meta.learned)}")
+    for field in ("algorithm_state", "contributions"):
+        total = sd[field]["total"]
+        if total is not None:
+            live = opt.meta.phi if field == "algorithm_state" else opt.meta.theta0
+            _check_tensors(field, total, [p.detach() for p in live])
+
+
+def load_state_dict(opt: WarpGradMetaOptimizer, sd: dict[str, Any]) -> None:
+    if opt._run is not None:
+        raise RuntimeError("load_state_dict() inside a task: call it between tasks")
+    validate(opt, sd)
+    sd = copy.deepcopy(sd)  # the caller's dict stays theirs
+    undo = _snapshot(opt)
+    try:
+        _write(opt, sd)
+    except BaseException:
+        _write(opt, undo)
+        raise
+
+
+def _write(opt: WarpGradMetaOptimizer, sd: dict[str, Any]) -> None:
+    meta, core = opt.meta, opt.core
+    with torch.no_grad():
+        for dst, src in zip(meta.theta0 + meta.warp + core.initial_buffers,
+                            sd["theta0"] + sd["warp"] + sd["initial_buffers"]):
+            dst.copy_(src)
+        for k, v in sd["learned"].items():
+            meta.learned[k].copy_(v)
+    opt.core.task_optimizer.load_state_dict(sd["task"])
+    if meta.warp_optimizer is not None:
+        meta.warp_optimizer.load_state_dict(sd["warp_optimizer"])
+    if meta.init_optimizer is not None:
+        meta.init_optimizer.load_state_dict(sd["init_optimizer"])
+    acc, contrib = sd["algorithm_state"], sd["contributions"]
+    opt.algorithm_state = Accumulator(None if acc["total"] is None else tuple(acc["total"]), acc["count"])
+    opt.contributions = Contributions(
+        Accumulator(None if contrib["total"] is None else tuple(contrib["total"]), contrib["count"]),
+        tuple((i, tuple(g)) for i, g in contrib["by_task"]))
+    opt.replay.load_state_dict(sd["replay"])
+    opt.counters = dict(sd["counters"])

@@ -1,0 +1,213 @@
+"""The task session: one task's adaptation (the inner loop of Algorithms 1-3).
+
+``begin`` resets θ ← θ0 (unless the algorithm continues from the current θ), freezes φ and
+starts recording; ``step`` is the recorded task update; ``end`` hands back what the task
+produced (its trajectory, its online meta-gradient sum, its θ0 contribution) for the
+meta-optimizer to commit; ``abort`` puts parameters, buffers and the task optimizer's state
+back to where they were before ``begin``. Nothing here changes φ, θ0 or any meta state.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from .algorithms import Accumulator, Algorithm
+from .initialisation import InitialisationLearner
+from .objectives import Objective, ReplayContext, meta_gradient
+from .task_optimizers import optimizer_states
+from .tasks import Task
+from .trajectory import ReplayBuffer, Sample, Trajectory
+
+__all__ = ["Model", "TaskRun", "TaskOutcome", "begin", "step", "end", "abort"]
+
+
+@dataclass
+class Model:
+    """The model's partition and the task optimizer, as the meta-optimizer wires them.
+
+    ``adapt``/``adapt_names``: θ (task-adapted); ``warp``: φ; ``learned``: meta-learned task
+    hyper-parameters; ``theta0``/``initial_buffers``: where tasks start.
+    """
+
+    module: nn.Module
+    adapt: list[nn.Parameter]
+    adapt_names: list[str]
+    buffer_names: list[str]
+    warp: list[nn.Parameter]
+    learned: dict[str, nn.Parameter]
+    task_optimizer: torch.optim.Optimizer
+    step_fn: Callable[..., Any]
+    theta0: list[nn.Parameter]
+    initial_buffers: list[torch.Tensor]
+
+    def meta_parameters(self) -> list[nn.Parameter]:
+        """What the warp objective differentiates: φ and learned hyper-parameters."""
+        return self.warp + list(self.learned.values())
+
+    def live_buffers(self) -> list[torch.Tensor]:
+        named = dict(self.module.named_buffers())
+        return [named[n] for n in self.buffer_names]
+
+    def states(self) -> list[dict[str, torch.Tensor]]:
+        return optimizer_states(self.task_optimizer, self.adapt)
+
+    def context(self) -> ReplayContext:
+        """Functional view of the model and the task update rule for replay (Eq. 7/8)."""
+        group_of = {id(p): g for g in self.task_optimizer.param_groups for p in g["params"]}
+        hypers = [{**group_of[id(p)], **self.learned} if self.learned else group_of[id(p)] for p in self.adapt]
+        return ReplayContext(self.module, self.adapt_names, self.buffer_names, self.step_fn, hypers)
+
+
+@dataclass
+class TaskRun:
+    """The live state of one task (a ``warpopt.initialisation.TaskView`` for θ0 learners)."""
+
+    task: Task
+    context: ReplayContext
+    params: list[torch.Tensor]
+    buffers: list[torch.Tensor]
+    theta0: list[torch.Tensor]
+    start_buffers: list[torch.Tensor]
+    learn: bool
+    restore: tuple[list[torch.Tensor], list[torch.Tensor], dict[str, Any]]
+    requires_grad: list[bool]
+    finite: torch.Tensor
+    steps: int = 0
+    trajectory: Optional[Trajectory] = None
+    init_state: Any = None
+    hook: Any = None
+    algorithm_state: Accumulator = field(default_factory=Accumulator)  # tentative until the task ends
+
+    def sample(self, states: list[dict[str, torch.Tensor]]) -> Sample:
+        """The live θ_k as a replay sample (for the online algorithms)."""
+        return Sample(self.task, -1, self.steps, [p.detach() for p in self.params], list(states),
+                      [b.detach() for b in self.buffers])
+
+
+@dataclass
+class TaskOutcome:
+    """What a cleanly finished task hands to the meta-optimizer to commit."""
+
+    trajectory: Optional[Trajectory]
+    steps: int
+    algorithm_state: Accumulator
+    contribution: Optional[list[torch.Tensor]]
+
+
+def begin(model: Model, task: Task, *, reset: bool, learn: bool, algorithm: Algorithm,
+          initialisation: InitialisationLearner, replay: ReplayBuffer, algorithm_state: Accumulator) -> TaskRun:
+    """Start a task: θ ← θ0 (if ``reset``), φ frozen (unless harvested), recording on."""
+    buffers = model.live_buffers()
+    with torch.no_grad():
+        # What a failed task restores: the state before this task touched anything.
+        restore = ([p.detach().clone() for p in model.adapt], [b.detach().clone() for b in buffers],
+                   copy.deepcopy(model.task_optimizer.state_dict()))
+        if reset:
+            torch._foreach_copy_(model.adapt, model.theta0) if model.adapt else None
+            for b, b0 in zip(buffers, model.initial_buffers):
+                b.copy_(b0)
+            model.task_optimizer.state.clear()
+            for group in model.task_optimizer.param_groups:
+                for key, value in model.learned.items():
+                    group[key] = float(value)
+        # θ_0 of this task: θ0 after a reset, the carried-over θ in continual learning.
+        start = [p.detach().clone() for p in model.adapt]
+        start_buffers = [b.detach().clone() for b in buffers]
+    records = learn and algorithm.records and bool(model.meta_parameters())
+    run = TaskRun(task, model.context(), model.adapt, buffers, start, start_buffers, learn, restore,
+                  [p.requires_grad for p in model.warp],
+                  torch.ones((), dtype=torch.bool, device=model.adapt[0].device),
+                  algorithm_state=algorithm_state)
+    task.start_loop()
+    if records:
+        run.trajectory = replay.trajectory(task)
+        run.trajectory.record(0, model.adapt, model.states(), buffers)
+
+        def record(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+            run.trajectory.record(run.steps + 1, model.adapt, model.states(), run.buffers)  # type: ignore[union-attr]
+
+        run.hook = model.task_optimizer.register_step_post_hook(record)
+    if not (learn and algorithm.harvests):
+        for p in model.warp:
+            p.requires_grad_(False)  # frozen while the task adapts: no φ work in its backward
+    if learn:
+        run.init_state = initialisation.begin_task(run)
+    return run
+
+
+def step(model: Model, run: Optional[TaskRun], *, algorithm: Algorithm, initialisation: InitialisationLearner,
+         objective: Objective, algorithm_state: Accumulator) -> tuple[Accumulator, Optional[list[torch.Tensor]]]:
+    """One task update of θ, recorded; returns the algorithm's new state (``run``'s tentative
+    one inside a task) and a warp gradient that is due now (continual), if any. ``run`` is
+    None for continual steps outside a task."""
+    if run is not None:
+        algorithm_state = run.algorithm_state
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in model.adapt]
+    if run is not None:
+        run.finite &= torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum())
+    learn = run is None or run.learn
+    step_grads = None
+    if learn:
+        if algorithm.harvests:
+            step_grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in model.meta_parameters()]
+            for p in model.meta_parameters():
+                p.grad = None
+        else:
+            step_objective = algorithm.step_objective(objective)
+            if step_objective is not None:
+                if run is None:
+                    raise RuntimeError(f"{algorithm!r} needs the task's data: step inside `with opt.task(...)`")
+                with torch.enable_grad():
+                    step_grads, _ = meta_gradient(step_objective, run.context, [run.sample(model.states())],
+                                                  model.meta_parameters())
+    previous = ([p.detach().clone() for p in model.adapt]
+                if run is not None and learn and initialisation.needs_previous else None)
+    model.task_optimizer.step()
+    due = None
+    if run is not None:
+        if previous is not None:
+            run.init_state = initialisation.after_step(run.init_state, run, previous, grads)
+        run.steps += 1
+    if learn and step_grads is not None:
+        algorithm_state, due = algorithm.on_step(algorithm_state, step_grads)
+        if run is not None:
+            run.algorithm_state = algorithm_state
+    return algorithm_state, due
+
+
+def finish(model: Model, run: TaskRun) -> None:
+    """Stop recording and unfreeze φ (both on success and failure)."""
+    if run.hook is not None:
+        run.hook.remove()
+        run.hook = None
+    for p, flag in zip(model.warp, run.requires_grad):
+        p.requires_grad_(flag)
+
+
+def abort(model: Model, run: TaskRun) -> None:
+    """Put θ, the adapt buffers and the task optimizer's state back to before ``begin``."""
+    params, buffers, optimizer_state = run.restore
+    with torch.no_grad():
+        for p, s in zip(model.adapt, params):
+            p.copy_(s)
+        for b, s in zip(run.buffers, buffers):
+            b.copy_(s)
+    model.task_optimizer.load_state_dict(optimizer_state)
+
+
+def end(model: Model, run: TaskRun, initialisation: InitialisationLearner) -> Optional[TaskOutcome]:
+    """The task's outcome, or None if a task gradient became NaN/inf (then θ is restored)."""
+    finish(model, run)
+    if not bool(run.finite):  # the one host synchronisation per task
+        abort(model, run)
+        return None
+    if not run.learn:
+        return TaskOutcome(None, run.steps, run.algorithm_state, None)
+    contribution = initialisation.end_task(run.init_state, run)
+    if contribution is not None:
+        contribution = [c.detach() for c in contribution]
+    return TaskOutcome(run.trajectory, run.steps, run.algorithm_state, contribution)
