@@ -201,6 +201,8 @@ class WarpGradMetaOptimizer(torch.optim.Optimizer):
             outcome = session.end(self.core, run, self.initialisation)
             if outcome is not None and learn:
                 self._commit(outcome)
+            elif outcome is not None:
+                self.counters["task_steps"] += outcome.steps
         except BaseException:
             session.finish(self.core, run)
             session.abort(self.core, run)
@@ -224,6 +226,7 @@ class WarpGradMetaOptimizer(torch.optim.Optimizer):
             self.replay.commit(outcome.trajectory, outcome.steps)
         self.algorithm_state, self.contributions = outcome.algorithm_state, contributions
         self.counters["tasks"] += 1
+        self.counters["task_steps"] += outcome.steps
 
     # ------------------------------------------------------------------ task step
     @torch.no_grad()
@@ -239,9 +242,9 @@ class WarpGradMetaOptimizer(torch.optim.Optimizer):
             raise RuntimeError("step() outside a task: wrap the task loop in `with opt.task(data, loss_fn):`")
         state, due = session.step(self.core, self._run, algorithm=self.algorithm, initialisation=self.initialisation,
                                   objective=self.objective, algorithm_state=self.algorithm_state)
-        if self._run is None:
+        if self._run is None:  # continual steps outside a task count at once; a task's when it ends
             self.algorithm_state = state
-        self.counters["task_steps"] += 1
+            self.counters["task_steps"] += 1
         if due is not None and self.meta.apply_phi(due):
             self.counters["warp_updates"] += 1
         return loss

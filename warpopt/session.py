@@ -151,7 +151,7 @@ def step(model: Model, run: Optional[TaskRun], *, algorithm: Algorithm, initiali
         run.finite &= torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum())
     learn = run is None or run.learn
     step_grads = None
-    if learn:
+    if learn and model.meta_parameters():  # θ0-only meta-learning has no per-step φ work
         if algorithm.harvests:
             step_grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in model.meta_parameters()]
             for p in model.meta_parameters():
