@@ -35,32 +35,10 @@ class WarpGradMetaOptimizer(Protocol):
     counters: dict[str, int]
     _run: Optional[TaskRun]
 
-__all__ = ["task_groups", "state_dict", "load_state_dict", "config"]
+__all__ = ["state_dict", "load_state_dict", "config", "validate"]
 
 KEYS = ("config", "task", "warp_optimizer", "init_optimizer", "theta0", "initial_buffers", "warp", "learned",
         "algorithm_state", "contributions", "replay", "counters")
-
-
-def task_groups(params: Optional[Iterable[Any]], named_adapt: list) -> list[dict[str, Any]]:
-    """Param groups for the task optimizer: all adapt parameters, or the user's groups (checked)."""
-    adapt_ids = {id(p) for _, p in named_adapt}
-    if params is None:
-        if not named_adapt:
-            raise ValueError("the warped model has no adapt parameters to train on tasks")
-        return [{"params": [p for _, p in named_adapt]}]
-    groups = list(params)
-    if groups and not isinstance(groups[0], dict):
-        groups = [{"params": groups}]
-    for group in groups:
-        group_params = group["params"]
-        group_params = [group_params] if isinstance(group_params, torch.Tensor) else list(group_params)
-        for p in group_params:
-            if id(p) not in adapt_ids:
-                raise ValueError(
-                    f"a parameter of shape {tuple(p.shape)} passed in params is not an adapt "
-                    "parameter of the warped model; pass parameters from model.adapt_parameters()")
-        group["params"] = group_params
-    return groups
 
 
 def _name(obj: Any) -> str:

@@ -17,7 +17,6 @@ and θ0 learners are pure functions of explicit state held here.
 from __future__ import annotations
 
 import contextlib
-import warnings
 from collections import OrderedDict
 from typing import Any, Callable, Iterable, Iterator, Optional
 
@@ -25,24 +24,15 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from . import checkpoint, session, warping
+from . import checkpoint, session
 from .algorithms import Algorithm, Offline
 from .initialisation import InitialisationLearner, Leap
 from .meta_update import Contributions, MetaParameters, add_contribution, check_rate, meta_update, transaction
 from .objectives import Objective, ReplayContext, approx, exact, trainable
-from .task_optimizers import functional_step_for
 from .tasks import Task
 from .trajectory import ReplayBuffer
 
 __all__ = ["WarpGradMetaOptimizer"]
-
-
-def _partition(model: nn.Module) -> tuple[list, list, list]:
-    """(named adapt parameters, warp parameters, adapt buffer names); an unwarped model is all θ."""
-    if not warping.is_warped(model):
-        return list(model.named_parameters()), [], [n for n, _ in model.named_buffers()]
-    return (list(warping.named_adapt_parameters(model)), [p for _, p in warping.named_warp_parameters(model)],
-            [n for n, _ in warping.named_adapt_buffers(model)])
 
 
 class WarpGradMetaOptimizer(torch.optim.Optimizer):
@@ -91,38 +81,15 @@ class WarpGradMetaOptimizer(torch.optim.Optimizer):
         if (learn_lr or learn_momentum) and objective is approx:
             raise ValueError("learn_lr/learn_momentum need objective=exact: Eq. 8 stops the gradient "
                              "through the task update, so α would get no meta-gradient")
-        named_adapt, warp_params, buffer_names = _partition(model)
-        if not warp_params and not (learn_lr or learn_momentum) and not initialisation.learns:
+        self.core = session.build(model, params, task_optimizer, lr, task_kwargs, learn_lr, learn_momentum)
+        if not self.core.meta_parameters() and not initialisation.learns:
             raise ValueError("nothing to meta-learn: the model has no warp parameters (call "
                              "`warpopt.warp(model)`) and initialisation=none() keeps θ0 fixed")
-        groups = checkpoint.task_groups(params, named_adapt)
-        inner = task_optimizer(groups, lr=lr, **task_kwargs)
-        step_fn = functional_step_for(inner)  # fails now, before any state exists, if U cannot be replayed
-        super().__init__(inner.param_groups, inner.defaults)
-        self.task_optimizer = inner  # from here on, param_groups/state/defaults are the inner's
-        ids = {id(p) for g in self.param_groups for p in g["params"]}
-        adapt = [(n, p) for n, p in named_adapt if id(p) in ids]
-        device = adapt[0][1].device
-        with torch.no_grad():
-            theta0 = [nn.Parameter(p.detach().clone()) for _, p in adapt]
-            buffers = dict(model.named_buffers())
-            initial_buffers = [buffers[n].detach().clone() for n in buffer_names]
-        learned: dict[str, nn.Parameter] = {}
-        for key, wanted in (("lr", learn_lr), ("momentum", learn_momentum)):
-            if wanted:
-                if key not in self.param_groups[0]:
-                    raise ValueError(f"learn_{key} needs a task optimizer with a {key!r} hyper-parameter")
-                learned[key] = nn.Parameter(torch.tensor(float(self.param_groups[0][key]), device=device))
-        self.model = model
-        self.core = session.Model(model, [p for _, p in adapt], [n for n, _ in adapt], buffer_names,
-                                  warp_params, learned, inner, step_fn, theta0, initial_buffers)
-        phi_groups = ([{"params": warp_params, "lr": meta_lr, "name": "warp"}] if warp_params else []) + (
-            [{"params": list(learned.values()), "lr": learned_lr, "name": "learned"}] if learned else [])
-        self.meta = MetaParameters(
-            warp_params, learned, theta0, meta_optimizer(phi_groups) if phi_groups else None,
-            meta_optimizer([{"params": theta0, "lr": meta_lr if init_lr is None else init_lr,
-                             "name": "initialisation"}]) if initialisation.learns else None,
-            reduce if reduce is not None else (lambda grads: grads), on_nonfinite, learned_clip)
+        super().__init__(self.core.task_optimizer.param_groups, self.core.task_optimizer.defaults)
+        self.task_optimizer = self.core.task_optimizer  # from here on, param_groups/state/defaults are the inner's
+        self.model, device = model, self.core.adapt[0].device
+        self.meta = MetaParameters.build(self.core, meta_optimizer, meta_lr, meta_lr if init_lr is None else init_lr,
+                                         learned_lr, initialisation.learns, reduce, on_nonfinite, learned_clip)
         self.device, self.objective, self.algorithm, self.initialisation = device, objective, algorithm, initialisation
         self.replay = replay if replay is not None else ReplayBuffer()
         self.on_nonfinite = on_nonfinite
@@ -168,9 +135,6 @@ class WarpGradMetaOptimizer(torch.optim.Optimizer):
         """Functional view of the model and the task update rule for replay (Eq. 7/8)."""
         return self.core.context()
 
-    def current_states(self) -> list[dict[str, torch.Tensor]]:
-        return self.core.states()
-
     def warp_trainable(self) -> contextlib.AbstractContextManager:
         """Temporarily let φ require gradients (they are frozen while tasks adapt)."""
         return trainable(self.core.warp)
@@ -198,7 +162,7 @@ class WarpGradMetaOptimizer(torch.optim.Optimizer):
         self._run = run
         try:
             yield task
-            outcome = session.end(self.core, run, self.initialisation)
+            outcome = session.end(self.core, run, self.initialisation, self.on_nonfinite)
             if outcome is not None and learn:
                 self._commit(outcome)
             elif outcome is not None:
@@ -209,12 +173,6 @@ class WarpGradMetaOptimizer(torch.optim.Optimizer):
             raise
         finally:
             self._run = None
-        if outcome is None:
-            message = (f"a task gradient became NaN/inf while adapting {task!r}; its trajectory was "
-                       "dropped and the parameters restored")
-            if self.on_nonfinite == "raise":
-                raise FloatingPointError(message + " (pass on_nonfinite='skip' to skip such tasks)")
-            warnings.warn(message, RuntimeWarning, stacklevel=3)
 
     def _commit(self, outcome: session.TaskOutcome) -> None:
         """Keep a finished task: its points (all or none), its meta-gradients, its θ0 term."""
@@ -279,17 +237,19 @@ class WarpGradMetaOptimizer(torch.optim.Optimizer):
     def _restore(self, saved: tuple) -> None:
         self.algorithm_state, self.contributions, self.counters = saved
 
-    def register_meta_step_pre_hook(self, hook: Callable[["WarpGradMetaOptimizer"], None]) -> RemovableHandle:
-        """``hook(optimizer)`` before each ``meta_step``."""
-        handle = RemovableHandle(self._meta_step_pre_hooks)
-        self._meta_step_pre_hooks[handle.id] = hook
+    @staticmethod
+    def _register(hooks: OrderedDict, hook: Callable) -> RemovableHandle:
+        handle = RemovableHandle(hooks)
+        hooks[handle.id] = hook
         return handle
+
+    def register_meta_step_pre_hook(self, hook: Callable[["WarpGradMetaOptimizer"], None]) -> RemovableHandle:
+        """``hook(optimizer)`` before each ``meta_step`` (inside it: a raising hook undoes it)."""
+        return self._register(self._meta_step_pre_hooks, hook)
 
     def register_meta_step_post_hook(self, hook: Callable[["WarpGradMetaOptimizer", dict], None]) -> RemovableHandle:
         """``hook(optimizer, stats)`` after each ``meta_step`` (inside it: a raising hook undoes it)."""
-        handle = RemovableHandle(self._meta_step_post_hooks)
-        self._meta_step_post_hooks[handle.id] = hook
-        return handle
+        return self._register(self._meta_step_post_hooks, hook)
 
     # ------------------------------------------------------------------ (de)serialisation
     def state_dict(self) -> dict[str, Any]:

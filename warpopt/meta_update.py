@@ -55,6 +55,19 @@ class MetaParameters:
     on_nonfinite: str = "raise"
     learned_clip: Optional[float] = None
 
+    @staticmethod
+    def build(core: Model, meta_optimizer: Callable[..., torch.optim.Optimizer], meta_lr: float, init_lr: float,
+              learned_lr: float, learns_theta0: bool, reduce: Optional[Reduce], on_nonfinite: str,
+              learned_clip: Optional[float]) -> "MetaParameters":
+        """One meta optimizer over φ (group "warp") and learned hyper-parameters (group
+        "learned"), another over θ0 (group "initialisation", learning rate λβ)."""
+        groups = ([{"params": core.warp, "lr": meta_lr, "name": "warp"}] if core.warp else []) + (
+            [{"params": list(core.learned.values()), "lr": learned_lr, "name": "learned"}] if core.learned else [])
+        theta0 = [{"params": core.theta0, "lr": init_lr, "name": "initialisation"}]
+        return MetaParameters(core.warp, core.learned, core.theta0, meta_optimizer(groups) if groups else None,
+                              meta_optimizer(theta0) if learns_theta0 else None,
+                              reduce if reduce is not None else (lambda grads: grads), on_nonfinite, learned_clip)
+
     @property
     def phi(self) -> list[nn.Parameter]:
         return self.warp + list(self.learned.values())

@@ -9,8 +9,9 @@ back to where they were before ``begin``. Nothing here changes φ, θ0 or any me
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 from torch import nn
@@ -18,11 +19,12 @@ from torch import nn
 from .algorithms import Accumulator, Algorithm
 from .initialisation import InitialisationLearner
 from .objectives import Objective, ReplayContext, meta_gradient
-from .task_optimizers import optimizer_states
+from . import warping
+from .task_optimizers import functional_step_for, optimizer_states
 from .tasks import Task
 from .trajectory import ReplayBuffer, Sample, Trajectory
 
-__all__ = ["Model", "TaskRun", "TaskOutcome", "begin", "step", "end", "abort"]
+__all__ = ["Model", "TaskRun", "TaskOutcome", "build", "begin", "step", "end", "abort"]
 
 
 @dataclass
@@ -60,6 +62,60 @@ class Model:
         group_of = {id(p): g for g in self.task_optimizer.param_groups for p in g["params"]}
         hypers = [{**group_of[id(p)], **self.learned} if self.learned else group_of[id(p)] for p in self.adapt]
         return ReplayContext(self.module, self.adapt_names, self.buffer_names, self.step_fn, hypers)
+
+
+def task_groups(params: Optional[Iterable[Any]], named_adapt: list) -> list[dict[str, Any]]:
+    """Param groups for the task optimizer: all adapt parameters, or the user's groups (checked)."""
+    adapt_ids = {id(p) for _, p in named_adapt}
+    if params is None:
+        if not named_adapt:
+            raise ValueError("the warped model has no adapt parameters to train on tasks")
+        return [{"params": [p for _, p in named_adapt]}]
+    groups = list(params)
+    if groups and not isinstance(groups[0], dict):
+        groups = [{"params": groups}]
+    for group in groups:
+        group_params = group["params"]
+        group_params = [group_params] if isinstance(group_params, torch.Tensor) else list(group_params)
+        for p in group_params:
+            if id(p) not in adapt_ids:
+                raise ValueError(
+                    f"a parameter of shape {tuple(p.shape)} passed in params is not an adapt "
+                    "parameter of the warped model; pass parameters from model.adapt_parameters()")
+        group["params"] = group_params
+    return groups
+
+
+def _partition(module: nn.Module) -> tuple[list, list, list]:
+    """(named adapt parameters, warp parameters, adapt buffer names); an unwarped model is all θ."""
+    if not warping.is_warped(module):
+        return list(module.named_parameters()), [], [n for n, _ in module.named_buffers()]
+    return (list(warping.named_adapt_parameters(module)), [p for _, p in warping.named_warp_parameters(module)],
+            [n for n, _ in warping.named_adapt_buffers(module)])
+
+
+def build(module: nn.Module, params: Optional[Any], task_optimizer: Callable[..., torch.optim.Optimizer],
+          lr: float, task_kwargs: dict[str, Any], learn_lr: bool, learn_momentum: bool) -> Model:
+    """Partition ``module``, build the task optimizer (checked: its update rule must be
+    replayable), θ0 and the learned hyper-parameters."""
+    named_adapt, warp_params, buffer_names = _partition(module)
+    inner = task_optimizer(task_groups(params, named_adapt), lr=lr, **task_kwargs)
+    step_fn = functional_step_for(inner)  # fails now, before any state exists, if U cannot be replayed
+    ids = {id(p) for g in inner.param_groups for p in g["params"]}
+    adapt = [(n, p) for n, p in named_adapt if id(p) in ids]
+    device = adapt[0][1].device
+    with torch.no_grad():
+        theta0 = [nn.Parameter(p.detach().clone()) for _, p in adapt]
+        buffers = dict(module.named_buffers())
+        initial_buffers = [buffers[n].detach().clone() for n in buffer_names]
+    learned: dict[str, nn.Parameter] = {}
+    for key, wanted in (("lr", learn_lr), ("momentum", learn_momentum)):
+        if wanted:
+            if key not in inner.param_groups[0]:
+                raise ValueError(f"learn_{key} needs a task optimizer with a {key!r} hyper-parameter")
+            learned[key] = nn.Parameter(torch.tensor(float(inner.param_groups[0][key]), device=device))
+    return Model(module, [p for _, p in adapt], [n for n, _ in adapt], buffer_names, warp_params, learned, inner,
+                 step_fn, theta0, initial_buffers)
 
 
 @dataclass
@@ -199,11 +255,17 @@ def abort(model: Model, run: TaskRun) -> None:
     model.task_optimizer.load_state_dict(optimizer_state)
 
 
-def end(model: Model, run: TaskRun, initialisation: InitialisationLearner) -> Optional[TaskOutcome]:
-    """The task's outcome, or None if a task gradient became NaN/inf (then θ is restored)."""
+def end(model: Model, run: TaskRun, initialisation: InitialisationLearner, on_nonfinite: str) -> Optional[TaskOutcome]:
+    """The task's outcome; None if a task gradient became NaN/inf: then θ is restored and the
+    task dropped with a warning (``on_nonfinite="skip"``) or a ``FloatingPointError``."""
     finish(model, run)
     if not bool(run.finite):  # the one host synchronisation per task
         abort(model, run)
+        message = (f"a task gradient became NaN/inf while adapting {run.task!r}; its trajectory was "
+                   "dropped and the parameters restored")
+        if on_nonfinite == "raise":
+            raise FloatingPointError(message + " (pass on_nonfinite='skip' to skip such tasks)")
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
         return None
     if not run.learn:
         return TaskOutcome(None, run.steps, run.algorithm_state, None)
