@@ -1,0 +1,301 @@
+"""Fault injection (issue 15): crafted files, shared and failing replay storage, mixed dtypes,
+malformed Omniglot files and invalid maze input. Each fault must raise a clear error (naming the
+file / value and the fix) before anything changes, or be handled without losing anything."""
+
+from __future__ import annotations
+
+import errno
+import gc
+import multiprocessing
+import os
+import pickle
+import resource
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from queue import Empty
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import warpopt
+from warpopt.points import flatten_point, unflatten_point
+from warpopt.storage import DiskStorage
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def _tiny_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 5), nn.Tanh(), nn.Linear(5, 1)).double()
+    return warpopt.warp(net)
+
+
+def _tasks(seed: int, n: int = 2, batches: int = 3) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+    g = torch.Generator().manual_seed(seed)
+    tasks = []
+    for _ in range(n):
+        w = torch.randn(3, 1, generator=g, dtype=torch.float64)
+        xs = [torch.randn(6, 3, generator=g, dtype=torch.float64) for _ in range(batches)]
+        tasks.append([(x, torch.sin(x @ w)) for x in xs])
+    return tasks
+
+
+def _adapt(opt, model, tasks) -> None:
+    for data in tasks:
+        with opt.task(data, nn.functional.mse_loss):
+            for x, y in data:
+                opt.zero_grad()
+                nn.functional.mse_loss(model(x), y).backward()
+                opt.step()
+
+
+def _files(directory: Path) -> list[str]:
+    return sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if not p.is_dir())
+
+
+def _point(seed: int = 0, n: int = 50) -> warpopt.trajectory.Point:
+    g = torch.Generator().manual_seed(seed)
+    return flatten_point(1, [torch.randn(n, generator=g)], [{}], [])
+
+
+# ---------------------------------------------------------------------------- no silent rounding
+
+
+def test_mixed_dtype_point_round_trips_bit_exactly():
+    p32 = torch.tensor([1.0, -2.5, 3.25e-3], dtype=torch.float32)
+    p64 = torch.tensor([1.0 + 2.0 ** -40, -1e-300], dtype=torch.float64)  # not float32-representable
+    p16 = torch.tensor([[0.5, 7.0]], dtype=torch.bfloat16)
+    states = [{"step": torch.tensor(3.0), "exp_avg": p32 * 0.1},  # host-side step count
+              {"step": torch.tensor(3.0), "exp_avg": p64 * 0.1},
+              {"exp_avg": p16 * 2}]
+    buffers = [torch.tensor(2 ** 60 + 1, dtype=torch.int64),  # float64 would round this counter
+               torch.tensor([True, False]), torch.tensor([1.0 + 2.0 ** -50], dtype=torch.float64)]
+    point = flatten_point(4, [p32, p64, p16], states, buffers)
+    assert sorted(map(str, point.layout.dtypes)) == sorted(map(str, {torch.float32, torch.float64, torch.bfloat16,
+                                                                    torch.int64, torch.bool}))
+    assert len(point.vectors) == len(point.layout.dtypes)  # one cat per dtype, nothing more
+    params, got_states, got_buffers = unflatten_point(point, torch.device("cpu"))
+    for got, want in zip(params + got_buffers + [s[k] for s in got_states for k in s],
+                         [p32, p64, p16] + buffers + [s[k] for s in states for k in s]):
+        assert got.dtype == want.dtype and got.shape == want.shape and torch.equal(got, want)
+    # Half-precision storage (dtype=) still down-casts parameters and moments only.
+    half = flatten_point(4, [p32, p64, p16], states, buffers, dtype=torch.float16)
+    params, got_states, got_buffers = unflatten_point(half, torch.device("cpu"))
+    assert [p.dtype for p in params] == [torch.float32, torch.float64, torch.bfloat16]
+    assert torch.equal(params[1], p64.half().double()) and not torch.equal(params[1], p64)
+    assert int(got_buffers[0]) == 2 ** 60 + 1 and torch.equal(got_buffers[1], buffers[1])
+    assert float(got_states[0]["step"]) == 3.0
+
+
+class _MixedNet(nn.Module):
+    """A float32 layer first, then a float64 one: a shared float32 vector would round the latter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(3, 5), nn.Linear(5, 5).double(), nn.Linear(5, 1).double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(torch.tanh(self.b(torch.tanh(self.a(x.float())).double())))
+
+
+@pytest.mark.parametrize("storage", ["device", "disk"])
+def test_mixed_dtype_model_replays_bit_exactly(storage, tmp_path):
+    torch.manual_seed(0)
+    model = warpopt.warp(_MixedNet(), where=lambda name, m: name == "b")
+    model.b.warp.double()
+    store = warpopt.DiskStorage(str(tmp_path)) if storage == "disk" else warpopt.DeviceStorage()
+    opt = warpopt.WarpGradMetaOptimizer(model, lr=0.1, task_optimizer=torch.optim.Adam,
+                                        replay=warpopt.ReplayBuffer(storage=store))
+    _adapt(opt, model, _tasks(0, n=1))
+    last = opt.replay.sample(len(opt.replay) - 1, torch.device("cpu"))
+    live = list(model.adapt_parameters())
+    assert {p.dtype for p in live} == {torch.float32, torch.float64}
+    for got, want in zip(last.params, live):
+        assert got.dtype == want.dtype and torch.equal(got, want)
+    for got, want in zip(last.states, opt.current_states()):  # what was recorded (step in θ's dtype)
+        assert set(got) == set(want) == {"step", "exp_avg", "exp_avg_sq"}
+        for key, value in want.items():
+            assert got[key].dtype == value.dtype and torch.equal(got[key], value)
+    opt.meta_step()
+
+
+# ---------------------------------------------------------------------------- replay storage
+
+
+def test_put_many_is_all_or_nothing_when_a_write_fails(tmp_path, monkeypatch):
+    storage = DiskStorage(str(tmp_path))
+    kept = storage.put(_point(9))  # held before the failing call: must survive it
+    real_write, calls = warpopt.storage._write_all, []
+
+    def failing_write(fd, data):  # the third file fills the disk half-way
+        calls.append(1)
+        if len(calls) == 3:
+            os.write(fd, data[:len(data) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write(fd, data)
+
+    monkeypatch.setattr(warpopt.storage, "_write_all", failing_write)
+    with pytest.raises(OSError, match="No space left"):
+        storage.put_many([_point(i) for i in range(5)])
+    assert len(calls) == 3
+    assert _files(tmp_path) == [os.path.relpath(kept.path, tmp_path)]  # no partial file, no tmp file
+    monkeypatch.setattr(warpopt.storage, "_write_all", real_write)
+    stored = storage.put_many([_point(i) for i in range(5)])  # the storage still works
+    assert len(_files(tmp_path)) == 6
+    for i, p in enumerate(stored):
+        assert torch.equal(storage.get(p).vectors[0], _point(i).vectors[0])
+    assert torch.equal(storage.get(kept).vectors[0], _point(9).vectors[0])
+    storage.clear()
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_real_write_limit_leaves_no_partial_file(tmp_path):
+    # RLIMIT_FSIZE makes the kernel refuse the write part-way (EFBIG), like a full filesystem.
+    storage = DiskStorage(str(tmp_path))
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))
+    try:
+        with pytest.raises(OSError) as e:
+            storage.put_many([_point(0, n=10), _point(1, n=100_000)])
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+    assert e.value.errno == errno.EFBIG
+    assert _files(tmp_path) == []
+    storage.close()
+
+
+def test_planted_symlinks_are_not_followed(tmp_path):
+    target = tmp_path / "victim.txt"
+    target.write_text("precious")
+    storage = DiskStorage(str(tmp_path))
+    directory = Path(storage.directory)
+    assert directory.parent == tmp_path and directory.name.startswith("warpopt-replay-")
+    assert (directory.stat().st_mode & 0o777) == 0o700
+    (directory / ".point-000000000.pt.tmp").symlink_to(target)
+    (directory / "point-000000001.pt").symlink_to(target)
+    for _ in range(2):  # neither the temporary nor the final name is followed or overwritten
+        with pytest.raises(FileExistsError, match="something else writes there"):
+            storage.put(_point())
+    assert target.read_text() == "precious"
+    stored = storage.put(_point(3))  # the next free name works
+    os.unlink(stored.path)
+    os.symlink(target, stored.path)  # a file swapped for a symlink is not read either
+    with pytest.raises(OSError, match="clear()"):
+        storage.get(stored)
+    storage.clear()
+    assert target.read_text() == "precious" and not directory.exists()
+
+
+def test_each_storage_has_its_own_directory_and_removes_it(tmp_path):
+    a, b = DiskStorage(str(tmp_path)), DiskStorage(str(tmp_path))
+    pa, pb = a.put(_point(1)), b.put(_point(2))
+    assert a.directory != b.directory and Path(pa.path).name == Path(pb.path).name
+    assert torch.equal(a.get(pa).vectors[0], _point(1).vectors[0])
+    assert torch.equal(b.get(pb).vectors[0], _point(2).vectors[0])
+    a_dir, b_dir = a.directory, b.directory
+    a.clear()
+    assert not os.path.exists(a_dir) and os.path.isdir(b_dir)
+    a.put(_point(3))  # a fresh directory after clear()
+    assert os.path.isdir(a.directory) and a.directory != a_dir
+    new_dir = a.directory
+    del a, b
+    gc.collect()
+    assert not os.path.exists(new_dir) and not os.path.exists(b_dir)  # garbage-collected
+    assert not list(tmp_path.iterdir())
+
+
+def test_directory_removed_at_interpreter_exit(tmp_path):
+    code = textwrap.dedent(f"""
+        import torch, warpopt
+        from warpopt.points import flatten_point
+        STORE = warpopt.DiskStorage({str(tmp_path)!r})  # a module global: alive until exit
+        STORE.put(flatten_point(0, [torch.ones(3)], [{{}}], []))
+        print(STORE.directory)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True).stdout
+    assert out.strip().startswith(str(tmp_path)) and not os.path.exists(out.strip())
+    assert not list(tmp_path.iterdir())
+
+
+def test_vanished_directory_gives_a_clear_error_and_clear_recovers(tmp_path):
+    import shutil
+
+    model = _tiny_model()
+    opt = warpopt.WarpGradMetaOptimizer(model, lr=0.1, meta_lr=1e-2,
+                                        replay=warpopt.ReplayBuffer(storage=DiskStorage(str(tmp_path))))
+    _adapt(opt, model, _tasks(0))
+    directory = opt.replay.storage.directory
+    phi = [p.detach().clone() for p in model.warp_parameters()]
+    shutil.rmtree(directory)
+    with pytest.raises(FileNotFoundError) as e:
+        opt.meta_step()
+    assert directory in str(e.value) and "vanished" in str(e.value) and "clear()" in str(e.value)
+    assert all(torch.equal(p, q) for p, q in zip(model.warp_parameters(), phi))  # φ as it was
+    with pytest.raises(FileNotFoundError, match="clear()"):  # recording into it fails as clearly
+        _adapt(opt, model, _tasks(1, n=1))
+    opt.replay.clear()
+    _adapt(opt, model, _tasks(1))
+    opt.meta_step()
+    assert not all(torch.equal(p, q) for p, q in zip(model.warp_parameters(), phi))
+    assert not list(tmp_path.iterdir())
+
+
+def _train_offline(seed: int, parent: str, barrier=None, queue=None):
+    """Meta-train a tiny warped model offline (2 meta-steps) with its points on disk in ``parent``."""
+    torch.set_num_threads(1)
+    model = _tiny_model()
+    opt = warpopt.WarpGradMetaOptimizer(model, lr=0.1, meta_lr=1e-2,
+                                        replay=warpopt.ReplayBuffer(storage=DiskStorage(parent)))
+    for step in range(2):
+        _adapt(opt, model, _tasks(100 * seed + step))
+        if barrier is not None:
+            barrier.wait()  # both processes have written their points before either replays
+        opt.meta_step()
+        if barrier is not None:
+            barrier.wait()
+    phi = [p.detach().clone() for p in model.warp_parameters()]
+    if queue is not None:
+        queue.put((seed, [p.tolist() for p in phi]))
+    return phi
+
+
+def test_two_processes_sharing_a_directory_match_private_directories(tmp_path):
+    shared = tmp_path / "shared"
+    ctx = multiprocessing.get_context("spawn")
+    barrier, queue = ctx.Barrier(2, timeout=60), ctx.Queue()
+    procs = [ctx.Process(target=_train_offline, args=(seed, str(shared), barrier, queue)) for seed in (1, 2)]
+    results: dict = {}
+    try:
+        for p in procs:
+            p.start()
+        deadline = time.monotonic() + 120
+        while len(results) < len(procs):
+            try:
+                seed, phi = queue.get(timeout=0.5)
+                results[seed] = phi
+            except Empty:  # fail fast when a worker died
+                codes = [p.exitcode for p in procs]
+                assert all(c in (None, 0) for c in codes) and time.monotonic() < deadline, codes
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    assert [p.exitcode for p in procs] == [0, 0]
+    for seed in (1, 2):
+        private = _train_offline(seed, str(tmp_path / f"private{seed}"))
+        assert all(torch.equal(torch.tensor(a, dtype=torch.float64), b) for a, b in zip(results[seed], private))
+    assert not any(torch.equal(torch.tensor(a), torch.tensor(b)) for a, b in zip(results[1], results[2]))
+    assert not list(shared.iterdir())
