@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 import warpopt
+from warpopt.data.safe_pickle import UnsafePickleError, load_pickle
 from warpopt.points import flatten_point, unflatten_point
 from warpopt.storage import DiskStorage
 
@@ -65,6 +66,73 @@ def _files(directory: Path) -> list[str]:
 def _point(seed: int = 0, n: int = 50) -> warpopt.trajectory.Point:
     g = torch.Generator().manual_seed(seed)
     return flatten_point(1, [torch.randn(n, generator=g)], [{}], [])
+
+
+# ---------------------------------------------------------------------------- loading never runs code
+
+
+class _Payload:
+    """Unpickling this object calls ``how(marker)``: it creates the marker file."""
+
+    def __init__(self, how: str, marker: Path) -> None:
+        self.how, self.marker = how, marker
+
+    def __reduce__(self):
+        if self.how == "exec":
+            return exec, (f"open({str(self.marker)!r}, 'w').close()",)
+        return os.system, (f"touch '{self.marker}'",)
+
+
+def _mini(n: int = 4) -> dict:
+    data = np.random.default_rng(0).integers(0, 256, (n, 84, 84, 3), dtype=np.uint8)
+    return {"image_data": data, "class_dict": {"b": [1, 3], "a": [0, 2]}}
+
+
+@pytest.mark.parametrize("how,refused", [("exec", "builtins.exec"), ("system", f"{os.system.__module__}.system")])
+def test_malicious_pickles_run_nothing(tmp_path, how, refused):
+    marker = tmp_path / "pwned"
+    (tmp_path / "trusted").mkdir()
+    mini = tmp_path / "mini-imagenet-cache-train.pkl"
+    with open(mini, "wb") as f:  # a valid pool with the payload after the data
+        pickle.dump({**_mini(), "extra": _Payload(how, marker)}, f)
+    with open(tmp_path / "train_labels.pkl", "wb") as f:
+        pickle.dump({"label_specific": np.array([0, 1]), "label_specific_str": _Payload(how, marker)}, f)
+    with open(tmp_path / "val_labels.pkl", "wb") as f:
+        pickle.dump({"label_specific": np.array([0, 1])}, f)
+    with open(tmp_path / "val_images_png.pkl", "wb") as f:
+        pickle.dump([b"png", _Payload(how, marker)], f, protocol=2)
+    loads = [(lambda: warpopt.data.load_miniimagenet(tmp_path, "train"), mini),
+             (lambda: warpopt.data.load_tieredimagenet(tmp_path, "train"), tmp_path / "train_labels.pkl"),
+             (lambda: warpopt.data.load_tieredimagenet(tmp_path, "val"), tmp_path / "val_images_png.pkl")]
+    for load, path in loads:
+        with pytest.raises(UnsafePickleError) as e:
+            load()
+        assert str(path) in str(e.value) and refused in str(e.value)
+        assert isinstance(e.value, ValueError)
+        assert not marker.exists()
+    with open(mini, "rb") as f:  # the payload is live: plain pickle would have run it
+        pickle.load(f)
+    assert marker.exists()
+
+
+def test_generated_and_python2_numpy1_pickles_still_load(tmp_path):
+    mini = _mini()
+    # What numpy 1 / Python 2 wrote: protocol 2, numpy.core module names, __builtin__ containers.
+    raw = pickle.dumps({**mini, "extra": {1, 2}}, protocol=2)
+    raw = raw.replace(b"numpy._core.multiarray", b"numpy.core.multiarray").replace(b"builtins\n", b"__builtin__\n")
+    assert b"numpy.core.multiarray" in raw and b"__builtin__" in raw
+    (tmp_path / "mini-imagenet-cache-test.pkl").write_bytes(raw)
+    pool = warpopt.data.load_miniimagenet(tmp_path, "test")
+    assert pool.class_names == ["a", "b"]
+    assert torch.equal(pool.images_of(1), torch.from_numpy(mini["image_data"][[1, 3]]).permute(0, 3, 1, 2) / 255)
+    for proto in range(pickle.HIGHEST_PROTOCOL + 1):
+        obj = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "s": np.float64(2.5), "b": b"\x00\xff",
+               "o": np.array([b"ab", np.frombuffer(b"xy", np.uint8)], dtype=object), "set": {1}, "c": 1j}
+        path = tmp_path / f"p{proto}.pkl"
+        path.write_bytes(pickle.dumps(obj, protocol=proto))
+        got = load_pickle(path, "test data")
+        assert np.array_equal(got["a"], obj["a"]) and got["b"] == obj["b"] and got["s"] == 2.5
+        assert got["set"] == {1} and got["c"] == 1j and bytes(got["o"][1]) == b"xy"
 
 
 # ---------------------------------------------------------------------------- no silent rounding
