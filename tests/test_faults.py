@@ -9,6 +9,7 @@ import gc
 import multiprocessing
 import os
 import pickle
+import re
 import resource
 import signal
 import subprocess
@@ -367,3 +368,82 @@ def test_two_processes_sharing_a_directory_match_private_directories(tmp_path):
         assert all(torch.equal(torch.tensor(a, dtype=torch.float64), b) for a, b in zip(results[seed], private))
     assert not any(torch.equal(torch.tensor(a), torch.tensor(b)) for a, b in zip(results[1], results[2]))
     assert not list(shared.iterdir())
+
+
+# ---------------------------------------------------------------------------- Omniglot input checks
+
+_TSV_HEADER = "set\talphabet\tfirst_char_id\tlast_char_id\tn_chars\n"
+_TSV_OK = [("images_background", "Alpha", 1, 2), ("images_background", "Beta", 3, 4),
+           ("images_evaluation", "Gamma", 5, 6)]
+
+
+def _omniglot_npz(root: Path, masks=None, rows=_TSV_OK, drawings=(3, 3)) -> dict:
+    """A tiny npz-form Omniglot: 4 + 2 characters of ``drawings`` 12x12 bool masks (True = white)."""
+    rng = np.random.default_rng(0)
+    masks = masks or {s: rng.random((n, d, 12, 12)) > 0.3 for s, n, d in
+                      (("images_background", 4, drawings[0]), ("images_evaluation", 2, drawings[1]))}
+    for s, images in masks.items():
+        np.savez(root / f"{s}.npz", images=images)
+    (root / "alphabets.tsv").write_text(_TSV_HEADER + "".join(
+        f"{s}\t{a}\t{lo}\t{hi}\t{hi - lo + 1}\n" for s, a, lo, hi in rows))
+    return masks
+
+
+def test_omniglot_integer_masks_load_like_bool_masks(tmp_path):
+    masks = _omniglot_npz(tmp_path)
+    reference = warpopt.data.load_omniglot(tmp_path, image_size=12)
+    assert set(reference.images.unique().tolist()) == {0.0, 1.0}  # binary at native size
+    for dtype in (np.uint8, np.int64):
+        _omniglot_npz(tmp_path, {s: m.astype(dtype) for s, m in masks.items()})
+        assert torch.equal(warpopt.data.load_omniglot(tmp_path, image_size=12).images, reference.images)
+    for bad in (masks["images_evaluation"].astype(np.uint8) * 255, masks["images_evaluation"] * 2 - 1):
+        _omniglot_npz(tmp_path, {**masks, "images_evaluation": bad})
+        with pytest.raises(ValueError, match=r"images_evaluation.npz.*mask"):
+            warpopt.data.load_omniglot(tmp_path, image_size=12)
+    _omniglot_npz(tmp_path, {**masks, "images_evaluation": masks["images_evaluation"].astype(np.float32)})
+    with pytest.raises(ValueError, match=r"images_evaluation.npz.*float32"):
+        warpopt.data.load_omniglot(tmp_path, image_size=12)
+
+
+def test_omniglot_mismatched_drawing_counts(tmp_path):
+    _omniglot_npz(tmp_path, drawings=(3, 2))
+    with pytest.raises(ValueError, match=r"images_evaluation.npz.*images_background.npz.*number of drawings"):
+        warpopt.data.load_omniglot(tmp_path, image_size=12)
+
+
+@pytest.mark.parametrize("rows,message", [
+    ([("images_background", "Alpha", 2, 1)] + _TSV_OK[1:], r"line 2 \('Alpha'\): empty character range 2..1; fix"),
+    ([("images_background", "Alpha", 1, 3)] + _TSV_OK[1:], r"lines 2 and 3: .*'Alpha' \(1..3\) and 'Beta' \(3..4\) overlap"),
+    (_TSV_OK[:2] + [("images_evaluation", "Gamma", 5, 7)], r"line 4 \('Gamma'\): character ids 5..7 are out of range"),
+    ([_TSV_OK[0], ("images_background", "Alpha", 3, 4), _TSV_OK[2]], r"\['Alpha'\] are listed more than once"),
+])
+def test_omniglot_bad_alphabet_ranges(tmp_path, rows, message):
+    _omniglot_npz(tmp_path, rows=rows)
+    with pytest.raises(ValueError, match=r"alphabets.tsv") as e:
+        warpopt.data.load_omniglot(tmp_path, image_size=12)
+    assert re.search(message, str(e.value)), str(e.value)
+
+
+def test_omniglot_n_chars_column_must_match_the_range(tmp_path):
+    _omniglot_npz(tmp_path)
+    text = (tmp_path / "alphabets.tsv").read_text().replace("Beta\t3\t4\t2", "Beta\t3\t4\t5")
+    (tmp_path / "alphabets.tsv").write_text(text)
+    with pytest.raises(ValueError, match=r"alphabets.tsv, line 3 \('Beta'\): n_chars is 5"):
+        warpopt.data.load_omniglot(tmp_path, image_size=12)
+
+
+def test_omniglot_cache_with_the_right_fingerprint_but_wrong_shape_is_rebuilt(tmp_path):
+    root, cache = tmp_path / "data", tmp_path / "cache"
+    root.mkdir()
+    _omniglot_npz(root)
+    fresh = warpopt.data.load_omniglot(root, image_size=10, cache_dir=cache)
+    (cache_file,) = cache.glob("*.npz")
+    with np.load(cache_file) as z:
+        fingerprint, images = z["fingerprint"], z["images"]
+    assert "uint8" in str(fingerprint) and str(tuple(images.shape)) in str(fingerprint)
+    for bad in (images[:3], images.astype(np.int16), images[:, :, :9, :9]):
+        np.savez(cache_file, images=bad, fingerprint=fingerprint)
+        again = warpopt.data.load_omniglot(root, image_size=10, cache_dir=cache)
+        assert torch.equal(again.images, fresh.images)
+        with np.load(cache_file) as z:  # and the cache was rewritten with the right array
+            assert z["images"].shape == images.shape and z["images"].dtype == np.uint8
