@@ -2,7 +2,8 @@
 
 :func:`load_omniglot` reads either the npz form (``images_background.npz``,
 ``images_evaluation.npz``: bool or 0/1 integer ``(n_chars, 20, 105, 105)``, True/1 =
-background; ``alphabets.tsv`` with disjoint, non-empty character-id ranges) or the original folder layout as torchvision saves it
+background; ``alphabets.tsv`` with disjoint, non-empty character-id ranges) or the
+original folder layout as torchvision saves it
 (``images_background/<Alphabet>/characterNN/*.png``, ``images_evaluation/...``;
 ``root/omniglot-py/`` is also tried). Both give the same :class:`Omniglot`:
 background alphabets sorted by name, then evaluation alphabets sorted by name;
