@@ -447,3 +447,59 @@ def test_omniglot_cache_with_the_right_fingerprint_but_wrong_shape_is_rebuilt(tm
         assert torch.equal(again.images, fresh.images)
         with np.load(cache_file) as z:  # and the cache was rewritten with the right array
             assert z["images"].shape == images.shape and z["images"].dtype == np.uint8
+
+
+# ---------------------------------------------------------------------------- maze input checks
+
+
+def test_maze_actions_must_be_integers_in_the_action_space():
+    from warpopt.envs import MazeEnv, MazeVectorEnv
+
+    env = MazeEnv(size=7)
+    env.reset(seed=0)
+    before = (env.agent_pos, env.elapsed_steps)
+    for bad in (True, False, np.bool_(True), 2.0, 1.5, None, "1", [1], np.array([1]), np.array(1.0), 4, -1,
+                torch.tensor([1])):
+        with pytest.raises(ValueError, match=r"Discrete\(4\)"):
+            env.step(bad)
+    assert (env.agent_pos, env.elapsed_steps) == before  # nothing moved
+    for good in (1, np.int64(1), np.array(1, dtype=np.int32)):
+        env.step(good)
+    assert env.elapsed_steps == 3
+    venv = MazeVectorEnv(3, size=7)
+    venv.reset(seed=0)
+    for bad in (np.ones(3, dtype=bool), [True, 1, 2], np.ones(3), [1, 2, None], None, [1, 2], [[1, 2, 3]],
+                np.array([0, 4, 1]), [1, [2], 3]):
+        with pytest.raises(ValueError, match=r"shape \(3,\).*Discrete\(4\)"):
+            venv.step(bad)
+    assert venv.elapsed_steps == 0
+    venv.step([1, 2, 3])
+    venv.step(torch.tensor([0, 1, 2]))
+    assert venv.elapsed_steps == 2
+
+
+def test_maze_set_state_validates_positions():
+    from warpopt.envs import MazeEnv, MazeVectorEnv
+
+    env = MazeEnv(size=7)
+    env.reset(seed=0)
+    before = (env.agent_pos, env.goal_pos)
+    for bad, message in [((1.7, 1.2), "two integers"), ((True, 3), "two integers"), ((3,), "two integers"),
+                         ("ab", "two integers"), ((3, 3, 3), "two integers"), ((-1, 3), "outside the 7x7 maze"),
+                         ((3, 7), "outside"), ((2, 2), "is a wall"), ((0, 3), "is a wall")]:
+        with pytest.raises(ValueError, match=message):
+            env.set_state(agent_pos=bad)
+        with pytest.raises(ValueError, match=message):
+            env.set_state(goal_pos=bad)
+    assert (env.agent_pos, env.goal_pos) == before
+    env.set_state(agent_pos=np.array([1, 1]), goal_pos=(np.int64(3), 3))
+    assert (env.agent_pos, env.goal_pos) == ((1, 1), (3, 3))
+    venv = MazeVectorEnv(2, size=7)
+    venv.reset(seed=0)
+    for bad in ([[1.5, 1], [3, 3]], [[1, 1]], [[True, 1], [3, 3]], [[1, 1], [3]]):
+        with pytest.raises(ValueError, match=r"shape \(2, 2\)"):
+            venv.set_state(agent_pos=bad)
+    with pytest.raises(ValueError, match="is a wall"):
+        venv.set_state(agent_pos=[[1, 1], [2, 2]])
+    venv.set_state(agent_pos=[[1, 1], [1, 3]], goal_pos=[[3, 3], [5, 5]])
+    assert venv.agent_pos.tolist() == [[1, 1], [1, 3]]
