@@ -14,6 +14,7 @@ import resource
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -262,6 +263,10 @@ def test_planted_symlinks_are_not_followed(tmp_path):
     os.symlink(target, stored.path)  # a file swapped for a symlink is not read either
     with pytest.raises(OSError, match="clear()"):
         storage.get(stored)
+    stored = storage.put(_point(4, n=50))
+    torch.save([torch.zeros(7)], stored.path)  # a file changed after it was written is refused
+    with pytest.raises(ValueError, match=r"changed after it was written.*clear\(\)"):
+        storage.get(stored)
     storage.clear()
     assert target.read_text() == "precious" and not directory.exists()
 
@@ -282,6 +287,21 @@ def test_each_storage_has_its_own_directory_and_removes_it(tmp_path):
     gc.collect()
     assert not os.path.exists(new_dir) and not os.path.exists(b_dir)  # garbage-collected
     assert not list(tmp_path.iterdir())
+
+
+def test_default_directory_and_forked_children(tmp_path):
+    storage = DiskStorage()
+    assert os.path.dirname(storage.directory) == tempfile.gettempdir()
+    assert os.path.basename(storage.directory).startswith("warpopt-replay-")
+    pid = os.fork()
+    if pid == 0:  # the child inherits the finalizer but must not remove the parent's directory
+        storage._finalizer()
+        os._exit(0)
+    os.waitpid(pid, 0)
+    assert os.path.isdir(storage.directory)
+    directory = storage.directory
+    storage.close()
+    assert not os.path.exists(directory)
 
 
 def test_directory_removed_at_interpreter_exit(tmp_path):
