@@ -267,6 +267,9 @@ def test_planted_symlinks_are_not_followed(tmp_path):
     torch.save([torch.zeros(7)], stored.path)  # a file changed after it was written is refused
     with pytest.raises(ValueError, match=r"changed after it was written.*clear\(\)"):
         storage.get(stored)
+    Path(stored.path).write_bytes(b"garbage")
+    with pytest.raises(ValueError, match=r"unreadable replay point file.*clear\(\)"):
+        storage.get(stored)
     storage.clear()
     assert target.read_text() == "precious" and not directory.exists()
 

@@ -186,8 +186,13 @@ class DiskStorage(Storage):
                 raise self._vanished(directory) from None
             raise FileNotFoundError(errno.ENOENT, "replay point file deleted while the buffer held it; "
                                     "call clear() on the replay buffer to drop its points", point.path) from None
-        with os.fdopen(fd, "rb") as f:
-            vectors = torch.load(f, weights_only=True)
+        try:
+            with os.fdopen(fd, "rb") as f:
+                vectors = torch.load(f, weights_only=True)
+        except Exception as e:  # truncated or overwritten by something else
+            first = (str(e).splitlines() or [""])[0][:120]
+            raise ValueError(f"{point.path}: unreadable replay point file ({type(e).__name__}: {first}); "
+                             f"call clear() on the replay buffer to drop its points") from e
         expected = [(v.dtype, v.shape) for v in point.vectors]
         if not isinstance(vectors, list) or [(v.dtype, v.shape) for v in vectors] != expected:
             raise ValueError(f"{point.path}: replay point file was changed after it was written "
