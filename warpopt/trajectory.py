@@ -4,74 +4,25 @@ K-step adaptation is a Monte-Carlo chain θ^τ = (θ_0, ..., θ_K) that samples 
 ``Trajectory`` records the points of one task as it adapts; at the end of the task it is
 committed to a ``ReplayBuffer`` that the offline algorithm draws mini-batches from.
 
-Each recorded point holds θ_k, the task optimizer's state at θ_k (momentum buffers, Adam
-moments and step counts, needed to replay the user's update rule exactly) and the adaptable
-buffers (BatchNorm statistics). A point is stored as one flat tensor per kind (a single copy
-per step, on the parameters' device, no host round trip); optionally in half precision, in
-pinned CPU memory or on disk. Step counts and integer buffers are never down-cast.
+Each recorded point (``warpopt.points``) holds θ_k, the task optimizer's state at θ_k and the
+adaptable buffers as one flat vector per dtype (a single copy per step, on the parameters'
+device, no host round trip); optionally in half precision. Where points live (device, pinned
+CPU memory, disk) is a ``Storage`` (``warpopt.storage``).
 """
 from __future__ import annotations
 
 import math
-import os
-import tempfile
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional, Sequence
 
 import torch
 
+from .points import Point, State, flatten_point, unflatten_point
+from .storage import CPUStorage, DeviceStorage, DiskStorage, Storage
 from .tasks import Task
 
 __all__ = ["Point", "Sample", "Trajectory", "ReplayBuffer", "Storage",
-           "DeviceStorage", "CPUStorage", "DiskStorage"]
-
-State = dict[str, torch.Tensor]
-
-
-FLOAT, EXACT, HOST = 0, 1, 2  # where a recorded tensor goes: see _kind
-
-
-def _kind(key: str, t: torch.Tensor) -> int:
-    # Step counts drive Adam's bias correction and integer buffers count batches: a
-    # half-precision copy of either would change the replayed update, so they are kept
-    # exactly. Step counts the optimizer keeps on the host (torch.optim's default) stay
-    # there as Python numbers: copying them to a GPU would synchronise at every step.
-    if key == "step" and t.device.type == "cpu" and t.numel() == 1:
-        return HOST
-    return EXACT if key == "step" or not t.is_floating_point() else FLOAT
-
-
-@dataclass(frozen=True)
-class _Layout:
-    """Where each tensor of a point lives: the ``flat`` or ``exact`` vector, or ``host``."""
-
-    state_keys: tuple[tuple[str, ...], ...]  # per parameter, the optimizer-state keys
-    entries: tuple[tuple[int, int, int, torch.Size, torch.dtype], ...]  # kind, offset, numel, shape, dtype
-
-    @staticmethod
-    def of(tensors: Sequence[tuple[str, torch.Tensor]], state_keys) -> "_Layout":
-        offsets = {FLOAT: 0, EXACT: 0, HOST: 0}
-        entries = []
-        for key, t in tensors:
-            kind = _kind(key, t)
-            entries.append((kind, offsets[kind], t.numel(), t.shape, t.dtype))
-            offsets[kind] += t.numel()
-        return _Layout(state_keys, tuple(entries))
-
-
-@dataclass
-class Point:
-    """A recorded θ_k: ``float`` and ``exact`` flat vectors, host-side step counts, their layout."""
-
-    step: int
-    flat: torch.Tensor
-    exact: torch.Tensor
-    layout: _Layout
-    path: Optional[str] = None  # set when the tensors live on disk
-    host: tuple[float, ...] = ()
-
-    def nbytes(self) -> int:
-        return self.flat.numel() * self.flat.element_size() + self.exact.numel() * self.exact.element_size()
+           "DeviceStorage", "CPUStorage", "DiskStorage", "flatten_point", "unflatten_point"]
 
 
 @dataclass
@@ -91,108 +42,6 @@ class Sample:
     buffers: list[torch.Tensor]
     task_batch: Any = None  # drawn at replay time (``warpopt.objectives.with_batches``)
     meta_batch: Any = None
-
-
-def flatten_point(step: int, params: Sequence[torch.Tensor], states: Sequence[State],
-                  buffers: Sequence[torch.Tensor], dtype: Optional[torch.dtype] = None) -> Point:
-    """Copy θ_k, its optimizer state and buffers into one flat tensor per kind (one cat each).
-
-    Nothing here waits for the device: device tensors are concatenated on the device, and
-    host-side step counts are read on the host.
-    """
-    items: list[tuple[str, torch.Tensor]] = [("param", p) for p in params]
-    for s in states:
-        items.extend(s.items())
-    items.extend(("buffer", b) for b in buffers)
-    ref = params[0]
-    layout = _Layout.of(items, tuple(tuple(s.keys()) for s in states))
-    parts: dict[int, list[torch.Tensor]] = {FLOAT: [], EXACT: [], HOST: []}
-    for (key, t), (kind, *_rest) in zip(items, layout.entries):
-        parts[kind].append(t.detach().reshape(-1))
-    flat_dtype = dtype or ref.dtype
-    flat = (torch.cat([t.to(flat_dtype) for t in parts[FLOAT]]) if parts[FLOAT]
-            else ref.new_empty(0, dtype=flat_dtype))
-    exact_t = (torch.cat([t.to(torch.float64) for t in parts[EXACT]]) if parts[EXACT]
-               else ref.new_empty(0, dtype=torch.float64))
-    host = tuple(t.item() for t in parts[HOST])
-    return Point(step, flat, exact_t, layout, host=host)
-
-
-def unflatten_point(point: Point, device: torch.device) -> tuple[list[torch.Tensor], list[State], list[torch.Tensor]]:
-    """Inverse of ``flatten_point``: tensors on ``device`` in their recorded dtypes.
-
-    Host-side step counts come back as 0-dim CPU tensors, where the task optimizer kept them.
-    """
-    flat = point.flat.to(device, non_blocking=True)
-    exact = point.exact.to(device, non_blocking=True)
-    tensors = []
-    for kind, offset, numel, shape, dtype in point.layout.entries:
-        if kind == HOST:
-            tensors.append(torch.tensor(point.host[offset], dtype=dtype).view(shape))
-            continue
-        src = exact if kind == EXACT else flat
-        tensors.append(src[offset:offset + numel].view(shape).to(dtype))
-    n_params = len(point.layout.state_keys)
-    params, rest = tensors[:n_params], iter(tensors[n_params:])
-    states = [{key: next(rest) for key in keys} for keys in point.layout.state_keys]
-    return params, states, list(rest)
-
-
-class Storage:
-    """Where recorded points live. Subclasses override ``put`` (and ``get`` if they move data)."""
-
-    def put(self, point: Point) -> Point:
-        return point
-
-    def get(self, point: Point) -> Point:
-        return point
-
-    def release(self, point: Point) -> None:
-        pass
-
-
-class DeviceStorage(Storage):
-    """Keep points on the parameters' device (fastest replay; GPU memory K×|θ|)."""
-
-
-class CPUStorage(Storage):
-    """Keep points in CPU memory, optionally pinned so device copies are asynchronous."""
-
-    def __init__(self, pin_memory: bool = False) -> None:
-        self.pin_memory = pin_memory and torch.cuda.is_available()
-
-    def _to_cpu(self, t: torch.Tensor) -> torch.Tensor:
-        if t.device.type == "cpu":
-            return t
-        out = torch.empty(t.shape, dtype=t.dtype, pin_memory=self.pin_memory)
-        return out.copy_(t, non_blocking=self.pin_memory)
-
-    def put(self, point: Point) -> Point:
-        return replace(point, flat=self._to_cpu(point.flat), exact=self._to_cpu(point.exact))
-
-
-class DiskStorage(Storage):
-    """Write each point to a file under ``directory`` (a temporary one by default)."""
-
-    def __init__(self, directory: Optional[str] = None) -> None:
-        self.directory = directory or tempfile.mkdtemp(prefix="warpopt-replay-")
-        os.makedirs(self.directory, exist_ok=True)
-        self._count = 0
-
-    def put(self, point: Point) -> Point:
-        path = os.path.join(self.directory, f"point-{self._count:09d}.pt")
-        self._count += 1
-        torch.save({"flat": point.flat.cpu(), "exact": point.exact.cpu()}, path)
-        # The layout stays in memory; the tensors are replaced by the file's path.
-        return replace(point, flat=torch.empty(0), exact=torch.empty(0), path=path)
-
-    def get(self, point: Point) -> Point:
-        data = torch.load(point.path, weights_only=True)
-        return replace(point, flat=data["flat"], exact=data["exact"], path=None)
-
-    def release(self, point: Point) -> None:
-        if point.path and os.path.exists(point.path):
-            os.remove(point.path)
 
 
 @dataclass
@@ -263,35 +112,37 @@ class ReplayBuffer:
             points.pop()
         task_id = self.next_task_id()
         generator_state, offered = self.generator.get_state(), self._offered
-        entries, stored, replaced = list(self._points), [], []
+        plan: list[tuple[int, Point]] = []  # (slot, point): a slot past the end appends
+        size = len(self._points)
+        for point in points:  # the reservoir draws first: nothing is stored yet
+            self._offered += 1
+            if self.capacity is None or size < self.capacity:
+                plan.append((size, point))
+                size += 1
+                continue
+            slot = int(torch.randint(self._offered, (1,), generator=self.generator))
+            if slot < self.capacity:  # reservoir sampling: replace a uniformly chosen slot
+                plan.append((slot, point))
         try:
-            for point in points:
-                self._offered += 1
-                slot = len(entries)
-                if self.capacity is not None and len(entries) >= self.capacity:
-                    # reservoir sampling: uniform over all points offered since the last clear
-                    slot = int(torch.randint(self._offered, (1,), generator=self.generator))
-                    if slot >= self.capacity:
-                        continue
-                kept = self.storage.put(point)
-                stored.append(kept)
-                if slot == len(entries):
-                    entries.append((task_id, kept))
-                else:
-                    replaced.append(entries[slot][1])
-                    entries[slot] = (task_id, kept)
+            stored = self.storage.put_many([point for _, point in plan])
         except BaseException:
-            for kept in stored:
-                self.storage.release(kept)
             self.generator.set_state(generator_state)
             self._offered = offered
             raise
+        entries, replaced = list(self._points), []
+        for (slot, _), kept in zip(plan, stored):
+            if slot == len(entries):
+                entries.append((task_id, kept))
+            else:
+                replaced.append(entries[slot][1])
+                entries[slot] = (task_id, kept)
         self._points, self._tasks[task_id], self._next_id = entries, trajectory.task, task_id + 1
+        live = {id(p) for _, p in entries}
         for old in replaced:  # only now: a failed commit must leave them in place
-            if all(old is not p for _, p in entries):
+            if id(old) not in live:
                 self.storage.release(old)
-        live = {i for i, _ in self._points}
-        self._tasks = {i: t for i, t in self._tasks.items() if i in live}
+        tasks = {i for i, _ in entries}
+        self._tasks = {i: t for i, t in self._tasks.items() if i in tasks}
         return task_id
 
     def next_task_id(self) -> int:
@@ -342,6 +193,7 @@ class ReplayBuffer:
     def clear(self) -> None:
         for _, point in self._points:
             self.storage.release(point)
+        self.storage.clear()
         self._points.clear()
         self._tasks.clear()
         self._offered = 0

@@ -22,15 +22,15 @@ Every pool follows :class:`warpopt.data.episodes.ClassPool`: ``images_of(c)``
 returns float32 ``(n_c, 3, H, W)`` in ``[0, 1]`` (optionally normalised by
 ``normalize=(mean, std)``); ``images_at(c, index)`` decodes only the requested
 images; ``size_of(c)`` needs no decoding. Classes are numbered in sorted order
-of their names (mini) or labels (tiered). Pickles run code when loaded: load
-only files you trust.
+of their names (mini) or labels (tiered). Pickles are read with a restricted
+unpickler (:mod:`warpopt.data.safe_pickle`): only numpy arrays, dtypes, scalars and
+builtin containers are built, anything else is refused before it runs.
 """
 
 from __future__ import annotations
 
 import csv
 import io
-import pickle
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Sequence
@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from .safe_pickle import load_pickle
 from .transforms import pil_resize, resize
 
 __all__ = [
@@ -54,17 +55,6 @@ _MINI_CSV_FMT = "a CSV with header 'filename,label' and the listed JPEGs in imag
 _TIERED_IMAGES_FMT = "a pickled list/array of PNG-encoded images (bytes or 1-D uint8 arrays)"
 _TIERED_LABELS_FMT = ("a pickled dict with 'label_specific' (int per image) and optionally "
                       "'label_general', 'label_specific_str', 'label_general_str'")
-
-
-def _unpickle(path: Path, fmt: str) -> Any:
-    """Load a (possibly Python 2) pickle, turning every failure into a clear error."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found; expected {fmt}")
-    try:
-        with open(path, "rb") as f:
-            return pickle.load(f, encoding="latin1")
-    except Exception as e:  # any unpickling failure means a malformed file
-        raise ValueError(f"{path}: malformed pickle ({type(e).__name__}: {e}); expected {fmt}") from e
 
 
 class _Pool:
@@ -130,7 +120,7 @@ class MiniImageNetPickle(_Pool):
     def __init__(self, path: str | Path, normalize: tuple[Sequence[float], Sequence[float]] | None = None,
                  image_size: int | None = None) -> None:
         path = Path(path)
-        obj = _unpickle(path, _MINI_PICKLE_FMT)
+        obj = load_pickle(path, _MINI_PICKLE_FMT)
         if not isinstance(obj, dict) or "image_data" not in obj or "class_dict" not in obj:
             keys = sorted(map(str, obj)) if isinstance(obj, dict) else type(obj).__name__
             raise ValueError(f"{path}: malformed miniImageNet pickle (got {keys}); expected {_MINI_PICKLE_FMT}")
@@ -233,14 +223,14 @@ class TieredImageNet(_EncodedFilePool):
                  normalize: tuple[Sequence[float], Sequence[float]] | None = None,
                  image_size: int | None = None, cache_classes: int = 8) -> None:
         images_path, labels_path = Path(images_path), Path(labels_path)
-        labels = _unpickle(labels_path, _TIERED_LABELS_FMT)
+        labels = load_pickle(labels_path, _TIERED_LABELS_FMT)
         if not isinstance(labels, dict) or "label_specific" not in labels:
             keys = sorted(map(str, labels)) if isinstance(labels, dict) else type(labels).__name__
             raise ValueError(f"{labels_path}: malformed tieredImageNet labels (got {keys}); expected {_TIERED_LABELS_FMT}")
         specific = np.asarray(labels["label_specific"]).reshape(-1)
         if specific.dtype.kind not in "iu":
             raise ValueError(f"{labels_path}: 'label_specific' has dtype {specific.dtype}; expected {_TIERED_LABELS_FMT}")
-        images = _unpickle(images_path, _TIERED_IMAGES_FMT)
+        images = load_pickle(images_path, _TIERED_IMAGES_FMT)
         if not isinstance(images, (list, tuple, np.ndarray)):
             raise ValueError(f"{images_path}: got {type(images).__name__}; expected {_TIERED_IMAGES_FMT}")
         if len(images) != len(specific):

@@ -160,11 +160,31 @@ class _MazeConfig:
             raise RuntimeError("call reset() before using the environment")
 
 
+def _integers(value: Any, shape: tuple[int, ...]) -> np.ndarray | None:
+    """``value`` as an int64 array of ``shape``, or ``None`` unless it is exactly that: integers
+    (Python or numpy, not bools, floats, ``None`` or objects) in that shape."""
+    try:
+        arr = np.asarray(value)
+    except (ValueError, TypeError):  # ragged nesting
+        return None
+    if arr.shape != shape or not np.issubdtype(arr.dtype, np.integer):
+        return None
+    if isinstance(value, (list, tuple)) and any(  # [True, 2] becomes an int array
+            isinstance(v, (bool, np.bool_)) for v in np.asarray(value, dtype=object).reshape(-1)):
+        return None
+    return arr.astype(np.int64)  # a copy: the caller's array may change later
+
+
 def _check_cell(geo: _Geometry, pos: Any, what: str) -> np.ndarray:
-    cell = np.asarray(pos, dtype=np.int64).reshape(2)
+    cell = _integers(pos, (2,))
+    if cell is None:
+        raise ValueError(f"{what} must be two integers (row, col), got {pos!r}")
     n = geo.layout.shape[0]
-    if not (0 <= cell[0] < n and 0 <= cell[1] < n) or geo.layout[cell[0], cell[1]]:
-        raise ValueError(f"{what} {tuple(int(v) for v in cell)} is not a free cell of the maze")
+    if not (0 <= cell[0] < n and 0 <= cell[1] < n):
+        raise ValueError(f"{what} {tuple(int(v) for v in cell)} is outside the {n}x{n} maze (rows and "
+                         f"columns 0..{n - 1})")
+    if geo.layout[cell[0], cell[1]]:
+        raise ValueError(f"{what} {tuple(int(v) for v in cell)} is a wall; choose a free cell (see free_cells)")
     return cell
 
 
@@ -228,9 +248,11 @@ class MazeEnv(_MazeConfig, gym.Env):
         self._require_reset()
         if self._t >= self.episode_length:
             raise RuntimeError("the episode is over (truncated); call reset() before step()")
-        a = int(action)
-        if a != action or not 0 <= a < 4:
-            raise ValueError(f"invalid action {action!r}; expected an integer in [0, 4)")
+        checked = _integers(action, ())
+        if checked is None or not 0 <= checked < 4:
+            raise ValueError(f"invalid action {action!r}: expected an integer in the action space "
+                             f"{self.action_space} (0 up, 1 down, 2 left, 3 right)")
+        a = int(checked)
         target = self._agent + ACTION_DELTAS[a]
         if self._geo.layout[target[0], target[1]]:
             reward = 0.0 - self.wall_penalty
@@ -360,18 +382,16 @@ class MazeVectorEnv(_MazeConfig, VectorEnv):
         self, actions: Any
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
         self._require_reset()
-        acts = np.asarray(actions)
-        if acts.shape != (self.num_envs,) or not np.issubdtype(acts.dtype, np.integer):
-            raise ValueError(f"actions must be integers of shape ({self.num_envs},), got {acts!r}")
-        if acts.min() < 0 or acts.max() > 3:
-            raise ValueError("actions must lie in [0, 4)")
+        acts = _integers(actions, (self.num_envs,))
+        if acts is None or acts.min() < 0 or acts.max() > 3:
+            raise ValueError(f"invalid actions {actions!r}: expected an integer array of shape ({self.num_envs},), "
+                             f"each in the action space {self.single_action_space} (0 up, 1 down, 2 left, 3 right)")
         done = np.zeros(self.num_envs, dtype=bool)
         if self._needs_reset:
             self._reset_state()
             rewards = np.zeros(self.num_envs, dtype=np.float64)
             return self._observation(), rewards, done, done.copy(), self._info()
 
-        acts = acts.astype(np.int64)
         target = self._pos + ACTION_DELTAS[acts]
         blocked = self._geo.layout[target[:, 0], target[:, 1]]
         self._pos = np.where(blocked[:, None], self._pos, target)
@@ -394,10 +414,12 @@ class MazeVectorEnv(_MazeConfig, VectorEnv):
         Same rules as :meth:`MazeEnv.set_state`, per sub-episode. Returns the observations.
         """
         self._require_reset()
-        pos = self._pos if agent_pos is None else np.asarray(agent_pos, dtype=np.int64)
-        goal = self._goal if goal_pos is None else np.asarray(goal_pos, dtype=np.int64)
-        if pos.shape != (self.num_envs, 2) or goal.shape != (self.num_envs, 2):
-            raise ValueError(f"positions must have shape ({self.num_envs}, 2)")
+        shape = (self.num_envs, 2)
+        pos = self._pos if agent_pos is None else _integers(agent_pos, shape)
+        goal = self._goal if goal_pos is None else _integers(goal_pos, shape)
+        if pos is None or goal is None:
+            raise ValueError(f"positions must be integer (row, col) arrays of shape {shape}, got "
+                             f"agent_pos={agent_pos!r}, goal_pos={goal_pos!r}")
         for p, g in zip(pos, goal):
             _check_cell(self._geo, p, "agent_pos")
             _check_cell(self._geo, g, "goal_pos")
