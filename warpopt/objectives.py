@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from .kernels import replay_kernels
 from .trajectory import Sample
 
 __all__ = ["ReplayContext", "Objective", "exact", "approx", "meta_gradient"]
@@ -56,7 +57,8 @@ class ReplayContext:
         model = self.model
 
         def forward(*args: Any, **kwargs: Any) -> Any:
-            return functional_call(model, mapping, args, kwargs, strict=False)
+            with replay_kernels(model):  # twice-differentiable kernels (warpopt/kernels.py)
+                return functional_call(model, mapping, args, kwargs, strict=False)
 
         return forward
 

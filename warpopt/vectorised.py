@@ -35,8 +35,9 @@ Policies:
   the recorded points or the live model. In train mode BatchNorm normalises with each
   sample's own batch statistics, exactly as the loop does.
 - **Custom objectives** (anything other than ``warpopt.exact`` / ``warpopt.approx``) cannot
-  be vectorised generically: they fall back to the per-sample loop (``fallback=True``,
-  default) or raise ``TypeError`` (``fallback=False``).
+  be vectorised generically, nor models with ``nn.RNN``/``LSTM``/``GRU`` modules (torch has no
+  vmap batching rule for their fused ops): they fall back to the per-sample loop
+  (``fallback=True``, default) or raise ``TypeError`` (``fallback=False``).
 - **Randomness** (dropout) inside the objective: ``randomness="different"`` by default
   (independent draws per sample, as the loop); it cannot reproduce the loop's exact draws.
 """
@@ -50,6 +51,7 @@ from torch.func import functional_call, grad, vmap
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
+from .kernels import replay_kernels, unvectorisable
 from .objectives import ReplayContext, accumulate_gradient, approx, exact, meta_gradient
 from .trajectory import Sample
 
@@ -124,11 +126,30 @@ def _batch_norm(input, running_mean, running_var, weight=None, bias=None, traini
     return out
 
 
-class _DecomposedBatchNorm(TorchFunctionMode):
+def _layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
+    """``F.layer_norm`` from elementary ops.
+
+    The fused kernel's vmap rule has the same fault as batch norm's: with a batched affine
+    weight and an input that depends on φ (a LayerNorm after a warp, as in every transformer
+    block), the exact objective's meta-gradient differed from the loop's by ~1e-4 relative."""
+    dims = tuple(range(-len(normalized_shape), 0))
+    mean = input.mean(dims, keepdim=True)
+    var = input.var(dims, unbiased=False, keepdim=True)
+    out = (input - mean) * torch.rsqrt(var + eps)
+    if weight is not None:
+        out = out * weight
+    if bias is not None:
+        out = out + bias
+    return out
+
+
+class _DecomposedNorms(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.batch_norm:
             return _batch_norm(*args, **kwargs)
+        if func is F.layer_norm:
+            return _layer_norm(*args, **kwargs)
         return func(*args, **kwargs)
 
 
@@ -142,12 +163,13 @@ def _per_sample_fn(context: ReplayContext, first: Sample, exact_objective: bool)
         mapping.update(zip(buffer_names, (b.clone() for b in buffers)))  # BN writes go to a copy
 
         def forward(*args: Any, **kwargs: Any) -> Any:
-            return functional_call(model, mapping, args, kwargs, strict=False)
+            with replay_kernels(model):  # twice-differentiable kernels (warpopt/kernels.py)
+                return functional_call(model, mapping, args, kwargs, strict=False)
 
         return forward
 
     def objective(params, states, buffers, task_batch, meta_batch):
-        with _DecomposedBatchNorm():
+        with _DecomposedNorms():
             return _objective(params, states, buffers, task_batch, meta_batch)
 
     def _objective(params, states, buffers, task_batch, meta_batch):
@@ -179,6 +201,11 @@ def vectorised_meta_gradient(objective: Any, context: ReplayContext, samples: Se
             return meta_gradient(objective, context, samples, meta_params)
         raise TypeError(f"vectorised replay supports warpopt.exact and warpopt.approx, not {objective!r}; "
                         "pass fallback=True to use the per-sample loop for custom objectives")
+    reason = unvectorisable(context.model)  # recurrent layers (warpopt/kernels.py)
+    if reason is not None:
+        if fallback:
+            return meta_gradient(objective, context, samples, meta_params)
+        raise TypeError(f"vectorised replay cannot map this model: {reason}; pass fallback=True to use the per-sample loop")
     n = len(samples)
     if n == 0:
         raise ValueError("vectorised replay got an empty mini-batch")
