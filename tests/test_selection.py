@@ -145,8 +145,11 @@ def test_selectors_by_name_and_pattern():
     assert list(warp(net(), where="0.*.fc1").warp_layers()) == ["0.0.act.warp", "0.1.act.warp"]
     assert list(warp(net(), where=("0.1.fc2", "0.0.fc2")).warp_layers()) == ["0.0.fc2.warp", "0.1.fc2.warp"]
     assert list(warp(net(), designate="0.*.fc?").warp_layers()) == ["0.0.fc1", "0.0.fc2", "0.1.fc1", "0.1.fc2"]
-    # exclude: a whole block, and filtering an explicit where
-    assert list(warp(net(), exclude=["1", "0.1"]).warp_layers()) == ["0.0.act.warp", "0.0.fc2.warp"]
+    # exclude: a whole block, on top of the output layer (found by structure or by a forward)
+    assert list(warp(net(), exclude="0.1").warp_layers()) == ["0.0.act.warp", "0.0.fc2.warp"]
+    assert list(warp(net(), exclude="0.0.fc1", example_input=torch.randn(2, 4)).warp_layers()) == [
+        "0.0.fc2.warp", "0.1.act.warp", "0.1.fc2.warp"]
+    # ... and filtering an explicit where
     assert list(warp(net(), where=nn.Linear, exclude="1").warp_layers()) == [
         "0.0.act.warp", "0.0.fc2.warp", "0.1.act.warp", "0.1.fc2.warp"]
 
@@ -157,7 +160,6 @@ BAD = [
     (dict(exclude="head"), ValueError, "head"),
     (dict(where=nn.Linear, example_input=torch.randn(2, 4)), ValueError, "example_input"),
     (dict(designate="0.0.fc1", exclude="1"), ValueError, "exclude"),
-    (dict(example_input=torch.randn(2, 4), exclude="1"), ValueError, "not both"),
     (dict(example_input=torch.randn(2, 5)), ValueError, "example_input.*forward failed"),
     (dict(where=nn.Linear, exclude=nn.Linear), ValueError, "removes"),
     (dict(where=["0.0.fc1", nn.Linear]), TypeError, "where"),

@@ -8,19 +8,20 @@ matches dots) or an iterable of names and patterns.
 The default selection warps every task layer (Conv1d/2d/3d, Linear, RNN/LSTM/GRU) except the
 *output layers*, whose output is the model's output: a warp there would only reshape the
 prediction, not precondition a hidden layer (Appendix A interleaves warps *between* task
-layers). The output layers are decided, in this order, by
+layers), and except what ``exclude=`` names. The output layers are found by
 
-1. ``exclude=``: the user names them (any selector);
-2. ``example_input=``: one forward of the model on it, with hooks on the task layers and the
+1. ``example_input=``: one forward of the model on it, with hooks on the task layers and the
    autograd graph of the output: an output layer is a task layer whose output reaches the
    model's output without passing through another task layer (so every head of a multi-head
    model counts). Task layers that do not run on the example are not warped;
-3. the structure, where it fixes the call order: ``nn.Sequential`` children run in
+2. else the structure, where it fixes the call order: ``nn.Sequential`` children run in
    registration order, so in a chain of ``nn.Sequential`` containers the last task layer is
-   the output layer.
+   the output layer;
+3. else ``exclude=`` is taken to name them.
 
-Otherwise (a hand-written ``forward`` decides the order) :func:`default_targets` raises a
-``ValueError`` that says how to choose, instead of guessing from registration order.
+Otherwise (a hand-written ``forward`` decides the order, and neither ``example_input`` nor
+``exclude`` is given) :func:`default_targets` raises a ``ValueError`` that says how to choose,
+instead of guessing from registration order.
 """
 from __future__ import annotations
 
@@ -230,17 +231,15 @@ def traced_output_layers(model: nn.Module, names: list[str], example_input: Any)
 
 def default_targets(model: nn.Module, example_input: Any = None, exclude: Optional[Selector] = None) -> list[str]:
     """The modules the default selection warps after: every task layer but the output layers
-    (see the module docstring), in registration order."""
+    and ``exclude`` (see the module docstring), in registration order."""
     names = task_layers(model)
-    if exclude is not None:
-        excluded = select(model, exclude, "exclude")
-        targets = [n for n in names if not any(within(n, e) for e in excluded)]
-    elif example_input is not None:
+    excluded = select(model, exclude, "exclude") if exclude is not None else []
+    if example_input is not None:
         called, outputs = traced_output_layers(model, names, example_input)
-        targets = [n for n in names if n in called and n not in outputs]
+        kept = [n for n in names if n in called and n not in outputs]
     else:
         last = _structural_output_layer(model, names) if len(names) > 1 else (names[0] if names else None)
-        if last is None:
+        if last is None and exclude is None:
             raise ValueError(
                 f"cannot tell which task layer of {type(model).__name__} is its output layer: its forward "
                 f"decides the order in which {names} run, and the output layer must not be warped. "
@@ -248,11 +247,12 @@ def default_targets(model: nn.Module, example_input: Any = None, exclude: Option
                 f"(warp(model, example_input=x)), exclude=<its name> to name it "
                 f"(e.g. exclude={names[-1]!r}), or where=<selector> to choose the modules to warp"
             )
-        targets = [n for n in names if n != last]
+        kept = [n for n in names if n != last]  # last None: `exclude` names the output layers
+    targets = [n for n in kept if not any(within(n, e) for e in excluded)]
     if not targets:
         raise ValueError(
             f"{type(model).__name__} has no Conv1d/2d/3d, Linear or RNN/LSTM/GRU module besides its "
-            f"output layer, so nothing is warped by default; pass `where` or `designate`. "
-            f"The model has modules of types: {type_names(model)}"
+            f"output layer{' and exclude=' + repr(exclude) if exclude is not None else ''}, so nothing is "
+            f"warped by default; pass `where` or `designate`. The model has modules of types: {type_names(model)}"
         )
     return targets

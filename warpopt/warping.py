@@ -299,11 +299,11 @@ def warp(
     Args:
         model: any ``nn.Module``; modified in place, as by ``torch.nn.utils.parametrize``.
         where: modules to insert a warp layer after (*model augmentation*), or ``None``:
-            every Conv1d/2d/3d, Linear and RNN/LSTM/GRU except the output layer(s) if
-            ``designate`` is ``None``, no insertion otherwise. The output layers are
-            ``exclude`` if given, else found by one forward on ``example_input``, else,
-            where the structure fixes the call order (``nn.Sequential`` chains), the last
-            such module; otherwise ``ValueError`` says how to choose. In an
+            every Conv1d/2d/3d, Linear and RNN/LSTM/GRU except the output layer(s) and
+            ``exclude`` if ``designate`` is ``None``, no insertion otherwise. The output
+            layers are found by one forward on ``example_input``, else, where the structure
+            fixes the call order (``nn.Sequential`` chains), they are the last such module,
+            else ``exclude`` must name them; otherwise ``ValueError`` says how to choose. In an
             ``nn.Sequential`` the warp goes after the last activation of the
             norm/pool/activation/dropout siblings following the module. On an RNN/LSTM/GRU
             the warp acts on the output sequence (as ``(batch, time, features)``) and the
@@ -317,8 +317,8 @@ def warp(
             default selection (a tuple is passed as positional arguments, a dict as keyword
             arguments). Nothing observable changes: buffers, ``requires_grad`` flags and the
             global RNG state are restored.
-        exclude: modules never to warp (and everything inside them); with ``where=None``
-            they replace the output-layer rule: name your output layer(s) here.
+        exclude: modules never to warp (and everything inside them), on top of the output
+            layers; for a hand-written model without ``example_input`` it must name them.
 
     Returns:
         ``model``, now a ``Warped<ClassName>`` with ``warp_parameters()``,
@@ -346,9 +346,6 @@ def warp(
     if example_input is not None and not default:
         raise ValueError("example_input only locates the output layer for the default selection; with where= "
                          "or designate= you choose the modules yourself: drop example_input")
-    if example_input is not None and exclude is not None:
-        raise ValueError("pass either example_input (find the output layer by a forward) or exclude "
-                         "(name the modules not to warp), not both")
 
     # Validate everything and build every layer before the model is touched.
     if where is not None:
