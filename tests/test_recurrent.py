@@ -1,6 +1,7 @@
 """warp() on models built around nn.RNN / nn.LSTM / nn.GRU: a warp on the output sequence, the
 hidden state untouched, the recurrent weights task-adaptable; LSTMWarp (Fig. 4c)."""
 import copy
+import io
 import functools
 
 import pytest
@@ -222,3 +223,26 @@ def test_vectorised_replay_falls_back_to_the_loop_for_recurrent_models():
             vectorised(fallback=False)(warpopt.exact, context, samples, params)
     for a, b in zip(vec, loop):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_recurrent_warp_round_trips_and_unwarps():
+    torch.manual_seed(0)
+    reference = SequenceClassifier("lstm", batch_first=False)
+    ids, _ = tokens()
+    model = warpopt.warp(copy.deepcopy(reference), example_input=ids, layer=LAYERS["lstm"])
+    with torch.no_grad():
+        for p in model.warp_parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    expected = model(ids)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    clone = copy.deepcopy(model)
+    fresh = warpopt.warp(SequenceClassifier("lstm", batch_first=False), example_input=ids, layer=LAYERS["lstm"])
+    fresh.load_state_dict(model.state_dict())
+    for other in (loaded, clone, fresh):
+        assert torch.equal(other(ids), expected)
+    warpopt.unwarp(model)
+    assert not hasattr(model.rnn, "warp") and not model.rnn._forward_hooks
+    assert torch.equal(model(ids), reference(ids))
