@@ -28,9 +28,13 @@ def _convnet():
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 2))
 
 
+def _layernorm_mlp():  # a LayerNorm after a warp (the warp goes after the Tanh), as in transformer blocks
+    return nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.LayerNorm(6), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 2))
+
+
 def _warped(kind, seed=0):
     torch.manual_seed(seed)
-    model = warpopt.warp(_mlp() if kind == "mlp" else _convnet())
+    model = warpopt.warp({"mlp": _mlp, "layernorm": _layernorm_mlp, "conv": _convnet}[kind]())
     with torch.no_grad():  # non-identity warps, so second-order terms are not trivial
         for p in model.warp_parameters():
             p.add_(0.2 * torch.randn_like(p))
@@ -40,9 +44,9 @@ def _warped(kind, seed=0):
 def _task_data(kind, seed):
     """A deterministic batch source k -> batch (so loop and vmap see the same batches)."""
     g = torch.Generator().manual_seed(seed)
-    shape = (5, 3) if kind == "mlp" else (4, 1, 5, 5)
+    shape = (4, 1, 5, 5) if kind == "conv" else (5, 3)
     xs = [torch.randn(*shape, generator=g) for _ in range(4)]
-    if kind == "mlp":
+    if kind != "conv":
         ys = [torch.randn(5, 2, generator=g) for _ in range(4)]
         return (lambda k: (xs[k % 4], ys[k % 4])), nn.functional.mse_loss
     ys = [torch.randint(0, 2, (4,), generator=g) for _ in range(4)]
@@ -82,7 +86,7 @@ def _both(opt, samples, **kwargs):
     return loop, loop_loss, vec, vec_loss
 
 
-@pytest.mark.parametrize("kind", ["mlp", "conv"])
+@pytest.mark.parametrize("kind", ["mlp", "layernorm", "conv"])
 @pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
 @pytest.mark.parametrize("objective", [warpopt.exact, warpopt.approx], ids=["exact", "approx"])
 def test_same_meta_gradient_as_loop(kind, optimizer, objective):

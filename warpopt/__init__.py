@@ -3,10 +3,10 @@
     model = warpopt.warp(net)
     opt = warpopt.WarpGradMetaOptimizer(model, lr=0.1, meta_lr=1e-3)
 """
-from . import algorithms, initialisation, layers, objectives, task_optimizers, vectorised, warping
+from . import algorithms, initialisation, kernels, layers, objectives, selection, task_optimizers, vectorised, warping
 from .algorithms import continual, offline, online
 from .initialisation import InitialisationLearner, fomaml, leap, maml, multitask, none, reptile
-from .layers import (ConvBNWarp, ConvWarp, LinearWarp, MLPResidualWarp, ResidualWarp, ScaleWarp,
+from .layers import (ConvBNWarp, ConvWarp, LinearWarp, LSTMWarp, MLPResidualWarp, ResidualWarp, ScaleWarp,
                      TaskAdaptable, TaskFiLM, TwoLayerResidualWarp, default_warp_layer)
 from .meta_optimizer import WarpGradMetaOptimizer
 from .objectives import ReplayContext, approx, exact
@@ -23,7 +23,7 @@ __all__ = [
     "leap", "maml", "fomaml", "reptile", "multitask", "none", "InitialisationLearner",
     "ReplayBuffer", "Trajectory", "Sample", "DeviceStorage", "CPUStorage", "DiskStorage",
     "ConvWarp", "LinearWarp", "ScaleWarp", "ConvBNWarp", "ResidualWarp", "TwoLayerResidualWarp",
-    "MLPResidualWarp", "TaskFiLM", "TaskAdaptable", "default_warp_layer",
+    "MLPResidualWarp", "LSTMWarp", "TaskFiLM", "TaskAdaptable", "default_warp_layer",
     "functional_step_for", "register_functional_step",
-    "algorithms", "initialisation", "layers", "objectives", "task_optimizers", "vectorised", "warping",
+    "algorithms", "initialisation", "kernels", "layers", "selection", "objectives", "task_optimizers", "vectorised", "warping",
 ]

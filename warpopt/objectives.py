@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad
 
+from .kernels import replay_kernels
 from .trajectory import Sample
 
 __all__ = ["ReplayContext", "Objective", "exact", "approx", "meta_gradient", "with_batches", "trainable"]
@@ -60,7 +61,8 @@ class ReplayContext:
         model = self.model
 
         def forward(*args: Any, **kwargs: Any) -> Any:
-            return functional_call(model, mapping, args, kwargs, strict=False)
+            with replay_kernels(model):  # twice-differentiable kernels (warpopt/kernels.py)
+                return functional_call(model, mapping, args, kwargs, strict=False)
 
         return forward
 

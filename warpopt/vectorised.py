@@ -37,6 +37,9 @@ Policies:
   sample's task). One that vmap cannot map (``.item()``, data-dependent control flow) falls
   back to the per-sample loop with a warning (``fallback=True``, default) or raises
   ``TypeError`` with vmap's reason (``fallback=False``).
+  Models with ``nn.RNN``/``LSTM``/``GRU`` modules are not vectorised (torch has no vmap
+  batching rule for their fused ops): the per-sample loop, or ``TypeError`` with
+  ``fallback=False``.
 - **Randomness** (dropout) inside the objective: ``randomness="different"`` by default
   (independent draws per sample, as the loop); it cannot reproduce the loop's exact draws.
 """
@@ -52,6 +55,7 @@ from torch.func import vmap
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
+from .kernels import unvectorisable
 from .objectives import Objective, ReplayContext, accumulate_gradient, meta_gradient, trainable, with_batches
 from .trajectory import Sample
 
@@ -126,11 +130,30 @@ def _batch_norm(input, running_mean, running_var, weight=None, bias=None, traini
     return out
 
 
-class _DecomposedBatchNorm(TorchFunctionMode):
+def _layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
+    """``F.layer_norm`` from elementary ops.
+
+    The fused kernel's vmap rule has the same fault as batch norm's: with a batched affine
+    weight and an input that depends on φ (a LayerNorm after a warp, as in every transformer
+    block), the exact objective's meta-gradient differed from the loop's by ~1e-4 relative."""
+    dims = tuple(range(-len(normalized_shape), 0))
+    mean = input.mean(dims, keepdim=True)
+    var = input.var(dims, unbiased=False, keepdim=True)
+    out = (input - mean) * torch.rsqrt(var + eps)
+    if weight is not None:
+        out = out * weight
+    if bias is not None:
+        out = out + bias
+    return out
+
+
+class _DecomposedNorms(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.batch_norm:
             return _batch_norm(*args, **kwargs)
+        if func is F.layer_norm:
+            return _layer_norm(*args, **kwargs)
         return func(*args, **kwargs)
 
 
@@ -145,7 +168,7 @@ def _per_sample_fn(objective: Objective, context: ReplayContext, first: Sample) 
     def fn(params, states, buffers, task_batch, meta_batch):
         sample = replace(first, params=list(params), states=list(states), buffers=list(buffers),
                          task_batch=task_batch, meta_batch=meta_batch)
-        with _DecomposedBatchNorm():
+        with _DecomposedNorms():
             return objective(context, sample)
 
     return fn
@@ -156,6 +179,12 @@ def vectorised_meta_gradient(objective: Objective, context: ReplayContext, sampl
                              fallback: bool = True, strict: bool = False,
                              randomness: str = "different") -> tuple[list[torch.Tensor], torch.Tensor]:
     """Drop-in replacement for ``warpopt.objectives.meta_gradient`` (see the module docstring)."""
+    reason = unvectorisable(context.model)  # recurrent layers (warpopt/kernels.py)
+    if reason is not None:
+        if fallback:
+            return meta_gradient(objective, context, samples, meta_params)
+        raise TypeError(f"vectorised replay cannot map this model: {reason}; pass fallback=True to use the "
+                        "per-sample loop")
     n = len(samples)
     if n == 0:
         raise ValueError("vectorised replay got an empty mini-batch")
