@@ -18,14 +18,16 @@ same definition serves the per-sample loop here and ``torch.func.vmap`` in
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, replace
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
 from torch.func import functional_call, grad
 
+from .clipping import clip_gradients
 from .kernels import replay_kernels
+from .step_hypers import StepHypers, hypers_at
 from .trajectory import Sample
 
 __all__ = ["ReplayContext", "Objective", "exact", "approx", "meta_gradient", "with_batches", "trainable"]
@@ -42,6 +44,9 @@ class ReplayContext:
         step: the task optimizer's differentiable update U (``warpopt.task_optimizers``).
         hypers: per adapt parameter, its param-group hyper-parameters (learned lr/momentum
             appear as tensors so the exact objective differentiates through them).
+        groups: per adapt parameter, the index of its param group (to apply a sample's
+            recorded per-step hyper-parameters, ``Sample.hypers``).
+        learned: the learned hyper-parameters (tensors), which override recorded values.
     """
 
     model: nn.Module
@@ -49,6 +54,8 @@ class ReplayContext:
     buffer_names: Sequence[str]
     step: Callable[..., tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]]
     hypers: Sequence[Mapping[str, Any]]
+    groups: Sequence[int] = ()
+    learned: Mapping[str, Any] = field(default_factory=dict)
 
     def forward_at(self, params: Sequence[torch.Tensor], buffers: Sequence[torch.Tensor]) -> Callable[..., Any]:
         """``forward(*inputs)`` of the model at θ = ``params`` (φ live); a pure function.
@@ -81,11 +88,27 @@ class ReplayContext:
         loss = self.task_loss_at(sample, params)
         return loss, torch.autograd.grad(loss, params, create_graph=create_graph)
 
+    def hypers_at(self, recorded: Optional[StepHypers]) -> Sequence[Mapping[str, Any]]:
+        """Per adapt parameter, the hyper-parameters of a step that recorded ``recorded``
+        (None: the param groups as they are now)."""
+        if recorded is None:
+            return self.hypers
+        return hypers_at(self.hypers, self.groups, recorded, self.learned)
+
+    def apply_step(self, theta: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], states: Sequence[Any],
+                   recorded: Optional[StepHypers]) -> tuple[list[torch.Tensor], list[Any]]:
+        """U as the recorded step took it: clip the gradients as it did (``warpopt.clipping``,
+        differentiable), then the task optimizer's update with that step's hyper-parameters."""
+        if recorded is not None and recorded.clip is not None:
+            grads = clip_gradients(grads, *recorded.clip)
+        return self.step(list(theta), list(grads), states, self.hypers_at(recorded))
+
     def update(self, sample: Sample, theta: list[torch.Tensor]) -> list[torch.Tensor]:
         """U(θ_k, ∇L_task(θ_k; φ)): one replayed task-optimizer step, differentiable in θ, φ
-        and tensor hyper-parameters (``torch.func.grad``: also valid under ``vmap``)."""
+        and tensor hyper-parameters (``torch.func.grad``: also valid under ``vmap``), with the
+        hyper-parameters and clipping of the step taken from θ_k (``sample.hypers``)."""
         grads = grad(lambda t: self.task_loss_at(sample, t))(theta)
-        updated, _ = self.step(theta, grads, sample.states, self.hypers)
+        updated, _ = self.apply_step(theta, grads, sample.states, sample.hypers)
         return updated
 
 

@@ -17,14 +17,16 @@ import torch
 from torch import nn
 
 from .algorithms import Accumulator, Algorithm
+from .clipping import check_max_norm
 from .initialisation import InitialisationLearner
 from .objectives import Objective, ReplayContext, meta_gradient
-from . import warping
+from . import step_check, warping
+from .step_hypers import StepHypers, capture
 from .task_optimizers import functional_step_for, optimizer_states
 from .tasks import Task
 from .trajectory import ReplayBuffer, Sample, Trajectory
 
-__all__ = ["Model", "TaskRun", "TaskOutcome", "build", "begin", "step", "end", "abort"]
+__all__ = ["Model", "TaskRun", "TaskOutcome", "build", "begin", "step", "end", "abort", "clip_grad_norm_"]
 
 
 @dataclass
@@ -45,6 +47,11 @@ class Model:
     step_fn: Callable[..., Any]
     theta0: list[nn.Parameter]
     initial_buffers: list[torch.Tensor]
+    # The loop side (issue 14): the clipping ``clip_grad_norm_`` asked for the next step, how
+    # many tasks have begun (the step check samples them), the mismatches already reported.
+    clip: Optional[tuple[float, float]] = None
+    tasks_begun: int = 0
+    reported: set = field(default_factory=set)
 
     def meta_parameters(self) -> list[nn.Parameter]:
         """What the warp objective differentiates: φ and learned hyper-parameters."""
@@ -59,9 +66,11 @@ class Model:
 
     def context(self) -> ReplayContext:
         """Functional view of the model and the task update rule for replay (Eq. 7/8)."""
-        group_of = {id(p): g for g in self.task_optimizer.param_groups for p in g["params"]}
-        hypers = [{**group_of[id(p)], **self.learned} if self.learned else group_of[id(p)] for p in self.adapt]
-        return ReplayContext(self.module, self.adapt_names, self.buffer_names, self.step_fn, hypers)
+        groups = self.task_optimizer.param_groups
+        index = {id(p): i for i, g in enumerate(groups) for p in g["params"]}
+        hypers = [{**groups[index[id(p)]], **self.learned} if self.learned else groups[index[id(p)]] for p in self.adapt]
+        return ReplayContext(self.module, self.adapt_names, self.buffer_names, self.step_fn, hypers,
+                             [index[id(p)] for p in self.adapt], dict(self.learned))
 
 
 def task_groups(params: Optional[Iterable[Any]], named_adapt: list) -> list[dict[str, Any]]:
@@ -98,6 +107,9 @@ def build(module: nn.Module, params: Optional[Any], task_optimizer: Callable[...
           lr: float, task_kwargs: dict[str, Any], learn_lr: bool, learn_momentum: bool) -> Model:
     """Partition ``module``, build the task optimizer (checked: its update rule must be
     replayable), θ0 and the learned hyper-parameters."""
+    # torch.compile(model) wraps the module: the loop may call the compiled one, the replay runs
+    # the original (Eq. 7 needs double backward, which compiled graphs do not support).
+    module = getattr(module, "_orig_mod", module) if type(module).__name__ == "OptimizedModule" else module
     named_adapt, warp_params, buffer_names = _partition(module)
     inner = task_optimizer(task_groups(params, named_adapt), lr=lr, **task_kwargs)
     step_fn = functional_step_for(inner)  # fails now, before any state exists, if U cannot be replayed
@@ -137,11 +149,13 @@ class TaskRun:
     init_state: Any = None
     hook: Any = None
     algorithm_state: Accumulator = field(default_factory=Accumulator)  # tentative until the task ends
+    hypers: Optional[StepHypers] = None  # what the latest step used (recorded with its point)
+    guard: Optional[step_check.GradGuard] = None  # set while the task's first step is to be checked
 
     def sample(self, states: list[dict[str, torch.Tensor]]) -> Sample:
         """The live θ_k as a replay sample (for the online algorithms)."""
         return Sample(self.task, -1, self.steps, [p.detach() for p in self.params], list(states),
-                      [b.detach() for b in self.buffers])
+                      [b.detach() for b in self.buffers], hypers=self.hypers)
 
 
 @dataclass
@@ -179,19 +193,29 @@ def begin(model: Model, task: Task, *, reset: bool, learn: bool, algorithm: Algo
                   torch.ones((), dtype=torch.bool, device=model.adapt[0].device),
                   algorithm_state=algorithm_state)
     task.start_loop()
-    if records:
-        run.trajectory = replay.trajectory(task)
-        run.trajectory.record(0, model.adapt, model.states(), buffers)
+    model.clip = None
+    try:
+        if records:
+            run.trajectory = replay.trajectory(task)
+            run.trajectory.record(0, model.adapt, model.states(), buffers)
 
-        def record(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-            run.trajectory.record(run.steps + 1, model.adapt, model.states(), run.buffers)  # type: ignore[union-attr]
+            def record(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+                run.trajectory.record(run.steps + 1, model.adapt, model.states(), run.buffers)  # type: ignore[union-attr]
 
-        run.hook = model.task_optimizer.register_step_post_hook(record)
-    if not (learn and algorithm.harvests):
-        for p in model.warp:
-            p.requires_grad_(False)  # frozen while the task adapts: no φ work in its backward
-    if learn:
-        run.init_state = initialisation.begin_task(run)
+            run.hook = model.task_optimizer.register_step_post_hook(record)
+        if not (learn and algorithm.harvests):
+            for p in model.warp:
+                p.requires_grad_(False)  # frozen while the task adapts: no φ work in its backward
+        # Issue 14: sampled tasks check that their first step is the one the replay would take.
+        if learn and model.meta_parameters() and not algorithm.harvests and step_check.due(model.tasks_begun):
+            run.guard = step_check.GradGuard(model.adapt)
+        model.tasks_begun += 1
+        if learn:
+            run.init_state = initialisation.begin_task(run)
+    except BaseException:  # e.g. a probe's draw from empty data: leave nothing half-begun
+        finish(model, run)
+        abort(model, run)
+        raise
     return run
 
 
@@ -206,6 +230,16 @@ def step(model: Model, run: Optional[TaskRun], *, algorithm: Algorithm, initiali
     if run is not None:
         run.finite &= torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum())
     learn = run is None or run.learn
+    clip, model.clip = model.clip, None
+    check = None
+    if run is not None:  # issue 14: record what this step uses; check the step on sampled tasks
+        run.hypers = capture(model.task_optimizer, clip, run.hypers)
+        if run.trajectory is not None:
+            run.trajectory.note_hypers(run.steps, run.hypers)
+        if run.steps == 0:
+            _check_loop_reads_task(model, run)
+            if run.guard is not None:
+                check = step_check.before(model.adapt, model.states(), grads, run.hypers, run.guard, run.task)
     step_grads = None
     if learn and model.meta_parameters():  # θ0-only meta-learning has no per-step φ work
         if algorithm.harvests:
@@ -224,6 +258,11 @@ def step(model: Model, run: Optional[TaskRun], *, algorithm: Algorithm, initiali
                 if run is not None and learn and initialisation.needs_previous else None)
     model.task_optimizer.step()
     due = None
+    if check is not None and run is not None:
+        run.guard.remove()  # type: ignore[union-attr]
+        run.guard = None
+        step_check.report(step_check.after(run.context, run.task, model.adapt, run.buffers, check), model.reported,
+                          run.task)
     if run is not None:
         if previous is not None:
             run.init_state = initialisation.after_step(run.init_state, run, previous, grads)
@@ -240,6 +279,9 @@ def finish(model: Model, run: TaskRun) -> None:
     if run.hook is not None:
         run.hook.remove()
         run.hook = None
+    if run.guard is not None:
+        run.guard.remove()
+        run.guard = None
     for p, flag in zip(model.warp, run.requires_grad):
         p.requires_grad_(flag)
 
@@ -259,6 +301,8 @@ def end(model: Model, run: TaskRun, initialisation: InitialisationLearner, on_no
     """The task's outcome; None if a task gradient became NaN/inf: then θ is restored and the
     task dropped with a warning (``on_nonfinite="skip"``) or a ``FloatingPointError``."""
     finish(model, run)
+    if run.trajectory is not None:  # θ_K is replayed with what the next step would use
+        run.trajectory.note_hypers(run.steps, capture(model.task_optimizer, None, run.hypers))
     if not bool(run.finite):  # the one host synchronisation per task
         abort(model, run)
         message = (f"a task gradient became NaN/inf while adapting {run.task!r}; its trajectory was "
@@ -273,3 +317,33 @@ def end(model: Model, run: TaskRun, initialisation: InitialisationLearner, on_no
     if contribution is not None:
         contribution = [c.detach() for c in contribution]
     return TaskOutcome(run.trajectory, run.steps, run.algorithm_state, contribution)
+
+
+def clip_grad_norm_(model: Model, run: Optional[TaskRun], max_norm: float, norm_type: float = 2.0,
+                    error_if_nonfinite: bool = False) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` on the adapt parameters, recorded for the next step so
+    that the replay clips the same way, differentiably (``warpopt.clipping``). Returns the total
+    norm of the gradients before clipping."""
+    max_norm, norm_type = check_max_norm(max_norm, norm_type)
+    if model.clip is not None and model.clip[1] != norm_type:
+        raise ValueError(f"clip_grad_norm_ was already called for this step with norm_type={model.clip[1]}: clip "
+                         "once per step")
+    total = torch.nn.utils.clip_grad_norm_(model.adapt, max_norm, norm_type, error_if_nonfinite)
+    # Clipping twice by the same norm is clipping once by the smaller bound.
+    model.clip = (max_norm if model.clip is None else min(max_norm, model.clip[0]), norm_type)
+    if run is not None and run.guard is not None:
+        run.guard.refresh()  # our own, recorded change to the gradients
+    return total
+
+
+def _check_loop_reads_task(model: Model, run: TaskRun) -> None:
+    """At a task's first step: batches a draw read ahead from a one-shot iterator are lost to a
+    loop that iterates the iterator itself rather than the task (warned once)."""
+    ahead = run.task.read_ahead()
+    if ahead and not run.task.batches_seen() and "data" not in model.reported:
+        model.reported.add("data")
+        warnings.warn(f"{run.task!r}: {ahead} batch(es) of your one-shot data (a generator or iterator) were read by "
+                      "warpopt before your loop's first step (a probe or a replay draw) and your loop does not "
+                      "iterate the task, so it will not see them. Iterate the task instead: `with opt.task(gen, "
+                      "loss_fn) as task: for x, y in task: ...` (every batch reaches the loop and is kept for the "
+                      "replay). Reported once.", RuntimeWarning, stacklevel=4)

@@ -18,6 +18,7 @@ from typing import Any, Iterator, Optional, Sequence
 import torch
 
 from .points import Point, State, flatten_point, unflatten_point
+from .step_hypers import StepHypers
 from .storage import CPUStorage, DeviceStorage, DiskStorage, Storage
 from .tasks import Task
 
@@ -31,7 +32,9 @@ class Sample:
 
     ``params[i]`` has the shape of the i-th adapt parameter; ``states[i]`` is the task
     optimizer's state for it at θ_k (empty at θ_0); ``buffers`` are the adapt buffers;
-    ``task_batch``/``meta_batch`` the batches L_task and L_meta are evaluated on.
+    ``task_batch``/``meta_batch`` the batches L_task and L_meta are evaluated on; ``hypers``
+    the hyper-parameters and clipping of the step taken from θ_k (``warpopt.step_hypers``;
+    None: the task optimizer's current param groups).
     """
 
     task: Task
@@ -42,6 +45,7 @@ class Sample:
     buffers: list[torch.Tensor]
     task_batch: Any = None  # drawn at replay time (``warpopt.objectives.with_batches``)
     meta_batch: Any = None
+    hypers: Optional[StepHypers] = None
 
 
 @dataclass
@@ -49,17 +53,24 @@ class Trajectory:
     """The recorded points of one task, kept apart until the task ends cleanly.
 
     Points are added with ``record``; ``every`` keeps every k-th step (θ_0 always).
+    ``hypers[k]``: what the step from θ_k used (``note_hypers``; host-side, beside the points).
     """
 
     task: Task
     every: int = 1
     dtype: Optional[torch.dtype] = None
     points: list[Point] = field(default_factory=list)
+    hypers: dict[int, StepHypers] = field(default_factory=dict)
 
     def record(self, step: int, params: Sequence[torch.Tensor], states: Sequence[State],
                buffers: Sequence[torch.Tensor]) -> None:
         if step % self.every == 0:
             self.points.append(flatten_point(step, params, states, buffers, self.dtype))
+
+    def note_hypers(self, step: int, hypers: StepHypers) -> None:
+        """Keep what the step from θ_``step`` used (issue 14: the step replayed is the step taken)."""
+        if step % self.every == 0:
+            self.hypers[step] = hypers
 
     def __len__(self) -> int:
         return len(self.points)
@@ -91,6 +102,7 @@ class ReplayBuffer:
         self.generator = generator or torch.Generator().manual_seed(0)
         self._points: list[tuple[int, Point]] = []  # (task id, point)
         self._tasks: dict[int, Task] = {}
+        self._hypers: dict[int, dict[int, StepHypers]] = {}  # task id -> step -> what the step used
         self._offered = 0
         self._next_id = 0
 
@@ -137,12 +149,14 @@ class ReplayBuffer:
                 replaced.append(entries[slot][1])
                 entries[slot] = (task_id, kept)
         self._points, self._tasks[task_id], self._next_id = entries, trajectory.task, task_id + 1
+        self._hypers[task_id] = dict(trajectory.hypers)
         live = {id(p) for _, p in entries}
         for old in replaced:  # only now: a failed commit must leave them in place
             if id(old) not in live:
                 self.storage.release(old)
         tasks = {i for i, _ in entries}
         self._tasks = {i: t for i, t in self._tasks.items() if i in tasks}
+        self._hypers = {i: h for i, h in self._hypers.items() if i in tasks}
         return task_id
 
     def next_task_id(self) -> int:
@@ -173,7 +187,8 @@ class ReplayBuffer:
     def sample(self, index: int, device: torch.device) -> Sample:
         task_id, point = self._points[index]
         params, states, buffers = unflatten_point(self.storage.get(point), device)
-        return Sample(self._tasks[task_id], task_id, point.step, params, states, buffers)
+        return Sample(self._tasks[task_id], task_id, point.step, params, states, buffers,
+                      hypers=self._hypers.get(task_id, {}).get(point.step))
 
     def order(self, batch_size: int) -> list[list[int]]:
         """One pass over the buffer: mini-batches of indices drawn without replacement (Alg. 2, l. 14)."""
@@ -196,6 +211,7 @@ class ReplayBuffer:
         self.storage.clear()
         self._points.clear()
         self._tasks.clear()
+        self._hypers.clear()
         self._offered = 0
         self._next_id = 0
 

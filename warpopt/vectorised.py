@@ -24,7 +24,8 @@ Policies:
   (task batch then meta batch, sample after sample), so stateful data sources see the same
   sequence of draws. Samples are stacked in groups that share the batch structure (shapes and
   dtypes), the optimizer-state keys and the loss functions; each group is one vmap call and
-  the group results are summed with weight ``len(group)/η``. Equal batch shapes across a
+  the group results are summed with weight ``len(group)/η``. Samples whose steps used
+  different hyper-parameters (a scheduler changing the lr) or clipping form different groups. Equal batch shapes across a
   mini-batch (the normal case) give a single group; with ``strict=True`` anything else raises
   a ``ValueError`` naming the mismatch instead.
 - **BatchNorm**: every sample gets its own *batched clone* of the recorded buffers, and each
@@ -91,12 +92,14 @@ def _group_key(sample: Sample, task_batch: Any, meta_batch: Any) -> Any:
     task = sample.task
     return (_loss_key(task.batch_loss), _loss_key(task.meta_batch_loss),
             tuple(tuple(s.keys()) for s in sample.states),
-            _batch_signature(task_batch), _batch_signature(meta_batch))
+            _batch_signature(task_batch), _batch_signature(meta_batch),
+            sample.hypers)  # recorded per-step lr/clipping are Python numbers: one vmap call per value
 
 
 def _describe(key: Any) -> str:
-    loss, meta_loss, states, (_, task_shapes), (_, meta_shapes) = key
+    loss, meta_loss, states, (_, task_shapes), (_, meta_shapes), hypers = key
     return (f"task batch {[s for s, *_ in task_shapes]}, meta batch {[s for s, *_ in meta_shapes]}, "
+            f"step hyper-parameters {hypers}, "
             f"state keys {states}, losses ({getattr(loss, '__name__', loss)}, "
             f"{getattr(meta_loss, '__name__', meta_loss)})")
 
@@ -194,8 +197,8 @@ def vectorised_meta_gradient(objective: Objective, context: ReplayContext, sampl
         groups.setdefault(_group_key(sample, sample.task_batch, sample.meta_batch), []).append(sample)
     if strict and len(groups) > 1:
         keys = list(groups)
-        raise ValueError("vectorised replay (strict=True) needs equal batch shapes, optimizer-state keys and "
-                         f"losses across the mini-batch; got {len(keys)} kinds, e.g. {_describe(keys[0])} vs "
+        raise ValueError("vectorised replay (strict=True) needs equal batch shapes, optimizer-state keys, "
+                         f"losses and step hyper-parameters (lr, clipping) across the mini-batch; got {len(keys)} kinds, e.g. {_describe(keys[0])} vs "
                          f"{_describe(keys[1])}")
 
     meta_params = list(meta_params)
