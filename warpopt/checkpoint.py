@@ -1,16 +1,26 @@
 """State I/O of ``WarpGradMetaOptimizer``: snapshots out, validated loads in.
 
-``state_dict`` returns deep copies (later training never mutates a saved dict).
+``state_dict`` returns deep copies (later training never mutates a saved dict), between any
+two tasks. Mid meta-batch it holds the pending work too (``"pending"``): the replay buffer's
+points as tensors (θ_k, optimizer state, buffers; one copy of the buffer, on the CPU), what
+each step used (``warpopt.step_hypers``) and, per pending task, where its draws stand
+(``Task.state_dict``): the tape of a one-shot source (its batches, saved as they are), the
+position in a re-iterable, nothing for a callable. Loss functions, callables and iterators are
+code, which a checkpoint does not hold (loading a file never executes code): ``load_state_dict``
+takes them back as ``tasks=[Task, ...]``, one per pending task in the order they were adapted.
+``include_rng=True`` adds the global torch RNG state (and CUDA's), so a resumed run is
+bit-identical to an uninterrupted one.
+
 ``load_state_dict`` checks the whole dict against the optimizer's configuration (algorithm,
 objective, θ0 learner, task and meta optimizer classes and hyper-parameter keys, parameter
-names, shapes and dtypes) before writing anything, and a failure while writing puts back
-what was already written: a mismatch raises a ``ValueError`` naming the field and nothing
-changes.
+names, shapes and dtypes, pending points and tasks) before writing anything, and a failure
+while writing puts back what was already written: a mismatch raises a ``ValueError`` naming
+the field and nothing changes.
 """
 from __future__ import annotations
 
 import copy
-from typing import Any, Iterable, Optional, Protocol
+from typing import Any, Iterable, Optional, Protocol, Sequence
 
 import torch
 
@@ -18,6 +28,7 @@ from .algorithms import Accumulator, Algorithm
 from .initialisation import InitialisationLearner
 from .meta_update import Contributions, MetaParameters
 from .session import Model, TaskRun
+from .tasks import Task
 from .trajectory import ReplayBuffer
 
 
@@ -78,11 +89,22 @@ def _clone(x: Any) -> Any:
     return copy.deepcopy(x)
 
 
-def state_dict(opt: WarpGradMetaOptimizer) -> dict[str, Any]:
-    if opt._run is not None or len(opt.replay):
-        raise RuntimeError("state_dict() mid meta-batch: the replay buffer holds task data sources "
-                           "that cannot be saved; call it after meta_step()")
-    return _snapshot(opt)
+def state_dict(opt: WarpGradMetaOptimizer, include_rng: bool = False) -> dict[str, Any]:
+    if opt._run is not None:
+        raise RuntimeError("state_dict() inside a task: call it between tasks (after the `with opt.task(...)` "
+                           "block); a meta-batch's finished tasks are saved with it, a running one is not")
+    sd = _snapshot(opt)
+    if include_rng:
+        sd["rng"] = {"cpu": torch.get_rng_state(),
+                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None}
+    return sd
+
+
+def _pending(replay: ReplayBuffer) -> Optional[dict[str, Any]]:
+    if not len(replay):
+        return None
+    contents, tasks = replay.contents(), replay.tasks
+    return {"contents": contents, "tasks": [_clone(tasks[i].state_dict()) for i in contents["tasks"]]}
 
 
 def _snapshot(opt: WarpGradMetaOptimizer) -> dict[str, Any]:
@@ -102,6 +124,7 @@ def _snapshot(opt: WarpGradMetaOptimizer) -> dict[str, Any]:
                           "by_task": [(i, [t.clone() for t in g]) for i, g in contrib.by_task]},
         "replay": _clone(opt.replay.state_dict()),
         "counters": dict(opt.counters),
+        "pending": _pending(opt.replay),
     }
 
 
@@ -167,22 +190,96 @@ def validate(opt: WarpGradMetaOptimizer, sd: Any) -> None:
         if total is not None:
             live = opt.meta.phi if field == "algorithm_state" else opt.meta.theta0
             _check_tensors(field, total, [p.detach() for p in live])
+    _check_rng(sd.get("rng"))
 
 
-def load_state_dict(opt: WarpGradMetaOptimizer, sd: dict[str, Any]) -> None:
+def _check_rng(rng: Any) -> None:
+    if rng is None:
+        return
+    if not isinstance(rng, dict) or not isinstance(rng.get("cpu"), torch.Tensor) or rng["cpu"].dtype != torch.uint8:
+        raise ValueError("state_dict field 'rng': expected {'cpu': a uint8 tensor, 'cuda': [uint8 tensors] or None}")
+    cuda = rng.get("cuda")
+    if cuda is not None and not (isinstance(cuda, (list, tuple)) and all(
+            isinstance(t, torch.Tensor) and t.dtype == torch.uint8 for t in cuda)):
+        raise ValueError("state_dict field 'rng.cuda': expected a list of uint8 tensors or None")
+
+
+def _check_pending(opt: WarpGradMetaOptimizer, pending: Any, tasks: Optional[Sequence[Task]]) -> None:
+    """The pending points must fit the model; ``tasks`` must re-attach every pending task."""
+    if pending is None:
+        if tasks:
+            raise ValueError(f"tasks=: this state_dict holds no pending tasks, got {len(tasks)}")
+        return
+    try:
+        contents, saved_tasks = pending["contents"], pending["tasks"]
+        points, ids = contents["points"], list(contents["tasks"])
+        int(contents["next_id"]), dict(contents["hypers"])
+    except (TypeError, KeyError) as error:
+        raise ValueError(f"state_dict field 'pending' is malformed ({error!r})") from None
+    if not isinstance(saved_tasks, list) or len(saved_tasks) != len(ids):
+        raise ValueError("state_dict field 'pending': one task state per pending task expected")
+    n = len(ids)
+    if tasks is None:
+        raise ValueError(f"this state_dict was saved mid meta-batch: {n} adapted task(s) wait for meta_step(). Their "
+                         "loss functions and data sources are code, which a checkpoint does not hold: pass "
+                         "load_state_dict(sd, tasks=[warpopt.Task(data, loss_fn), ...]), one per pending task in the "
+                         "order they were adapted (one-shot data: Task(None, loss_fn); the saved batches are used)")
+    tasks = list(tasks)
+    if len(tasks) != n or not all(isinstance(t, Task) for t in tasks) or len({id(t) for t in tasks}) != n:
+        raise ValueError(f"tasks=: expected {n} distinct warpopt.Task objects (one per pending task, in the order they "
+                         f"were adapted), got {len(tasks)}: {[type(t).__name__ for t in tasks][:5]}")
+    for i, (task, saved) in enumerate(zip(tasks, saved_tasks)):
+        name = saved.get("name") if isinstance(saved, dict) else None
+        if name is not None and task.name is not None and name != task.name:
+            raise ValueError(f"tasks=[{i}] is named {task.name!r}, the pending task {i} was {name!r}")
+        try:
+            task.check_state(saved)
+        except ValueError as error:
+            raise ValueError(f"tasks=[{i}]: {error}") from None
+    theta0, buffers = [p.detach() for p in opt.meta.theta0], opt.core.initial_buffers
+    for j, point in enumerate(points):
+        where = f"pending.points[{j}]"
+        if not isinstance(point, dict) or point.get("task") not in ids:
+            raise ValueError(f"state_dict field {where!r}: no task of the pending tasks")
+        _check_tensors(where + ".params", point["params"], theta0)
+        _check_tensors(where + ".buffers", point["buffers"], buffers)
+        states = point["states"]
+        if not isinstance(states, list) or len(states) != len(theta0):
+            raise ValueError(f"state_dict field {where + '.states'!r}: one optimizer state per parameter expected")
+        for st, p in zip(states, theta0):
+            for key, value in st.items():
+                if not isinstance(value, torch.Tensor) or (value.dim() and value.shape != p.shape):
+                    raise ValueError(f"state_dict field {where + '.states'!r}: {key!r} does not fit its parameter "
+                                     f"{tuple(p.shape)}")
+
+
+def load_state_dict(opt: WarpGradMetaOptimizer, sd: dict[str, Any], tasks: Optional[Sequence[Task]] = None) -> None:
     if opt._run is not None:
         raise RuntimeError("load_state_dict() inside a task: call it between tasks")
     validate(opt, sd)
+    _check_pending(opt, sd.get("pending"), tasks)
     sd = copy.deepcopy(sd)  # the caller's dict stays theirs
-    undo = _snapshot(opt)
+    undo, live_tasks = _snapshot(opt), opt.replay.tasks
+    undo_tasks = None if undo["pending"] is None else [live_tasks[i] for i in undo["pending"]["contents"]["tasks"]]
     try:
-        _write(opt, sd)
+        _write(opt, sd, tasks)
     except BaseException:
-        _write(opt, undo)
+        _write(opt, undo, undo_tasks)
         raise
 
 
-def _write(opt: WarpGradMetaOptimizer, sd: dict[str, Any]) -> None:
+def _restore_pending(opt: WarpGradMetaOptimizer, pending: Optional[dict[str, Any]],
+                     tasks: Optional[Sequence[Task]]) -> None:
+    if pending is None:
+        opt.replay.clear()
+        return
+    ids = [int(i) for i in pending["contents"]["tasks"]]
+    for task, saved in zip(tasks or (), pending["tasks"]):
+        task.load_state_dict(saved)
+    opt.replay.restore(pending["contents"], dict(zip(ids, tasks or ())), opt.core.adapt[0].device)
+
+
+def _write(opt: WarpGradMetaOptimizer, sd: dict[str, Any], tasks: Optional[Sequence[Task]] = None) -> None:
     meta, core = opt.meta, opt.core
     with torch.no_grad():
         for dst, src in zip(meta.theta0 + meta.warp + core.initial_buffers,
@@ -200,5 +297,12 @@ def _write(opt: WarpGradMetaOptimizer, sd: dict[str, Any]) -> None:
     opt.contributions = Contributions(
         Accumulator(None if contrib["total"] is None else tuple(contrib["total"]), contrib["count"]),
         tuple((i, tuple(g)) for i, g in contrib["by_task"]))
+    _restore_pending(opt, sd.get("pending"), tasks)
     opt.replay.load_state_dict(sd["replay"])
     opt.counters = dict(sd["counters"])
+    rng = sd.get("rng")
+    if rng is not None:  # last: nothing after it can fail
+        torch.set_rng_state(rng["cpu"])
+        if rng.get("cuda") is not None and torch.cuda.is_available():
+            for i, state in enumerate(rng["cuda"][:torch.cuda.device_count()]):
+                torch.cuda.set_rng_state(state, i)

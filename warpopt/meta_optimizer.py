@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from . import checkpoint, session
+from . import checkpoint, placement, session
 from .algorithms import Algorithm, Offline
 from .initialisation import InitialisationLearner, Leap
 from .meta_update import Contributions, MetaParameters, add_contribution, check_rate, meta_update, transaction
@@ -87,10 +87,10 @@ class WarpGradMetaOptimizer(torch.optim.Optimizer):
                              "`warpopt.warp(model)`) and initialisation=none() keeps θ0 fixed")
         super().__init__(self.core.task_optimizer.param_groups, self.core.task_optimizer.defaults)
         self.task_optimizer = self.core.task_optimizer  # from here on, param_groups/state/defaults are the inner's
-        self.model, device = model, self.core.adapt[0].device
+        self.model = model
         self.meta = MetaParameters.build(self.core, meta_optimizer, meta_lr, meta_lr if init_lr is None else init_lr,
                                          learned_lr, initialisation.learns, reduce, on_nonfinite, learned_clip)
-        self.device, self.objective, self.algorithm, self.initialisation = device, objective, algorithm, initialisation
+        self.objective, self.algorithm, self.initialisation = objective, algorithm, initialisation
         self.replay = replay if replay is not None else ReplayBuffer()
         self.on_nonfinite = on_nonfinite
         self.algorithm_state = algorithm.init()
@@ -126,6 +126,12 @@ class WarpGradMetaOptimizer(torch.optim.Optimizer):
     initial_buffers = property(lambda self: self.core.initial_buffers, doc="Adapt buffers where tasks start.")
     meta_optimizer = property(lambda self: self.meta.warp_optimizer, doc="φ's meta optimizer.")
     init_optimizer = property(lambda self: self.meta.init_optimizer, doc="θ0's meta optimizer.")
+    device = property(lambda self: self.core.adapt[0].device, doc="Where the adapt parameters are now.")
+
+    def _follow(self) -> None:
+        """θ0, buffers, learned hypers and optimizer states follow a moved model (warpopt.placement)."""
+        pending = bool(len(self.replay) or self.algorithm_state.count or self.contributions.total.count)
+        placement.follow(self.core, self.meta, pending)
 
     def meta_parameters(self) -> list[torch.Tensor]:
         """The parameters the warp objective differentiates: φ and learned hyper-parameters."""
@@ -155,7 +161,10 @@ class WarpGradMetaOptimizer(torch.optim.Optimizer):
         """
         if self._run is not None:
             raise RuntimeError("tasks cannot be nested: finish the current `with opt.task(...)` block first")
+        if data is None:
+            raise TypeError("task data is None: pass an iterable of batches, a callable k -> batch or a Task")
         task = data if isinstance(data, Task) else Task(data, loss_fn, **task_kwargs)
+        self._follow()
         run = session.begin(self.core, task, reset=self.algorithm.resets if reset is None else reset, learn=learn,
                             algorithm=self.algorithm, initialisation=self.initialisation, replay=self.replay,
                             algorithm_state=self.algorithm_state)
@@ -207,6 +216,11 @@ class WarpGradMetaOptimizer(torch.optim.Optimizer):
             self.counters["warp_updates"] += 1
         return loss
 
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False) -> torch.Tensor:
+        """``torch.nn.utils.clip_grad_norm_`` over the adapt parameters, recorded with the next
+        ``step()`` so that the replay clips the same way (differentiably, Eq. 7)."""
+        return session.clip_grad_norm_(self.core, self._run, max_norm, norm_type, error_if_nonfinite)
+
     # ------------------------------------------------------------------ meta step
     def meta_step(self) -> dict[str, Any]:
         """The meta update: warp parameters (per ``algorithm``) then θ0 (Eq. 9).
@@ -219,6 +233,7 @@ class WarpGradMetaOptimizer(torch.optim.Optimizer):
         if not len(self.replay) and not self.algorithm.pending(self.algorithm_state) and not self.contributions.total.count:
             raise RuntimeError("nothing to meta-learn from: the replay buffer is empty. Adapt at least one "
                                "task inside `with opt.task(data, loss_fn): ...` before meta_step()")
+        self._follow()
         saved = (self.algorithm_state, self.contributions, dict(self.counters))
         with transaction(self.meta, self.replay, saved, self._restore):
             for hook in list(self._meta_step_pre_hooks.values()):
@@ -252,12 +267,18 @@ class WarpGradMetaOptimizer(torch.optim.Optimizer):
         return self._register(self._meta_step_post_hooks, hook)
 
     # ------------------------------------------------------------------ (de)serialisation
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self, include_rng: bool = False) -> dict[str, Any]:
         """A snapshot (never mutated by later training) of everything needed to resume
-        meta-training bit-identically between meta-steps."""
-        return checkpoint.state_dict(self)
+        meta-training bit-identically, between any two tasks: a meta-batch's pending points and
+        tasks' batches included (``warpopt.checkpoint``); ``include_rng``: the global torch
+        (and CUDA) RNG states too."""
+        self._follow()
+        return checkpoint.state_dict(self, include_rng)
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+    def load_state_dict(self, state_dict: dict[str, Any], tasks: Optional[Any] = None) -> None:
         """Restore a ``state_dict()``: the whole dict is validated against this optimizer's
-        configuration first; on a mismatch a ``ValueError`` names the field and nothing changes."""
-        checkpoint.load_state_dict(self, state_dict)
+        configuration first; on a mismatch a ``ValueError`` names the field and nothing changes.
+        A dict saved mid meta-batch needs ``tasks``: a ``Task`` per pending task, in the order
+        they were adapted, re-attaching what cannot be saved (losses, callables, re-iterables)."""
+        self._follow()
+        checkpoint.load_state_dict(self, state_dict, tasks)

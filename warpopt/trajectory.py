@@ -18,7 +18,7 @@ from typing import Any, Iterator, Optional, Sequence
 import torch
 
 from .points import Point, State, flatten_point, unflatten_point
-from .step_hypers import StepHypers
+from .step_hypers import StepHypers, from_plain, to_plain
 from .storage import CPUStorage, DeviceStorage, DiskStorage, Storage
 from .tasks import Task
 
@@ -217,6 +217,40 @@ class ReplayBuffer:
 
     def state_dict(self) -> dict[str, Any]:
         return {"generator": self.generator.get_state(), "offered": self._offered}
+
+    # Checkpoints mid meta-batch (issue 14): the points themselves, as plain tensors on the CPU.
+    def contents(self) -> dict[str, Any]:
+        """The buffer's points in buffer order (task id, step, θ_k, optimizer state, buffers as
+        CPU tensors in their recorded dtypes), the ids of their tasks, what each step used
+        (``Sample.hypers``, as plain numbers) and the next task id. Costs one copy of the buffer."""
+        points = []
+        for task_id, point in self._points:
+            params, states, buffers = unflatten_point(self.storage.get(point), torch.device("cpu"))
+            points.append({"task": task_id, "step": point.step, "params": [p.clone() for p in params],
+                           "states": [{k: v.clone() for k, v in st.items()} for st in states],
+                           "buffers": [b.clone() for b in buffers]})
+        return {"points": points, "tasks": sorted(self._tasks), "next_id": self._next_id,
+                "hypers": {i: {k: to_plain(h) for k, h in steps.items()} for i, steps in self._hypers.items()}}
+
+    def restore(self, contents: dict[str, Any], tasks: dict[int, Task], device: torch.device) -> None:
+        """Replace the buffer's points by ``contents()`` (recorded again with this buffer's
+        settings, on ``device``), their tasks by ``tasks`` (id -> task): all or nothing. The
+        generator and the reservoir count are ``load_state_dict``'s."""
+        trajectories = []
+        for c in contents["points"]:  # recorded as a task's loop records them (warpopt.points)
+            trajectory = Trajectory(tasks[c["task"]], 1, self.dtype)
+            trajectory.record(int(c["step"]), [p.to(device) for p in c["params"]],
+                              [{k: v.to(device) if v.dim() else v for k, v in st.items()} for st in c["states"]],
+                              [b.to(device) for b in c["buffers"]])
+            trajectories.append(trajectory.points[0])
+        stored = self.storage.put_many(trajectories)  # all or nothing; the old points are still there
+        for _, point in self._points:
+            self.storage.release(point)
+        self._points = [(int(c["task"]), point) for c, point in zip(contents["points"], stored)]
+        self._tasks = {int(i): tasks[int(i)] for i in contents["tasks"]}
+        self._hypers = {int(i): {int(k): from_plain(h) for k, h in steps.items()}  # type: ignore[misc]
+                        for i, steps in contents["hypers"].items()}
+        self._next_id = int(contents["next_id"])
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.generator.set_state(state["generator"])
