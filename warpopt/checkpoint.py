@@ -61,7 +61,9 @@ def _tensors(ts: Iterable[torch.Tensor]) -> list[tuple[tuple[int, ...], str]]:
 
 
 def _group_keys(optimizer: Optional[torch.optim.Optimizer]) -> Optional[list[list[str]]]:
-    return None if optimizer is None else [sorted(k for k in g if k != "params") for g in optimizer.param_groups]
+    # The optimizer's own hyper-parameters: keys a scheduler adds (``initial_lr``) do not count.
+    return None if optimizer is None else [sorted(k for k in g if k != "params" and k in optimizer.defaults)
+                                           for g in optimizer.param_groups]
 
 
 def config(opt: WarpGradMetaOptimizer) -> dict[str, Any]:

@@ -151,6 +151,7 @@ class TaskRun:
     algorithm_state: Accumulator = field(default_factory=Accumulator)  # tentative until the task ends
     hypers: Optional[StepHypers] = None  # what the latest step used (recorded with its point)
     guard: Optional[step_check.GradGuard] = None  # set while the task's first step is to be checked
+    check: Optional[step_check.Before] = None  # the first step, compared where the loop took θ_1 to
 
     def sample(self, states: list[dict[str, torch.Tensor]]) -> Sample:
         """The live θ_k as a replay sample (for the online algorithms)."""
@@ -231,15 +232,18 @@ def step(model: Model, run: Optional[TaskRun], *, algorithm: Algorithm, initiali
         run.finite &= torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum())
     learn = run is None or run.learn
     clip, model.clip = model.clip, None
-    check = None
     if run is not None:  # issue 14: record what this step uses; check the step on sampled tasks
+        _verify_first_step(model, run)  # θ_1 as the loop left it (after any change of its own)
         run.hypers = capture(model.task_optimizer, clip, run.hypers)
         if run.trajectory is not None:
             run.trajectory.note_hypers(run.steps, run.hypers)
         if run.steps == 0:
             _check_loop_reads_task(model, run)
             if run.guard is not None:
-                check = step_check.before(model.adapt, model.states(), grads, run.hypers, run.guard, run.task)
+                run.check = step_check.before(model.adapt, model.states(), grads, run.buffers, run.hypers,
+                                              run.guard, run.task)
+                run.guard.remove()
+                run.guard = None
     step_grads = None
     if learn and model.meta_parameters():  # θ0-only meta-learning has no per-step φ work
         if algorithm.harvests:
@@ -258,11 +262,6 @@ def step(model: Model, run: Optional[TaskRun], *, algorithm: Algorithm, initiali
                 if run is not None and learn and initialisation.needs_previous else None)
     model.task_optimizer.step()
     due = None
-    if check is not None and run is not None:
-        run.guard.remove()  # type: ignore[union-attr]
-        run.guard = None
-        step_check.report(step_check.after(run.context, run.task, model.adapt, run.buffers, check), model.reported,
-                          run.task)
     if run is not None:
         if previous is not None:
             run.init_state = initialisation.after_step(run.init_state, run, previous, grads)
@@ -301,6 +300,8 @@ def end(model: Model, run: TaskRun, initialisation: InitialisationLearner, on_no
     """The task's outcome; None if a task gradient became NaN/inf: then θ is restored and the
     task dropped with a warning (``on_nonfinite="skip"``) or a ``FloatingPointError``."""
     finish(model, run)
+    if bool(run.finite):
+        _verify_first_step(model, run)
     if run.trajectory is not None:  # θ_K is replayed with what the next step would use
         run.trajectory.note_hypers(run.steps, capture(model.task_optimizer, None, run.hypers))
     if not bool(run.finite):  # the one host synchronisation per task
@@ -334,6 +335,13 @@ def clip_grad_norm_(model: Model, run: Optional[TaskRun], max_norm: float, norm_
     if run is not None and run.guard is not None:
         run.guard.refresh()  # our own, recorded change to the gradients
     return total
+
+
+def _verify_first_step(model: Model, run: TaskRun) -> None:
+    """Compare the checked first step with the θ_1 the loop went on from (``warpopt.step_check``)."""
+    if run.check is not None:
+        check, run.check = run.check, None
+        step_check.report(step_check.after(run.context, run.task, model.adapt, check), model.reported, run.task)
 
 
 def _check_loop_reads_task(model: Model, run: TaskRun) -> None:

@@ -6,10 +6,10 @@ it: the task's loss on one batch, the recorded hyper-parameters and clipping
 clipped by hand, a regulariser in the loop's loss, several batches per step, parameters edited
 after ``step()``) is invisible to the replay, which would then differentiate a different step.
 
-The check replays one step and compares it with the recorded θ_{k+1}, in two halves whose
-product is U(θ_k, ĝ) ≈ θ_{k+1}:
+The check replays a task's first step and compares it with θ_1 where the loop went on from it
+(at the next step, or the task's end), in two halves whose product is U(θ_0, ĝ) ≈ θ_1:
 
-1. the update rule: U applied to the gradients the optimizer was given must land on θ_{k+1}
+1. the update rule: U applied to the gradients the optimizer was given must land on θ_1
    (relative to the step's size: 1e-3, plus rounding);
 2. the gradient: ĝ = clip(∇L_task(θ_k) on the loop's batch), recomputed with the task's loss
    (under a forked RNG: the check changes no random state), must equal the gradients the
@@ -88,6 +88,7 @@ class Before:
     params: list[torch.Tensor]
     states: list[State]
     grads: list[torch.Tensor]
+    buffers: list[torch.Tensor]
     hypers: StepHypers
     changed: list[int]
     batch: Any
@@ -95,12 +96,12 @@ class Before:
 
 
 def before(params: Sequence[torch.Tensor], states: Sequence[State], grads: Sequence[torch.Tensor],
-           hypers: StepHypers, guard: Optional[GradGuard], task: Any) -> Before:
+           buffers: Sequence[torch.Tensor], hypers: StepHypers, guard: Optional[GradGuard], task: Any) -> Before:
     """Copies taken just before ``optimizer.step()`` (once per checked task: 3 |θ| copies)."""
     clone = [p.detach().clone() for p in params]
     copied = [{k: (v.detach().clone() if isinstance(v, torch.Tensor) else v) for k, v in s.items()} for s in states]
     seen = task.batches_seen()
-    return Before(clone, copied, [g.detach().clone() for g in grads], hypers,
+    return Before(clone, copied, [g.detach().clone() for g in grads], [b.detach().clone() for b in buffers], hypers,
                   guard.changed() if guard is not None else [], task.loop_batch(0) if seen == 1 else None, seen)
 
 
@@ -125,9 +126,9 @@ def _gradient(context: ReplayContext, task: Any, params: Sequence[torch.Tensor],
     return clip_gradients(grads, *hypers.clip) if hypers.clip is not None else grads
 
 
-def after(context: ReplayContext, task: Any, live: Sequence[torch.Tensor], buffers: Sequence[torch.Tensor],
-          b: Before) -> Optional[tuple[str, str]]:
-    """``(kind, message)`` if the step taken differs from the step the replay would take, else None."""
+def after(context: ReplayContext, task: Any, live: Sequence[torch.Tensor], b: Before) -> Optional[tuple[str, str]]:
+    """``(kind, message)`` if the step taken differs from the step the replay would take, else
+    None. ``live``: θ_1 where the loop went on from it (at its next step, or the task's end)."""
     with torch.no_grad():
         replayed, _ = context.step(b.params, b.grads, b.states, context.hypers_at(b.hypers))
         size = _diff(live, b.params)
@@ -136,17 +137,17 @@ def after(context: ReplayContext, task: Any, live: Sequence[torch.Tensor], buffe
     if gap > RTOL_UPDATE * size + rounding:
         return ("update", f"θ_(k+1) differs from the task optimizer's update of the gradients it was given "
                           f"(relative difference {gap / max(size, 1e-30):.2g}): parameters changed after step() "
-                          "(a hook, a weight constraint or average), hyper-parameters outside param_groups, or an "
+                          "(a weight constraint, an average, a hook), hyper-parameters outside param_groups, or an "
                           "optimizer whose step() differs from its registered replay (register_functional_step)")
     if b.batches > 1:
         return ("batches", f"the loop took {b.batches} batches from the task for one step (gradient accumulation?); "
                            "the replay takes one batch per step")
     if b.batch is not None:
-        ghat = _gradient(context, task, b.params, buffers, b.batch, b.hypers, seed=0)
+        ghat = _gradient(context, task, b.params, b.buffers, b.batch, b.hypers, seed=0)
         scale = _norm(ghat)
         gap = _diff(b.grads, ghat)
         if gap > RTOL_GRADIENT * scale + 1e-30:
-            other = _gradient(context, task, b.params, buffers, b.batch, b.hypers, seed=1)
+            other = _gradient(context, task, b.params, b.buffers, b.batch, b.hypers, seed=1)
             if _diff(other, ghat) <= RTOL_GRADIENT * scale:  # deterministic: a real mismatch
                 ratio = _norm(b.grads) / max(scale, 1e-30)
                 cause = ("the gradients were changed between backward() and step() (scaled or clipped by hand: for "
@@ -173,4 +174,4 @@ def report(kind_message: Optional[tuple[str, str]], reported: set[str], task: An
     reported.add(kind)
     warnings.warn(f"warpopt: the step replayed is not the step taken (checked on the first step of {task!r}): "
                   f"{message}. The exact objective (Eq. 7) differentiates the replayed step, so its meta-gradient "
-                  "is that of a different step. Reported once.", RuntimeWarning, stacklevel=4)
+                  "is that of a different step. Reported once.", RuntimeWarning, stacklevel=5)
