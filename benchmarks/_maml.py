@@ -171,7 +171,7 @@ def learn2learn_maml() -> type:
     spec = importlib.util.find_spec("learn2learn")
     if spec is None or not spec.submodule_search_locations:
         raise ImportError("learn2learn is not installed (see benchmarks/README.md for how to install it)")
-    root = list(spec.submodule_search_locations)[0]
+    root = next(iter(spec.submodule_search_locations))
     for name, path in (("learn2learn", root), ("learn2learn.algorithms", f"{root}/algorithms")):
         package = types.ModuleType(name)
         package.__path__ = [path]  # a package whose __init__ is not run
@@ -230,8 +230,9 @@ class WarpoptMAML(Contender):
         self.names = [k for k, _ in self.model.named_adapt_parameters()]
 
     def meta_step(self, tasks: list[Episode]) -> None:
-        for (xs, ys), (xq, yq) in tasks:
-            with self.opt.task(lambda k: (xs, ys), F.cross_entropy, meta_data=lambda k: (xq, yq)):
+        for support, query in tasks:
+            xs, ys = support
+            with self.opt.task(lambda k, b=support: b, F.cross_entropy, meta_data=lambda k, b=query: b):
                 for _ in range(self.s.steps):
                     self.opt.zero_grad()
                     F.cross_entropy(self.model(xs), ys).backward()

@@ -34,7 +34,7 @@ from torch.func import functional_call  # noqa: E402
 import warpopt  # noqa: E402
 from warpopt.objectives import meta_gradient  # noqa: E402
 from warpopt.vectorised import vectorised  # noqa: E402
-from _common import (MiB, adapt_task, interleaved, machine, median, parser, peak_memories, quotient,  # noqa: E402
+from _common import (load_average, MiB, adapt_task, interleaved, machine, median, parser, peak_memories, quotient,  # noqa: E402
                      ratio, setup, synthetic_task, warped_omniglot)
 
 p = parser(__doc__)
@@ -150,3 +150,5 @@ for mine in ("warpopt approx", "warpopt exact"):
     for theirs in ("original (1st order)", "2nd order (by hand)"):
         print(f"  {mine:>14} / {theirs:<21}: time {ratio(times, mine, theirs):.3f}x, "
               f"memory {quotient(peaks[mine], peaks[theirs]):.2f}x", flush=True)
+
+print(f"load average at the end: {load_average()} (1/5/15 min)")

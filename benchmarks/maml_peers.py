@@ -20,7 +20,7 @@ import sys
 sys.path.insert(0, os.path.dirname(__file__))
 import torch  # noqa: E402
 
-from _common import MiB, interleaved, machine, median, parser, peak_memories, quotient, ratio, setup  # noqa: E402
+from _common import load_average, MiB, interleaved, machine, median, parser, peak_memories, quotient, ratio, setup  # noqa: E402
 from _maml import PEERS, Setting, WarpoptMAML, available, episodes, fewshot_net, meta_gradient_gap  # noqa: E402
 
 p = parser(__doc__)
@@ -61,3 +61,5 @@ fastest = min((n for n in contenders if n not in ("warpopt", "torch")), key=lamb
 if fastest is not None:
     r = ratio(times, "warpopt", fastest)
     print(f"warpopt / fastest peer ({fastest}): {r:.3f}x  [{'meets' if r <= 0.95 else 'misses'} ≤ 0.95]")
+
+print(f"load average at the end: {load_average()} (1/5/15 min)")

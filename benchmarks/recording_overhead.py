@@ -24,7 +24,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import warpopt  # noqa: E402
-from _common import (adapt_task, count, interleaved, machine, median, mlp, parser, ratio, setup,  # noqa: E402
+from _common import (load_average, adapt_task, count, interleaved, machine, median, mlp, parser, ratio, setup,  # noqa: E402
                      synthetic_task, timed, warped_omniglot)
 
 VARIANTS = {
@@ -125,3 +125,5 @@ for name in args.models.split(","):
     print(f"{name} step() alone: plain SGD {1e3 * sgd_step:.3f} ms, recorded {1e3 * rec_step:.3f} ms -> extra "
           f"{1e3 * (rec_step - sgd_step):.3f} ms/step = {(rec_step - sgd_step) / per_step:.2%} of a plain step",
           flush=True)
+
+print(f"load average at the end: {load_average()} (1/5/15 min)")
