@@ -34,8 +34,8 @@ from torch.func import functional_call  # noqa: E402
 import warpopt  # noqa: E402
 from warpopt.objectives import meta_gradient  # noqa: E402
 from warpopt.vectorised import vectorised  # noqa: E402
-from _common import (load_average, MiB, adapt_task, interleaved, machine, median, parser, peak_memories, quotient,  # noqa: E402
-                     ratio, setup, synthetic_task, warped_omniglot)
+from _common import (MiB, adapt_task, interleaved, load_average, machine, median, parser,  # noqa: E402
+                     peak_memories, quotient, ratio, setup, synthetic_task, warped_omniglot)
 
 p = parser(__doc__)
 p.add_argument("--tasks", type=int, default=2)

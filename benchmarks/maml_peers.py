@@ -20,7 +20,8 @@ import sys
 sys.path.insert(0, os.path.dirname(__file__))
 import torch  # noqa: E402
 
-from _common import load_average, MiB, interleaved, machine, median, parser, peak_memories, quotient, ratio, setup  # noqa: E402
+from _common import (MiB, interleaved, load_average, machine, median, parser, peak_memories, quotient,  # noqa: E402
+                     ratio, setup)
 from _maml import PEERS, Setting, WarpoptMAML, available, episodes, fewshot_net, meta_gradient_gap  # noqa: E402
 
 p = parser(__doc__)

@@ -19,7 +19,8 @@ from torch import nn  # noqa: E402
 import warpopt  # noqa: E402
 from warpopt.objectives import meta_gradient  # noqa: E402
 from warpopt.vectorised import vectorised  # noqa: E402
-from _common import load_average, MiB, adapt_task, count, machine, parser, peak_memories, setup, synthetic_task, warped_omniglot  # noqa: E402
+from _common import (MiB, adapt_task, count, load_average, machine, parser, peak_memories, setup,  # noqa: E402
+                     synthetic_task, warped_omniglot)
 
 p = parser(__doc__)
 p.add_argument("--steps", type=int, default=100, help="K")

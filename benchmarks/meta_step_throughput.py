@@ -18,7 +18,8 @@ from torch import nn  # noqa: E402
 import warpopt  # noqa: E402
 from warpopt.objectives import meta_gradient  # noqa: E402
 from warpopt.vectorised import vectorised  # noqa: E402
-from _common import load_average, interleaved, machine, median, parser, ratio, setup, synthetic_task, warped_omniglot  # noqa: E402
+from _common import (interleaved, load_average, machine, median, parser, ratio, setup, synthetic_task,  # noqa: E402
+                     warped_omniglot)
 
 p = parser(__doc__)
 p.add_argument("--etas", default="1,8,32")

@@ -24,8 +24,8 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import warpopt  # noqa: E402
-from _common import (load_average, adapt_task, count, interleaved, machine, median, mlp, parser, ratio, setup,  # noqa: E402
-                     synthetic_task, timed, warped_omniglot)
+from _common import (adapt_task, count, interleaved, load_average, machine, median, mlp, parser, ratio,  # noqa: E402
+                     setup, synthetic_task, timed, warped_omniglot)
 
 VARIANTS = {
     "record": dict(initialisation=warpopt.none),
