@@ -17,7 +17,7 @@ recorded points in mini-batches of η, one Adam warp update per mini-batch. Cont
 All visit the replay points in the same order; the script checks that warpopt approx lands on the
 original's φ and warpopt exact on the second-order replay's φ, then times the four interleaved
 and measures their peak memory. Printed: time and peak-memory ratios warpopt / hand-written.
-Default: T = 2, K = 10, η = 11 (about 3 minutes on one CPU thread); ``--full``: the paper's
+Default: T = 2, K = 10, η = 11 (4.5 minutes on the loaded 2-core VM); ``--full``: the paper's
 T = 20, K = 100, η = 32 (15-20 minutes per contender and meta-step on the 2-core CPU).
 
     python benchmarks/end_to_end.py

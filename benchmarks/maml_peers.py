@@ -11,7 +11,7 @@ median peak memory, and the medians of the per-repeat ratios warpopt / contender
 checks in float64 that every contender's meta-gradient equals warpopt's (to 1e-10).
 Target (issue 18): warpopt ≤ 0.95× the fastest peer.
 
-    python benchmarks/maml_peers.py                 # 15 repeats, about 1 minute on 1 CPU thread
+    python benchmarks/maml_peers.py                 # 15 repeats: 1.5 min on the loaded 2-core VM
     python benchmarks/maml_peers.py --device cuda
 """
 import os

@@ -7,7 +7,7 @@ peak memory (η samples, exact objective, loop vs vectorised with a few chunk si
 above the memory in use before it: ``torch.cuda.max_memory_allocated`` on CUDA, the process's
 peak resident set (Linux VmHWM, reset through /proc/self/clear_refs) on CPU (``_common.peak_memory``).
 
-    python benchmarks/memory.py            # K = 100, η = 16: about 1 minute on one CPU thread
+    python benchmarks/memory.py            # K = 100, η = 16: 2 min on the loaded 2-core VM
 """
 import os
 import sys

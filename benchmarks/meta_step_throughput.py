@@ -5,8 +5,8 @@ the meta-gradient of η replayed points is computed by ``warpopt.objectives.meta
 (loop) and ``warpopt.vectorised.vectorised`` side by side in every repeat, for the exact
 (Eq. 7) and approximate (Eq. 8) objectives. Target: vectorised ≥ 1.5× the loop at η = 32 (CPU).
 
-    python benchmarks/meta_step_throughput.py                 # Omniglot net, about 4 minutes on one CPU thread
-    python benchmarks/meta_step_throughput.py --model mlp     # the quickstart's sine MLP, under a minute
+    python benchmarks/meta_step_throughput.py                 # Omniglot net: 7.5 min on the loaded 2-core VM
+    python benchmarks/meta_step_throughput.py --model mlp     # the quickstart's sine MLP: 10 s
 """
 import os
 import sys

@@ -13,7 +13,7 @@ Contenders, interleaved with the plain loop in every repeat (medians of per-repe
 Targets (issue 18): record ≤ 1.05, record + Leap ≤ 1.10. Also printed: ``step()`` alone
 (gradients already in place) plain SGD vs recorded, per step.
 
-    python benchmarks/recording_overhead.py             # 9 repeats, about 3 minutes on one CPU thread
+    python benchmarks/recording_overhead.py             # 9 repeats: 4.5 min on the loaded 2-core VM
     python benchmarks/recording_overhead.py --device cuda
 """
 import os

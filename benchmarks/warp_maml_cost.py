@@ -17,7 +17,7 @@ set, 15 query images per class, meta-batch 1.
    from the costs measured in 1, then reads each run's test accuracy (600 episodes) and
    measured training time from its results.json.
 
-    python benchmarks/warp_maml_cost.py                 # cost + 60 s equal-time runs: about 5 minutes
+    python benchmarks/warp_maml_cost.py                 # cost + 60 s equal-time runs: 3.5 min on the loaded 2-core VM
     python benchmarks/warp_maml_cost.py --budget 0      # cost only, about 1 minute
     python benchmarks/warp_maml_cost.py --device cuda
 """
