@@ -32,7 +32,7 @@ autograd, so nothing needs to be active when the graph is later differentiated.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Optional
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -76,12 +76,12 @@ def _no_cudnn() -> Iterator[None]:
         torch.backends.cudnn.enabled = previous
 
 
-def _has_rnn(model: Optional[nn.Module]) -> bool:
+def _has_rnn(model: nn.Module | None) -> bool:
     return model is not None and any(isinstance(m, nn.RNNBase) for m in model.modules())
 
 
 @contextlib.contextmanager
-def replay_kernels(model: Optional[nn.Module] = None) -> Iterator[None]:
+def replay_kernels(model: nn.Module | None = None) -> Iterator[None]:
     """Context in which the replay evaluates ``model``: attention by the twice-differentiable
     math kernel, no ``nn.MultiheadAttention`` / ``nn.TransformerEncoderLayer`` fast path, and
     no cuDNN if ``model`` contains an RNN/LSTM/GRU.
@@ -97,7 +97,7 @@ def replay_kernels(model: Optional[nn.Module] = None) -> Iterator[None]:
         yield
 
 
-def unvectorisable(model: nn.Module) -> Optional[str]:
+def unvectorisable(model: nn.Module) -> str | None:
     """Why ``torch.func.vmap`` cannot map ``model``'s forward, or None if it can (as far as
     known): the fused RNN/LSTM/GRU ops have no batching rule in torch."""
     names = sorted({type(m).__name__ for m in model.modules() if isinstance(m, nn.RNNBase)})

@@ -31,7 +31,8 @@ the output sequence ``(N, L, C)`` of a recurrent host. ``LSTMWarp`` acts on sequ
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
+from itertools import pairwise
 
 import torch
 import torch.nn.functional as F
@@ -96,7 +97,7 @@ def _conv_module(c_in: int, c_out: int, spatial_dims: int, kernel_size: int, bia
     return conv(c_in, c_out, kernel_size, padding=kernel_size // 2, bias=bias)
 
 
-def _batch_norm(channels: int, spatial_dims: int, eps: float = 1e-5) -> nn.Module:
+def _batch_norm(channels: int, spatial_dims: int, eps: float = 1e-5) -> nn.modules.batchnorm._BatchNorm:
     norm = (nn.BatchNorm1d, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)[spatial_dims]
     return norm(channels, eps=eps)
 
@@ -249,8 +250,10 @@ class ConvBNWarp(nn.Module):
         self.relu = relu
         self.conv = ConvWarp(channels, spatial_dims, kernel_size, bias=False)
         self.bn = _batch_norm(channels, spatial_dims, eps=_EXACT_BN_EPS)
+        running_var = self.bn.running_var
+        assert running_var is not None  # _batch_norm tracks running statistics
         with torch.no_grad():
-            self.bn.running_var.fill_(1.0 - _EXACT_BN_EPS)
+            running_var.fill_(1.0 - _EXACT_BN_EPS)
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.bn(self.conv(x))
@@ -356,14 +359,14 @@ class MLPResidualWarp(nn.Module):
         self.spatial_dims = spatial_dims
         widths = [channels] + [hidden] * (depth - 1) + [channels]
         layers: list[nn.Module] = []
-        for i, (c_in, c_out) in enumerate(zip(widths[:-1], widths[1:])):
+        for i, (c_in, c_out) in enumerate(pairwise(widths)):
             if i > 0:
                 layers.append(activation())
-            layers.append(nn.Linear(c_in, c_out))
+            linear = nn.Linear(c_in, c_out)
+            layers.append(linear)
         self.net = nn.Sequential(*layers)
-        last = self.net[-1]
-        nn.init.zeros_(last.weight)
-        nn.init.zeros_(last.bias)
+        nn.init.zeros_(linear.weight)  # the last Linear (depth >= 1, checked above)
+        nn.init.zeros_(linear.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         return x + _per_position(self.net, x, self.spatial_dims)

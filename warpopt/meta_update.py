@@ -115,7 +115,10 @@ class MetaParameters:
         self.init_optimizer.step()
         for p in self.theta0:
             p.grad = None
-        return self._check("θ0 after its update", _finite([p.detach() for p in self.theta0]))
+        if not _finite([p.detach() for p in self.theta0]):  # cannot be skipped: the transaction undoes it
+            raise FloatingPointError("θ0 became NaN/inf after an update with a finite meta-gradient: lower "
+                                     "init_lr; the meta-step was undone")
+        return True
 
     def snapshot(self) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
         values = [p.detach().clone() for p in self.phi + self.theta0]
@@ -144,11 +147,6 @@ def add_contribution(c: Contributions, grads: Sequence[torch.Tensor], task_id: O
     return Contributions(accumulate(c.total, grads), by_task)
 
 
-def _theta0_shares(contributions: Contributions, buffer: ReplayBuffer) -> tuple[dict[int, tuple], dict[int, int], int]:
-    points = buffer.task_points()
-    return dict(contributions.by_task), points, contributions.total.count
-
-
 def meta_update(meta: MetaParameters, model: Model, algorithm: Algorithm, state: Accumulator,
                 contributions: Contributions, replay: ReplayBuffer, objective: Objective,
                 device: torch.device) -> tuple[dict[str, Any], Accumulator]:
@@ -160,14 +158,13 @@ def meta_update(meta: MetaParameters, model: Model, algorithm: Algorithm, state:
     applied: dict[int, float] = {}
     if isinstance(algorithm, Offline) and len(replay):
         context = model.context()
-        by_task, points, tasks = _theta0_shares(contributions, replay)
+        by_task, points, tasks = dict(contributions.by_task), replay.task_points(), contributions.total.count
         for indices in algorithm.plan(replay):
             samples = [replay.sample(i, device) for i in indices]
             if meta.phi:
                 grads, loss = algorithm.gradient(objective, context, samples, meta.phi)
-                meta.apply_phi(grads)
+                updates += meta.apply_phi(grads)
                 losses.append(loss)
-            updates += 1
             if per_batch:  # Algorithm 2, line 20: θ0 moves with φ, by the sampled points' shares
                 share = [torch.zeros_like(t) for t in meta.theta0]
                 for s in samples:
@@ -178,8 +175,7 @@ def meta_update(meta: MetaParameters, model: Model, algorithm: Algorithm, state:
     elif not isinstance(algorithm, Offline):
         grads, state = algorithm.flush(state)
         if grads is not None and meta.phi:
-            meta.apply_phi(grads)
-            updates += 1
+            updates += meta.apply_phi(grads)
     if meta.init_optimizer is not None and contributions.total.count:
         if per_batch:  # what the replayed mini-batches did not apply (tasks without points, max_updates)
             rest = [torch.zeros_like(t) for t in meta.theta0]

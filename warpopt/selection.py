@@ -27,17 +27,19 @@ from __future__ import annotations
 
 import collections.abc
 import fnmatch
-from typing import Any, Callable, Iterable, Iterator, Optional, Union
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, TypeGuard
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.graph import Node
 from torch.nn.utils.rnn import PackedSequence
 
 __all__ = ["TASK_LAYERS", "Predicate", "Selector", "select", "within", "task_layers", "default_targets",
            "traced_output_layers"]
 
 Predicate = Callable[[str, nn.Module], bool]
-Selector = Union[str, Iterable[str], type, tuple, Predicate]
+Selector = str | Iterable[str] | type | tuple[type, ...] | Predicate
 
 #: The task layers the default selection warps after (all but the output layers).
 TASK_LAYERS: tuple[type, ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.RNNBase)
@@ -52,7 +54,7 @@ def submodules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if n]  # the root is never selected
 
 
-def is_types(arg: object) -> bool:
+def is_types(arg: object) -> TypeGuard[type | tuple[type, ...]]:
     return isinstance(arg, type) or (
         isinstance(arg, tuple) and len(arg) > 0 and all(isinstance(t, type) for t in arg)
     )
@@ -63,7 +65,7 @@ def within(name: str, prefix: str) -> bool:
     return not prefix or name == prefix or name.startswith(prefix + ".")
 
 
-def _names(arg: object) -> Optional[list[str]]:
+def _names(arg: object) -> list[str] | None:
     """``arg`` as a list of names/patterns, or None if it is not a str / iterable of str."""
     if isinstance(arg, str):
         return [arg]
@@ -102,7 +104,7 @@ def select(model: nn.Module, arg: object, argname: str) -> list[str]:
     if names is not None:
         return _match_names(model, names, argname, arg)
     if is_types(arg):
-        chosen = [n for n, m in submodules(model) if isinstance(m, arg)]  # type: ignore[arg-type]
+        chosen = [n for n, m in submodules(model) if isinstance(m, arg)]
     elif callable(arg) and not isinstance(arg, nn.Module):
         chosen = [n for n, m in submodules(model) if arg(n, m)]
     else:
@@ -125,7 +127,7 @@ def task_layers(model: nn.Module) -> list[str]:
     return [n for n, m in submodules(model) if isinstance(m, TASK_LAYERS) and not isinstance(m, skip)]
 
 
-def _structural_output_layer(model: nn.Module, names: list[str]) -> Optional[str]:
+def _structural_output_layer(model: nn.Module, names: list[str]) -> str | None:
     """The last of ``names`` to run, where the module structure fixes it: the children of an
     ``nn.Sequential`` run in registration order, so follow its last child holding a candidate;
     a subtree holding a single candidate runs it last. None where a hand-written ``forward``
@@ -141,7 +143,7 @@ def _structural_output_layer(model: nn.Module, names: list[str]) -> Optional[str
             child = f"{prefix}.{key}" if prefix else key
             if module._modules[key] is not None and any(within(n, child) for n in inside):
                 break
-        module, prefix = module._modules[key], child  # type: ignore[assignment]
+        module, prefix = module._modules[key], child
 
 
 def _tensors(value: Any) -> Iterator[Tensor]:
@@ -179,7 +181,7 @@ def traced_output_layers(model: nn.Module, names: list[str], example_input: Any)
     called: list[str] = []
     marks: dict[Any, str] = {}
 
-    def recorder(name: str) -> Callable:
+    def recorder(name: str) -> Callable[[nn.Module, Any, Any], None]:
         def hook(module: nn.Module, inputs: Any, output: Any) -> None:
             if name not in called:
                 called.append(name)
@@ -206,7 +208,7 @@ def traced_output_layers(model: nn.Module, names: list[str], example_input: Any)
         # Walk the autograd graph back from the outputs; stop at the first task layer on each path.
         found: set[str] = set()
         seen: set[Any] = set()
-        stack = [t.grad_fn for t in _tensors(output) if t.grad_fn is not None]
+        stack: list[Node | None] = [t.grad_fn for t in _tensors(output) if t.grad_fn is not None]
         while stack:
             node = stack.pop()
             if node is None or node in seen:
@@ -229,7 +231,7 @@ def traced_output_layers(model: nn.Module, names: list[str], example_input: Any)
     return called, found
 
 
-def default_targets(model: nn.Module, example_input: Any = None, exclude: Optional[Selector] = None) -> list[str]:
+def default_targets(model: nn.Module, example_input: Any = None, exclude: Selector | None = None) -> list[str]:
     """The modules the default selection warps after: every task layer but the output layers
     and ``exclude`` (see the module docstring), in registration order."""
     names = task_layers(model)

@@ -178,7 +178,8 @@ def begin(model: Model, task: Task, *, reset: bool, learn: bool, algorithm: Algo
         restore = ([p.detach().clone() for p in model.adapt], [b.detach().clone() for b in buffers],
                    copy.deepcopy(model.task_optimizer.state_dict()))
         if reset:
-            torch._foreach_copy_(model.adapt, model.theta0) if model.adapt else None
+            for p, t0 in zip(model.adapt, model.theta0):
+                p.copy_(t0)
             for b, b0 in zip(buffers, model.initial_buffers):
                 b.copy_(b0)
             model.task_optimizer.state.clear()

@@ -20,7 +20,8 @@ from __future__ import annotations
 import collections
 import collections.abc
 import dataclasses
-from typing import Any, Callable, Iterator, Optional
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, SupportsIndex, TypeGuard, TypeVar, cast
 
 import torch
 from torch import Tensor, nn
@@ -36,8 +37,8 @@ __all__ = [
     "named_adapt_buffers", "adapt_buffers", "named_warp_buffers", "warp_buffers",
 ]  # fmt: skip
 
-Where = Optional[Selector]
-Designate = Optional[Selector]
+Where = Selector | None
+Designate = Selector | None
 LayerFactory = Callable[[int, int], nn.Module]
 
 _WARP_ATTR = "warp"
@@ -58,6 +59,7 @@ _BLOCK_FOLLOWERS: tuple[type, ...] = _ACTIVATIONS + (
     nn.FractionalMaxPool2d, nn.FractionalMaxPool3d, nn.modules.dropout._DropoutNd, nn.Identity,
 ) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())  # fmt: skip
 _DUMMY_SPATIAL = {0: (), 1: (6,), 2: (6, 6), 3: (4, 4, 4)}
+_T = TypeVar("_T", bound=Tensor)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,7 +92,8 @@ class _ApplyWarp:
     def __init__(self, attr: str = _WARP_ATTR) -> None:
         self.attr = attr
 
-    def __call__(self, module: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
+    def __call__(self, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> Any:
+        # `Any`, as in torch's forward-hook type: the output is whatever the host returns.
         return getattr(module, self.attr)(output)
 
 
@@ -102,19 +105,19 @@ class _ApplyWarpToSequence(_ApplyWarp):
     ``batch_first`` (an unbatched ``(L, C)`` gets N = 1; a ``PackedSequence`` is padded and
     packed again), so per-position layers and sequence layers (``LSTMWarp``) both apply."""
 
-    def __call__(self, module: nn.Module, inputs: tuple, output: tuple) -> tuple:  # type: ignore[override]
+    def __call__(self, module: nn.Module, inputs: tuple[Any, ...], output: tuple[Any, ...]) -> tuple[Any, ...]:
         sequence, rest = output[0], tuple(output[1:])
         layer = getattr(module, self.attr)
         if isinstance(sequence, PackedSequence):
             padded, lengths = pad_packed_sequence(sequence, batch_first=True)
-            warped = pack_padded_sequence(layer(padded), lengths, batch_first=True, enforce_sorted=False)
-            return (warped,) + rest
+            packed = pack_padded_sequence(layer(padded), lengths, batch_first=True, enforce_sorted=False)
+            return (packed, *rest)
         if sequence.dim() == 2:  # unbatched (L, C)
-            return (layer(sequence.unsqueeze(0)).squeeze(0),) + rest
+            return (layer(sequence.unsqueeze(0)).squeeze(0), *rest)
         if module.batch_first:
-            return (layer(sequence),) + rest
+            return (layer(sequence), *rest)
         warped = layer(sequence.transpose(0, 1)).transpose(0, 1)
-        return (warped.contiguous() if sequence.is_contiguous() else warped,) + rest
+        return (warped.contiguous() if sequence.is_contiguous() else warped, *rest)
 
 
 def _join(prefix: str, name: str) -> str:
@@ -129,7 +132,15 @@ def _rebuild_warped(original_cls: type) -> nn.Module:
     return object.__new__(_warped_class(original_cls))
 
 
-class WarpedModule:
+# A type checker sees the mixin as an nn.Module (it only ever ends up in front of one in the
+# MRO of a `Warped<ClassName>`); at run time it is a plain mixin, so the MRO is unchanged.
+if TYPE_CHECKING:
+    _MixinBase = nn.Module
+else:
+    _MixinBase = object
+
+
+class WarpedModule(_MixinBase):
     """Mixin of the ``Warped<ClassName>`` classes :func:`warp` swaps models to; its
     methods are the module-level functions of the same names."""
 
@@ -162,13 +173,13 @@ class WarpedModule:
     def warp_buffers(self) -> Iterator[Tensor]:
         return warp_buffers(self)
 
-    def __reduce_ex__(self, protocol: int):
+    def __reduce_ex__(self, protocol: SupportsIndex) -> tuple[Any, ...]:
         # The dynamic class is not importable by name: rebuild it from the original one.
         return _rebuild_warped, (type(self)._warpopt_original_class,), self.__getstate__()
 
-    def __setstate__(self, state: dict) -> None:
-        super().__setstate__(state)  # type: ignore[misc]
-        _refresh_hook_ids(self)  # type: ignore[arg-type]
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        _refresh_hook_ids(self)
 
 
 _WARPED_CLASSES: dict[type, type] = {}
@@ -185,7 +196,9 @@ def _refresh_hook_ids(model: nn.Module) -> None:
     """Give unpickled warp hooks ids from this process's hook counter: hooks registered
     later in this process could otherwise reuse (and overwrite) the saved ids."""
     spec = model.__dict__.get(_SPEC_ATTR)
-    for i, entry in enumerate(spec.inserted if spec is not None else []):
+    if spec is None:
+        return
+    for i, entry in enumerate(spec.inserted):
         hooks = model.get_submodule(entry.host)._forward_hooks
         if isinstance(hooks.get(entry.hook_id), _ApplyWarp):
             new_id = RemovableHandle(collections.OrderedDict()).id
@@ -225,13 +238,14 @@ def _host_for(model: nn.Module, name: str, counts: collections.Counter) -> str:
 def _infer_shape(name: str, module: nn.Module) -> tuple[int, int]:
     """``(channels, spatial_dims)`` of a selected module's output, read off the module or,
     for a block, off the last conv / linear inside it."""
-    for m in [module] + list(module.modules())[::-1]:
+    for m in [module, *list(module.modules())[::-1]]:
         if isinstance(m, nn.RNNBase):  # features of the output sequence
             return (m.proj_size or m.hidden_size) * (2 if m.bidirectional else 1), 0
         if isinstance(m, nn.modules.conv._ConvNd):
             return m.out_channels, len(m.kernel_size)
-        if isinstance(getattr(m, "out_features", None), int):
-            return m.out_features, 0
+        out_features = getattr(m, "out_features", None)
+        if isinstance(out_features, int):
+            return out_features, 0
     raise ValueError(
         f"cannot infer the output channels of '{name}' ({type(module).__name__}): select "
         f"Conv/Linear/RNN modules (out_channels / out_features / hidden_size) or blocks containing one"
@@ -287,7 +301,7 @@ def warp(
     *,
     designate: Designate = None,
     example_input: Any = None,
-    exclude: Optional[Selector] = None,
+    exclude: Selector | None = None,
 ) -> nn.Module:
     """Warp ``model`` in place (Appendix A) and return it.
 
@@ -339,7 +353,9 @@ def warp(
     for name, module in model.named_modules():
         if is_warped(module):
             which = f"its submodule '{name}' is" if name else "it is"
-            raise ValueError(f"{type(model).__name__} cannot be warped twice ({which} warped); call warpopt.unwarp first")
+            raise ValueError(
+                f"{type(model).__name__} cannot be warped twice ({which} warped); call warpopt.unwarp first"
+            )
     if not callable(layer):
         raise TypeError(f"layer must be a factory (channels, spatial_dims) -> nn.Module, got {layer!r}")
     default = where is None and designate is None
@@ -376,10 +392,11 @@ def warp(
 
     inserted = []
     for target, host_name, built in zip(targets, hosts, layers):
-        host = model.get_submodule(host_name)
-        host.add_module(_WARP_ATTR, built.train(host.training))
-        hook = _ApplyWarpToSequence(_WARP_ATTR) if isinstance(host, nn.RNNBase) else _ApplyWarp(_WARP_ATTR)
-        handle = host.register_forward_hook(hook)
+        host_module = model.get_submodule(host_name)
+        host_module.add_module(_WARP_ATTR, built.train(host_module.training))
+        seq = isinstance(host_module, nn.RNNBase)
+        hook = _ApplyWarpToSequence(_WARP_ATTR) if seq else _ApplyWarp(_WARP_ATTR)
+        handle = host_module.register_forward_hook(hook)
         inserted.append(InsertedWarp(target=target, host=host_name, hook_id=handle.id))
     setattr(model, _SPEC_ATTR, WarpSpec(inserted=inserted, designated=designated))
     model.__class__ = _warped_class(type(model))
@@ -397,12 +414,13 @@ def unwarp(model: nn.Module) -> nn.Module:
             del host._forward_hooks[key]
         delattr(host, _WARP_ATTR)
     delattr(model, _SPEC_ATTR)
-    model.__class__ = type(model)._warpopt_original_class
+    model.__class__ = cast(type[WarpedModule], type(model))._warpopt_original_class  # _spec checked it
     return model
 
 
-def is_warped(model: nn.Module) -> bool:
-    """Whether :func:`warp` was applied to ``model`` (and not undone)."""
+def is_warped(model: nn.Module) -> TypeGuard[WarpedModule]:
+    """Whether :func:`warp` was applied to ``model`` (and not undone); narrows its type to
+    :class:`WarpedModule` (``warp_parameters()`` etc.) for a type checker."""
     return isinstance(model, WarpedModule)
 
 
@@ -423,7 +441,7 @@ def _is_under(name: str, prefixes: set[str]) -> bool:
     return any(".".join(parts[:i]) in prefixes for i in range(1, len(parts)))
 
 
-def _split(model: nn.Module, named: Iterator[tuple[str, Tensor]], want_warp: bool) -> Iterator:
+def _split(model: nn.Module, named: Iterator[tuple[str, _T]], want_warp: bool) -> Iterator[tuple[str, _T]]:
     """Filter ``named`` tensors to the warp ones (under a warp layer, but not under a
     TaskAdaptable submodule of one) or to the adapt ones. Computed from names on each
     call, so parameters replaced after warping are classified correctly."""

@@ -20,8 +20,9 @@ split to draw random (augmented) mini-batches from and a held-out test split.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Protocol, Sequence, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -107,7 +108,7 @@ class TensorClassPool:
         x = self._images[c]
         return x[index.to(x.device)]
 
-    def to(self, device: torch.device | str) -> "TensorClassPool":
+    def to(self, device: torch.device | str) -> TensorClassPool:
         """A copy of the pool with every class tensor on ``device``."""
         return TensorClassPool([x.to(device) for x in self._images], self.class_names)
 
@@ -135,9 +136,10 @@ class Episode:
     query_y: torch.Tensor
     classes: torch.Tensor
 
-    def to(self, device: torch.device | str) -> "Episode":
+    def to(self, device: torch.device | str) -> Episode:
         """The episode with all tensors on ``device``."""
-        return Episode(*(t.to(device) for t in (self.support_x, self.support_y, self.query_x, self.query_y, self.classes)))
+        tensors = (self.support_x, self.support_y, self.query_x, self.query_y, self.classes)
+        return Episode(*(t.to(device) for t in tensors))
 
 
 def episode_seed(seed: int, index: int) -> int:
@@ -274,8 +276,8 @@ class ClassificationTask:
         self.augmentation = None if augmentation is None else dict(augmentation)
 
     @classmethod
-    def from_episode(cls, episode: "Episode", name: str = "episode",
-                     augmentation: dict | None = None) -> "ClassificationTask":
+    def from_episode(cls, episode: Episode, name: str = "episode",
+                     augmentation: dict | None = None) -> ClassificationTask:
         """Support set as the training split, query set as the test split."""
         return cls(name, episode.support_x, episode.support_y, episode.query_x, episode.query_y, augmentation)
 
@@ -287,7 +289,7 @@ class ClassificationTask:
     def device(self) -> torch.device:
         return self.train_images.device
 
-    def to(self, device: torch.device | str) -> "ClassificationTask":
+    def to(self, device: torch.device | str) -> ClassificationTask:
         """A copy of the task with all tensors on ``device``."""
         return ClassificationTask(self.name, self.train_images.to(device), self.train_labels.to(device),
                                   self.test_images.to(device), self.test_labels.to(device), self.augmentation)

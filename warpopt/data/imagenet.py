@@ -32,8 +32,9 @@ from __future__ import annotations
 import csv
 import io
 from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -60,8 +61,9 @@ _TIERED_LABELS_FMT = ("a pickled dict with 'label_specific' (int per image) and 
 class _Pool:
     """Shared logic: class membership lists, uint8 HWC -> float CHW, normalisation, cache."""
 
-    def __init__(self, class_names: Sequence[str], members: Sequence[np.ndarray], image_size: int | None,
-                 normalize: tuple[Sequence[float], Sequence[float]] | None, cache_classes: int) -> None:
+    def __init__(self, class_names: Sequence[str], members: Sequence[Sequence[int] | np.ndarray],
+                 image_size: int | None, normalize: tuple[Sequence[float], Sequence[float]] | None,
+                 cache_classes: int) -> None:
         self.class_names = list(class_names)
         self._members = [np.asarray(m, dtype=np.int64) for m in members]
         self.image_size = image_size
@@ -226,10 +228,14 @@ class TieredImageNet(_EncodedFilePool):
         labels = load_pickle(labels_path, _TIERED_LABELS_FMT)
         if not isinstance(labels, dict) or "label_specific" not in labels:
             keys = sorted(map(str, labels)) if isinstance(labels, dict) else type(labels).__name__
-            raise ValueError(f"{labels_path}: malformed tieredImageNet labels (got {keys}); expected {_TIERED_LABELS_FMT}")
+            raise ValueError(
+                f"{labels_path}: malformed tieredImageNet labels (got {keys}); expected {_TIERED_LABELS_FMT}"
+            )
         specific = np.asarray(labels["label_specific"]).reshape(-1)
         if specific.dtype.kind not in "iu":
-            raise ValueError(f"{labels_path}: 'label_specific' has dtype {specific.dtype}; expected {_TIERED_LABELS_FMT}")
+            raise ValueError(
+                f"{labels_path}: 'label_specific' has dtype {specific.dtype}; expected {_TIERED_LABELS_FMT}"
+            )
         images = load_pickle(images_path, _TIERED_IMAGES_FMT)
         if not isinstance(images, (list, tuple, np.ndarray)):
             raise ValueError(f"{images_path}: got {type(images).__name__}; expected {_TIERED_IMAGES_FMT}")

@@ -29,9 +29,11 @@ import hashlib
 import os
 import re
 import zipfile
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
-from typing import Callable, Literal, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -88,7 +90,7 @@ class Omniglot:
         a = self.alphabets.index(alphabet)
         return torch.nonzero(self.alphabet_of == a).flatten().tolist()
 
-    def to(self, device: torch.device | str) -> "Omniglot":
+    def to(self, device: torch.device | str) -> Omniglot:
         """A copy with ``images`` and ``alphabet_of`` on ``device``."""
         return Omniglot(self.alphabets, self.characters, self.images.to(device),
                         self.alphabet_of.to(device), self.character_names)
@@ -136,10 +138,12 @@ def _npz_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
     return shape, dtype
 
 
-def _read_tsv(tsv: Path) -> list[dict]:
+def _read_tsv(tsv: Path) -> list[dict[str, Any]]:
+    """The rows of ``alphabets.tsv``, each with its columns (str) plus ``first``, ``last`` (int
+    character ids) and ``line`` (its line number)."""
     try:
         with open(tsv, newline="") as f:
-            rows = list(csv.DictReader(f, delimiter="\t"))
+            rows: list[dict[str, Any]] = list(csv.DictReader(f, delimiter="\t"))
         need = {"set", "alphabet", "first_char_id", "last_char_id"}
         if not rows or not need <= set(rows[0]):
             raise ValueError(f"missing columns {sorted(need)}")
@@ -165,7 +169,12 @@ def _read_tsv(tsv: Path) -> list[dict]:
 def _list_npz(root: Path, sets: Sequence[str]) -> _Listing:
     tsv = root / "alphabets.tsv"
     rows = _read_tsv(tsv)
-    alphabets, alphabet_of, char_index, names, files, headers = [], [], [], [], [], []
+    alphabets: list[str] = []
+    alphabet_of: list[int] = []
+    char_index: list[int] = []
+    names: list[str] = []
+    files: list[Path] = []
+    headers: list[tuple[tuple[int, ...], str]] = []
     plan: list[tuple[Path, list[tuple[int, int]]]] = []
     for s in sets:
         set_rows = sorted((r for r in rows if r["set"] == s), key=lambda r: r["alphabet"])
@@ -179,7 +188,7 @@ def _list_npz(root: Path, sets: Sequence[str]) -> _Listing:
         # Row i of the set's npz is the character with the set's smallest id + i.
         offset = min(r["first"] for r in set_rows)
         by_id = sorted(set_rows, key=lambda r: r["first"])
-        for prev, r in zip(by_id, by_id[1:]):
+        for prev, r in pairwise(by_id):
             if r["first"] <= prev["last"]:
                 raise ValueError(f"{tsv}, lines {prev['line']} and {r['line']}: the character ranges of "
                                  f"{prev['alphabet']!r} ({prev['first']}..{prev['last']}) and {r['alphabet']!r} "
@@ -204,7 +213,7 @@ def _list_npz(root: Path, sets: Sequence[str]) -> _Listing:
     dup = sorted({a for a in alphabets if alphabets.count(a) > 1})
     if dup:
         raise ValueError(f"{tsv}: alphabets {dup} are listed more than once; list each alphabet once")
-    stat = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files + [tsv]]
+    stat = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in [*files, tsv]]
 
     def decode(size: int, resample: str) -> np.ndarray:
         parts = []
@@ -229,7 +238,10 @@ def _list_npz(root: Path, sets: Sequence[str]) -> _Listing:
 
 
 def _list_folders(root: Path, sets: Sequence[str]) -> _Listing:
-    alphabets, alphabet_of, char_index, names = [], [], [], []
+    alphabets: list[str] = []
+    alphabet_of: list[int] = []
+    char_index: list[int] = []
+    names: list[str] = []
     pngs: list[list[Path]] = []
     for s in sets:
         for alpha in sorted(p.name for p in (root / s).iterdir() if p.is_dir() and p.name[0] != "."):

@@ -45,7 +45,8 @@ def _allowed() -> dict[tuple[str, str], Any]:
     for pkg in ("numpy.core", "numpy._core"):  # numpy 1 and numpy 2 spellings of the same functions
         table[(f"{pkg}.multiarray", "_reconstruct")] = _multiarray._reconstruct
         table[(f"{pkg}.multiarray", "scalar")] = _multiarray.scalar
-        table[(f"{pkg}.numeric", "_frombuffer")] = _numeric._frombuffer
+        # numpy's stubs omit this private function, which pickled arrays reference by name.
+        table[(f"{pkg}.numeric", "_frombuffer")] = _numeric._frombuffer  # type: ignore[attr-defined]
     for name in ("set", "frozenset", "bytearray", "bytes", "complex"):
         table[("builtins", name)] = getattr(builtins, name)
     return table
