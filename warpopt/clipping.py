@@ -13,7 +13,7 @@ contributes no gradient, as in the loop.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

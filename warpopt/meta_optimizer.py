@@ -216,7 +216,8 @@ class WarpGradMetaOptimizer(torch.optim.Optimizer):
             self.counters["warp_updates"] += 1
         return loss
 
-    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False) -> torch.Tensor:
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0,
+                        error_if_nonfinite: bool = False) -> torch.Tensor:
         """``torch.nn.utils.clip_grad_norm_`` over the adapt parameters, recorded with the next
         ``step()`` so that the replay clips the same way (differentiably, Eq. 7)."""
         return session.clip_grad_norm_(self.core, self._run, max_norm, norm_type, error_if_nonfinite)

@@ -14,8 +14,6 @@ recorded points or accumulated meta-gradients in the old placement (move between
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from .meta_update import MetaParameters
@@ -39,7 +37,7 @@ def _moved(core: Model, meta: MetaParameters) -> bool:
     return any(_state_misplaced(o) for o in [core.task_optimizer, *meta.optimizers()])
 
 
-def _state_misplaced(optimizer: Optional[torch.optim.Optimizer]) -> bool:
+def _state_misplaced(optimizer: torch.optim.Optimizer | None) -> bool:
     if optimizer is None:
         return False
     for p, state in optimizer.state.items():

@@ -68,7 +68,8 @@ class Model:
         """Functional view of the model and the task update rule for replay (Eq. 7/8)."""
         groups = self.task_optimizer.param_groups
         index = {id(p): i for i, g in enumerate(groups) for p in g["params"]}
-        hypers = [{**groups[index[id(p)]], **self.learned} if self.learned else groups[index[id(p)]] for p in self.adapt]
+        hypers = [{**groups[index[id(p)]], **self.learned} if self.learned else groups[index[id(p)]]
+                  for p in self.adapt]
         return ReplayContext(self.module, self.adapt_names, self.buffer_names, self.step_fn, hypers,
                              [index[id(p)] for p in self.adapt], dict(self.learned))
 

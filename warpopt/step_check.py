@@ -27,8 +27,9 @@ the likely cause.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import torch
 
@@ -96,7 +97,7 @@ class Before:
 
 
 def before(params: Sequence[torch.Tensor], states: Sequence[State], grads: Sequence[torch.Tensor],
-           buffers: Sequence[torch.Tensor], hypers: StepHypers, guard: Optional[GradGuard], task: Any) -> Before:
+           buffers: Sequence[torch.Tensor], hypers: StepHypers, guard: GradGuard | None, task: Any) -> Before:
     """Copies taken just before ``optimizer.step()`` (once per checked task: 3 |θ| copies)."""
     clone = [p.detach().clone() for p in params]
     copied = [{k: (v.detach().clone() if isinstance(v, torch.Tensor) else v) for k, v in s.items()} for s in states]
@@ -106,7 +107,9 @@ def before(params: Sequence[torch.Tensor], states: Sequence[State], grads: Seque
 
 
 def _norm(ts: Sequence[torch.Tensor]) -> float:
-    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t.double()) for t in ts]))) if ts else 0.0
+    if not ts:
+        return 0.0
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t.double()) for t in ts])))
 
 
 def _diff(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> float:
@@ -121,12 +124,12 @@ def _gradient(context: ReplayContext, task: Any, params: Sequence[torch.Tensor],
     with torch.random.fork_rng(devices=devices), torch.enable_grad():
         torch.manual_seed(seed)
         loss = task.task_loss(context.forward_at(theta, buffers), batch)
-        grads = torch.autograd.grad(loss, theta, allow_unused=True)
-    grads = [torch.zeros_like(t) if g is None else g for t, g in zip(theta, grads)]
+        raw = torch.autograd.grad(loss, theta, allow_unused=True)
+    grads = [torch.zeros_like(t) if g is None else g for t, g in zip(theta, raw)]
     return clip_gradients(grads, *hypers.clip) if hypers.clip is not None else grads
 
 
-def after(context: ReplayContext, task: Any, live: Sequence[torch.Tensor], b: Before) -> Optional[tuple[str, str]]:
+def after(context: ReplayContext, task: Any, live: Sequence[torch.Tensor], b: Before) -> tuple[str, str] | None:
     """``(kind, message)`` if the step taken differs from the step the replay would take, else
     None. ``live``: θ_1 where the loop went on from it (at its next step, or the task's end)."""
     with torch.no_grad():
@@ -160,13 +163,14 @@ def after(context: ReplayContext, task: Any, live: Sequence[torch.Tensor], b: Be
                                     f"{ratio:.3g}): {cause}")
             # a stochastic forward (dropout): the recomputation cannot tell; the guard can
     if b.changed:
-        return ("gradient", f"the gradients of {len(b.changed)} adapt parameter(s) were changed between backward() and "
-                            "step() (scaled or clipped by hand: for clipping by norm call opt.clip_grad_norm_(max_norm), "
-                            "which the replay reproduces; a GradScaler's unscale_ also shows up here and is harmless)")
+        return ("gradient", f"the gradients of {len(b.changed)} adapt parameter(s) were changed between backward() "
+                            "and step() (scaled or clipped by hand: for clipping by norm call "
+                            "opt.clip_grad_norm_(max_norm), which the replay reproduces; a GradScaler's unscale_ also "
+                            "shows up here and is harmless)")
     return None
 
 
-def report(kind_message: Optional[tuple[str, str]], reported: set[str], task: Any) -> None:
+def report(kind_message: tuple[str, str] | None, reported: set[str], task: Any) -> None:
     """Warn once per kind of mismatch (per optimizer)."""
     if kind_message is None or kind_message[0] in reported:
         return

@@ -11,8 +11,9 @@ end). Nothing here touches the recorded tensors (``warpopt.points``).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any
 
 import torch
 
@@ -31,12 +32,12 @@ class StepHypers:
     """
 
     groups: tuple[tuple[Entry, ...], ...]
-    clip: Optional[tuple[float, float]] = None
+    clip: tuple[float, float] | None = None
 
 
 def _plain(value: Any) -> Any:
     """``value`` if it is a host number (or a tuple of them), else ``None`` (not recorded)."""
-    if isinstance(value, bool) or isinstance(value, (int, float)) and math.isfinite(value):
+    if isinstance(value, bool) or (isinstance(value, (int, float)) and math.isfinite(value)):
         return value
     if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.requires_grad:
         return value.item()  # a tensor lr (capturable optimizers): one host read per step
@@ -45,8 +46,8 @@ def _plain(value: Any) -> Any:
     return None
 
 
-def capture(optimizer: torch.optim.Optimizer, clip: Optional[tuple[float, float]],
-            previous: Optional[StepHypers] = None) -> StepHypers:
+def capture(optimizer: torch.optim.Optimizer, clip: tuple[float, float] | None,
+            previous: StepHypers | None = None) -> StepHypers:
     """The optimizer's numeric group hyper-parameters now, with ``clip``; ``previous`` is
     returned instead of an equal new object (consecutive steps usually agree)."""
     groups = tuple(tuple((k, v) for k, v in ((k, _plain(v)) for k, v in g.items() if k != "params")
@@ -69,7 +70,7 @@ def hypers_at(base: Sequence[Mapping[str, Any]], group_index: Sequence[int], rec
     return out
 
 
-def to_plain(h: Optional[StepHypers]) -> Optional[dict[str, Any]]:
+def to_plain(h: StepHypers | None) -> dict[str, Any] | None:
     """Lists, dicts and numbers only (a checkpoint loads it without unpickling objects)."""
     if h is None:
         return None
@@ -77,7 +78,7 @@ def to_plain(h: Optional[StepHypers]) -> Optional[dict[str, Any]]:
             "clip": None if h.clip is None else list(h.clip)}
 
 
-def from_plain(d: Optional[Mapping[str, Any]]) -> Optional[StepHypers]:
+def from_plain(d: Mapping[str, Any] | None) -> StepHypers | None:
     if d is None:
         return None
     groups = tuple(tuple((str(k), tuple(v) if isinstance(v, list) else v) for k, v in g) for g in d["groups"])

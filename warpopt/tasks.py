@@ -16,7 +16,8 @@ supervised data, ``supervised(criterion)`` builds one from a criterion ``(output
 """
 from __future__ import annotations
 
-from collections.abc import Iterator as IteratorABC, Sequence
+from collections.abc import Iterator as IteratorABC
+from collections.abc import Sequence
 from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
@@ -80,14 +81,16 @@ class _Pass:
 
     def __init__(self, data: Any) -> None:
         _check_data(data)
-        self.data, self.it, self.drawn, self.skip = data, None, 0, 0
+        self.data, self.drawn, self.skip = data, 0, 0
+        self.it: Optional[Iterator[Any]] = None
 
     def draw(self, k: int) -> Any:
         for _ in range(2):
             if self.it is None:
-                self.it, self.drawn = iter(self.data), 0
+                it = iter(self.data)
+                self.it, self.drawn = it, 0
                 for _ in range(self.skip):  # a resumed position (state_dict)
-                    next(self.it, None)
+                    next(it, None)
                     self.drawn += 1
                 self.skip = 0
             try:
@@ -109,7 +112,8 @@ class _Tape:
     """The batches a one-shot iterator has produced, in order (references, no copies)."""
 
     def __init__(self, iterator: Optional[Iterator[Any]]) -> None:
-        self.iterator, self.batches = iterator, []
+        self.iterator = iterator
+        self.batches: list[Any] = []
 
     def pull(self) -> bool:
         """Read one more batch from the iterator onto the tape; False when it is exhausted."""

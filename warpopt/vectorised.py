@@ -25,9 +25,9 @@ Policies:
   sequence of draws. Samples are stacked in groups that share the batch structure (shapes and
   dtypes), the optimizer-state keys and the loss functions; each group is one vmap call and
   the group results are summed with weight ``len(group)/η``. Samples whose steps used
-  different hyper-parameters (a scheduler changing the lr) or clipping form different groups. Equal batch shapes across a
-  mini-batch (the normal case) give a single group; with ``strict=True`` anything else raises
-  a ``ValueError`` naming the mismatch instead.
+  different hyper-parameters (a scheduler changing the lr) or clipping form different groups.
+  Equal batch shapes across a mini-batch (the normal case) give a single group; with
+  ``strict=True`` anything else raises a ``ValueError`` naming the mismatch instead.
 - **BatchNorm**: every sample gets its own *batched clone* of the recorded buffers, and each
   forward clones again (as ``ReplayContext.forward_at`` does), so train-mode running-stat
   updates are in-place writes into per-sample copies: legal under vmap and never visible in
@@ -198,7 +198,8 @@ def vectorised_meta_gradient(objective: Objective, context: ReplayContext, sampl
     if strict and len(groups) > 1:
         keys = list(groups)
         raise ValueError("vectorised replay (strict=True) needs equal batch shapes, optimizer-state keys, "
-                         f"losses and step hyper-parameters (lr, clipping) across the mini-batch; got {len(keys)} kinds, e.g. {_describe(keys[0])} vs "
+                         f"losses and step hyper-parameters (lr, clipping) across the mini-batch; got {len(keys)} "
+                         f"kinds, e.g. {_describe(keys[0])} vs "
                          f"{_describe(keys[1])}")
 
     meta_params = list(meta_params)
