@@ -234,3 +234,20 @@ def test_clip_grad_norm_refuses_bad_bounds_before_touching_the_gradients():
         with pytest.raises((ValueError, TypeError), match="max_norm"):
             opt.clip_grad_norm_(bad)
     assert all(torch.equal(p.grad, g) for p, g in zip(model.adapt_parameters(), grads))
+
+
+def test_a_check_that_fails_warns_and_never_stops_training():
+    model = make_model()
+    opt = warpopt.WarpGradMetaOptimizer(model, lr=0.1, initialisation=warpopt.none())
+
+    def fragile(forward, batch):  # a task loss that fails outside the loop (which computes its own)
+        raise RuntimeError("fragile loss")
+
+    data = batches(1, n=1)
+    with pytest.warns(RuntimeWarning, match="could not check.*fragile loss.*training is unaffected"):
+        with opt.task(data, batch_loss=fragile) as task:
+            for x, y in task:
+                opt.zero_grad()
+                loss_fn(model(x), y).backward()
+                opt.step()
+    assert opt.counters["tasks"] == 1 and len(opt.replay) == 2

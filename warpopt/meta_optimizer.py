@@ -152,7 +152,8 @@ class WarpGradMetaOptimizer(torch.optim.Optimizer):
         """Adapt to one task: reset θ ← θ0, record its trajectory, commit it at the end.
 
         ``data`` is the task's data (an iterable of batches, a callable, or a ``Task``) from
-        which the meta-objectives draw fresh batches; ``loss_fn`` its criterion (or pass
+        which the meta-objectives draw batches (iterate the yielded task, ``for x, y in task``,
+        when it is a generator or iterator); ``loss_fn`` its criterion (or pass
         ``batch_loss=``, ``meta_data=``, ``meta_loss=``; see ``warpopt.Task``). ``reset``
         overrides the algorithm's choice (continual learning keeps θ). ``learn=False``
         adapts without recording or meta-learning from the task (evaluation on held-out

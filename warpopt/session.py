@@ -151,6 +151,7 @@ class TaskRun:
     hook: Any = None
     algorithm_state: Accumulator = field(default_factory=Accumulator)  # tentative until the task ends
     hypers: Optional[StepHypers] = None  # what the latest step used (recorded with its point)
+    step_hypers: list[StepHypers] = field(default_factory=list)  # per step k (shared objects; for θ0 learners)
     guard: Optional[step_check.GradGuard] = None  # set while the task's first step is to be checked
     check: Optional[step_check.Before] = None  # the first step, compared where the loop took θ_1 to
 
@@ -237,6 +238,7 @@ def step(model: Model, run: Optional[TaskRun], *, algorithm: Algorithm, initiali
     if run is not None:  # issue 14: record what this step uses; check the step on sampled tasks
         _verify_first_step(model, run)  # θ_1 as the loop left it (after any change of its own)
         run.hypers = capture(model.task_optimizer, clip, run.hypers)
+        run.step_hypers.append(run.hypers)
         if run.trajectory is not None:
             run.trajectory.note_hypers(run.steps, run.hypers)
         if run.steps == 0:
@@ -343,7 +345,11 @@ def _verify_first_step(model: Model, run: TaskRun) -> None:
     """Compare the checked first step with the θ_1 the loop went on from (``warpopt.step_check``)."""
     if run.check is not None:
         check, run.check = run.check, None
-        step_check.report(step_check.after(run.context, run.task, model.adapt, check), model.reported, run.task)
+        try:
+            found = step_check.after(run.context, run.task, model.adapt, check)
+        except Exception as error:  # a diagnostic must never stop the user's training
+            found = ("unchecked", f"{type(error).__name__}: {error}")
+        step_check.report(found, model.reported, run.task)
 
 
 def _check_loop_reads_task(model: Model, run: TaskRun) -> None:

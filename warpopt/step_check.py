@@ -171,11 +171,15 @@ def after(context: ReplayContext, task: Any, live: Sequence[torch.Tensor], b: Be
 
 
 def report(kind_message: tuple[str, str] | None, reported: set[str], task: Any) -> None:
-    """Warn once per kind of mismatch (per optimizer)."""
+    """Warn once per kind of mismatch (per optimizer); kind ``"unchecked"``: the check failed."""
     if kind_message is None or kind_message[0] in reported:
         return
     kind, message = kind_message
     reported.add(kind)
+    if kind == "unchecked":
+        warnings.warn(f"warpopt could not check that the step replayed is the step taken on {task!r} (the check "
+                      f"failed: {message}); training is unaffected. Reported once.", RuntimeWarning, stacklevel=5)
+        return
     warnings.warn(f"warpopt: the step replayed is not the step taken (checked on the first step of {task!r}): "
                   f"{message}. The exact objective (Eq. 7) differentiates the replayed step, so its meta-gradient "
                   "is that of a different step. Reported once.", RuntimeWarning, stacklevel=5)
