@@ -208,6 +208,7 @@ def test_intervals_reuse_the_inverse_and_collect_factors_on_schedule():
         seen.append({k: opt.state[w][k].clone() for k in ("A", "QA")})
     changed = lambda k, i: not torch.equal(seen[i][k], seen[i - 1][k])  # noqa: E731
     assert [changed("A", t) for t in range(1, 6)] == [False, True, False, True, False]   # steps 2, 4
+    assert opt.state[w]["collections"] == 3
     assert [changed("QA", t) for t in range(1, 6)] == [False, False, True, False, False]  # step 3
     assert opt.param_groups[0]["step"] == 6
 
@@ -303,3 +304,17 @@ def test_a_warped_models_adapt_layers_are_preconditioned_on_their_raw_outputs():
     moved = _step(model, opt, lambda m: 0.5 * (m(x) - y).pow(2).sum(1).mean())
     got = dict(zip([n for n, _ in model.named_parameters()], moved))
     torch.testing.assert_close(_flat(got["0.weight"], got["0.bias"]), expected, rtol=1e-9, atol=1e-12)
+
+
+def test_factors_are_a_plain_mean_first_then_an_exponential_average():
+    """Martens & Grosse §5: weight min(1 − 1/k, decay) on the old factor at the k-th collection."""
+    model = _mlp([3, 2])
+    opt = warpopt.KFAC(model, lr=0.01, factor_decay=0.6)
+    fresh = []
+    for _ in range(3):
+        x = torch.randn(4, 3, dtype=DT)
+        a = torch.cat([x, torch.ones(4, 1, dtype=DT)], 1)
+        fresh.append(a.t() @ a / 4)   # the first layer's A, by hand
+        _step(model, opt, lambda m: m(x).pow(2).mean())
+    expected = 0.6 * (0.5 * fresh[0] + 0.5 * fresh[1]) + 0.4 * fresh[2]   # k = 2: ε = 1/2; k = 3: ε = 0.6
+    torch.testing.assert_close(opt.state[model[0].weight]["A"], expected, rtol=1e-12, atol=1e-14)

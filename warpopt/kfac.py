@@ -35,8 +35,9 @@ Parameters outside these layers (BatchNorm, other modules) take plain gradient s
     logits (or the Gaussian mean) of shape ``(N, C)``.
 
 Statistics are collected on the forward/backward passes that follow every
-``factor_interval``-th step (training mode, grad enabled), averaged over time with
-``factor_decay`` (the first collection initialises them); the eigendecompositions are
+``factor_interval``-th step (training mode, grad enabled) and averaged over time with weight
+``min(1 − 1/k, factor_decay)`` on the old value at the k-th collection (Martens & Grosse §5: a
+plain mean over the first ones, then an exponential average); the eigendecompositions are
 refreshed every ``inverse_interval`` steps. Losses are assumed to average over the batch
 (``batch_averaged=False`` for sums).
 """
@@ -73,16 +74,22 @@ def _check_conv(name: str, module: nn.Conv2d) -> None:
 
 
 def _activations(module: nn.Module, x: Tensor) -> Tensor:
-    """Rows ā (with a trailing 1 when the layer has a bias): ``(N·|T|, in')``."""
+    """Layer inputs a as rows ``(N·|T|, in)`` (conv: the patch at every output location t)."""
     if isinstance(module, nn.Conv2d):
         patches = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=module.padding,
                            stride=module.stride)                      # (N, in·kh·kw, |T|)
-        a = patches.transpose(1, 2).reshape(-1, patches.shape[1])
-    else:
-        a = x.reshape(-1, x.shape[-1])
-    if module.bias is not None:
-        a = torch.cat([a, a.new_ones(a.shape[0], 1)], 1)
-    return a
+        return patches.transpose(1, 2).reshape(-1, patches.shape[1])
+    return x.reshape(-1, x.shape[-1])
+
+
+def _input_factor(module: nn.Module, a: Tensor, n: int) -> Tensor:
+    """A = 1/N Σ ā āᵀ with ā = [a, 1] (bias), assembled blockwise instead of concatenating ones."""
+    aa = a.t() @ a
+    if module.bias is None:
+        return aa / n
+    s = a.sum(0, keepdim=True)
+    count = a.new_full((1, 1), float(a.shape[0]))
+    return torch.cat([torch.cat([aa, s.t()], 1), torch.cat([s, count], 1)], 0) / n
 
 
 def _output_rows(module: nn.Module, g: Tensor) -> Tensor:
@@ -102,7 +109,8 @@ class KFAC(torch.optim.Optimizer):
         damping: λ, added to the Kronecker-factored Fisher: the step is ``(G ⊗ A + λI)⁻¹ ∇``.
         momentum: heavy-ball momentum on the final update (as ``torch.optim.SGD``).
         weight_decay: L2 term added to the gradient before preconditioning.
-        factor_decay: weight of the old factors in their running average.
+        factor_decay: weight of the old factors in their running average (after the first
+            ``1 / (1 - factor_decay)`` collections, which are averaged plainly).
         factor_interval: collect Kronecker-factor statistics every this many steps (T_cov).
         inverse_interval: recompute the eigendecompositions every this many steps (T_inv).
         fisher: ``"empirical"``, ``"categorical"`` or ``"gaussian"`` (see the module docstring).
@@ -184,7 +192,7 @@ class KFAC(torch.optim.Optimizer):
         x = inputs[0].detach()
         a = _activations(module, x).to(module.weight.dtype)
         n = x.shape[0]
-        self._fresh[module] = {"A": a.t() @ a / n, "n": n}
+        self._fresh[module] = {"A": _input_factor(module, a, n), "n": n}
         if self.fisher == "empirical":
             output.register_hook(lambda g, m=module: self._record_g(m, g))
         else:
@@ -232,10 +240,12 @@ class KFAC(torch.optim.Optimizer):
         if fresh is None or "G" not in fresh:
             return
         st = self.state[module.weight]
-        if "A" not in st:
+        k = st["collections"] = st.get("collections", 0) + 1
+        # Martens & Grosse §5: ε = min(1 − 1/k, decay), a plain mean over the first collections
+        d = min(1.0 - 1.0 / k, group["factor_decay"])
+        if k == 1:
             st["A"], st["G"] = fresh["A"], fresh["G"]
         else:
-            d = group["factor_decay"]
             st["A"] = d * st["A"] + (1 - d) * fresh["A"]
             st["G"] = d * st["G"] + (1 - d) * fresh["G"]
 
