@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import os
 import sys
 import time
@@ -41,6 +40,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import omniglot as harness  # noqa: E402  (the Omniglot model, data, meta-training and evaluation)
 from _parallel import no_progress, run_parallel  # noqa: E402
+from omniglot_report import mean_std  # noqa: E402
 
 warpopt = harness.warpopt
 ROWS = {  # method -> (Table 4 "Method", "Preconditioning", warp layer of omniglot.WARP_LAYERS, paper (mean, std))
@@ -49,7 +49,7 @@ ROWS = {  # method -> (Table 4 "Method", "Preconditioning", warp layer of omnigl
     "warp-linear": ("WarpGrad", "Linear (block-diagonal)", "conv", (68.0, 4.4)),
     "warp-nonlinear": ("WarpGrad", "Non-linear (full)", "two-layer-residual", (81.3, 4.0)),
 }
-QUICK = dict(filters=32, meta_steps=6, meta_batch=2, max_updates=40, num_eval_tasks=10, fig7_every=20,
+QUICK = dict(filters=16, meta_steps=12, meta_batch=2, max_updates=40, num_eval_tasks=10, fig7_every=20,
              workers=2)
 
 
@@ -131,7 +131,7 @@ def run(method: str, args, progress=no_progress) -> dict:
     test_tasks = test_tasks[: args.num_eval_tasks]
     gen = torch.Generator().manual_seed(args.run_seed)
     timer = {"task_steps": 0, "task_s": 0.0, "replayed": 0, "meta_s": 0.0}
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     warp_layer = ROWS[method][2]
     if warp_layer:
         args.warp_layer = warp_layer
@@ -151,7 +151,8 @@ def run(method: str, args, progress=no_progress) -> dict:
             "test_acc_per_task": dict(zip([t.name for t in test_tasks], acc)), "train_curve": curve,
             "train_auc": sum(curve) / len(curve), "quick": args.quick, "filters": args.filters,
             "meta_steps": args.meta_steps if warp_layer else 0, "kfac": harness.kfac_settings(args)
-            if method == "kfac" else None, "time_s": time.perf_counter() - start, **timer,
+            if method == "kfac" else None, "time_s": time.perf_counter() - start,
+            "cpu_s": time.process_time() - cpu_start, **timer,
             "fig7": {k: [sum(v[i]) / len(v[i]) for i in sorted(v)] for k, v in fig7.items()}}
 
 
@@ -163,11 +164,6 @@ def _job(job, progress):
 
 
 # ----------------------------------------------------------------------------- report
-def mean_std(xs):
-    m = sum(xs) / len(xs)
-    return m, math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
-
-
 def table(runs: list[dict]) -> str:
     steps = sorted({len(r["train_curve"]) for r in runs})
     lines = [f"Test accuracy (%) on held-out alphabets after {'/'.join(map(str, steps))} steps from a random "

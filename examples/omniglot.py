@@ -303,7 +303,7 @@ def run(method, args, data, progress=no_progress):
 
 
 #: KFAC‡ settings (warpopt.KFAC): the paper does not state them
-KFAC_DEFAULTS = dict(damping=1e-2, fisher="categorical", factor_interval=1, inverse_interval=5)
+KFAC_DEFAULTS = dict(damping=1.0, fisher="categorical", factor_interval=1, inverse_interval=5)
 
 
 def kfac_settings(args) -> dict:
