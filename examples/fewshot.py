@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import warpopt  # noqa: E402
 from warpopt.data import (EpisodeSampler, load_miniimagenet, load_omniglot, load_tieredimagenet,  # noqa: E402
                           vinyals_split)
+from fewshot_report import fig8  # noqa: E402
 from fewshot_models import (ConvNet, MAMLBaseline, evaluate, load_warp_state, warp_convnet,  # noqa: E402
                             warp_state)
 
@@ -68,6 +69,10 @@ def parse_args(argv=None):
     p.add_argument("--eval-steps", type=int, default=None, help="task steps at evaluation (default: inner steps)")
     p.add_argument("--val-every", type=int, default=None, help="meta-validate every N meta-steps (0: never)")
     p.add_argument("--val-episodes", type=int, default=100)
+    p.add_argument("--curve-every", type=int, default=None,
+                   help="Fig. 8 learning curves: query accuracy every N task steps (multishot: 10; 0: off)")
+    p.add_argument("--curve-episodes", type=int, default=None,
+                   help="Fig. 8 meta-training curve: meta-test episodes evaluated at every --val-every (multishot: 20)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--quick", action="store_true", help="CPU mode: 32 filters, 5-way 200 / 20-way 120 meta-steps (about 7 CPU-minutes for 2x2 runs)")
@@ -129,6 +134,8 @@ def resolve(args) -> dict:
     put("eval_steps", args.eval_steps, cfg["inner_steps"], "= inner steps (ours)")
     put("val_every", args.val_every, 0 if args.quick else (100 if multi else 1000), "ours (early stopping, Appendix H)")
     put("val_episodes", args.val_episodes, 100, "ours")
+    put("curve_every", args.curve_every, 10 if multi else 0, "ours (Fig. 8 learning curves)")
+    put("curve_episodes", args.curve_episodes, 20 if multi else 0, "ours (Fig. 8 meta-training curve)")
     put("cache_dir", args.cache_dir, "runs/cache", "ours")
     put("data_root", args.data_root, DEFAULT_ROOTS[args.dataset], "ours")
     for key in ("dataset", "protocol", "seed", "device", "quick"):
@@ -223,10 +230,10 @@ class Learner:
             return list(self.opt.theta0)
         return [p for _, p in self.model.named_parameters()]
 
-    def evaluate(self, episodes, seed, progress=None) -> dict:
+    def evaluate(self, episodes, seed, progress=None, curve_every=None) -> dict:
         return evaluate(self.model, self.names, self.theta0(), episodes, self.cfg["eval_steps"], self.cfg["lr"],
                         self.device, momentum=self.momentum, batch_size=self.cfg["inner_batch"], seed=seed,
-                        progress=progress)
+                        progress=progress, curve_every=curve_every)
 
     def state(self):
         return warp_state(self.model, self.opt) if self.kind.startswith("warp") else self.baseline.state()
@@ -254,6 +261,10 @@ def run_one(kind, ways, cfg, pools, device, progress=True) -> dict:
     test = EpisodeSampler(pools["test"], ways, cfg["shots"], cfg["queries"], seed=20_000 + cfg["seed"],
                           num_episodes=cfg["eval_episodes"])
     curve, val_curve, best = [], [], (-1.0, None, 0)
+    test_curve, curve_test = [], None  # Fig. 8 (bottom): meta-test accuracy during meta-training
+    if cfg["curve_episodes"]:
+        curve_test = EpisodeSampler(pools["test"], ways, cfg["shots"], cfg["queries"], seed=30_000 + cfg["seed"],
+                                    num_episodes=cfg["curve_episodes"])
     t0 = time.time()
     bar = tqdm(range(cfg["meta_steps"]), desc=f"{kind} {ways}-way {cfg['shots']}-shot", disable=not progress)
     mb = cfg["meta_batch"]
@@ -265,6 +276,8 @@ def run_one(kind, ways, cfg, pools, device, progress=True) -> dict:
         if cfg["val_every"] and (step + 1) % cfg["val_every"] == 0:
             acc = learner.evaluate(val, seed=1)["accuracy"]
             val_curve.append((step + 1, acc))
+            if curve_test is not None:
+                test_curve.append((step + 1, learner.evaluate(curve_test, seed=3)["accuracy"]))
             if acc > best[0]:
                 best = (acc, learner.state(), step + 1)
     train_time = time.time() - t0
@@ -272,13 +285,15 @@ def run_one(kind, ways, cfg, pools, device, progress=True) -> dict:
         learner.load(best[1])
     t1 = time.time()
     res = learner.evaluate(test, seed=2, progress=(lambda it: tqdm(it, total=cfg["eval_episodes"], desc="test",
-                                                                   leave=False)) if progress else None)
+                                                                   leave=False)) if progress else None,
+                           curve_every=cfg["curve_every"] or None)
     return {"meta_learner": kind, "ways": ways, "shots": cfg["shots"], "accuracy": res["accuracy"],
             "ci95": res["ci95"], "test_episodes": res["episodes"], "train_seconds": round(train_time, 1),
             "eval_seconds": round(time.time() - t1, 1), "meta_steps": cfg["meta_steps"],
             "best_val_step": best[2] if best[1] is not None else None, "val_curve": val_curve,
             "train_loss_curve": [float(np.mean(curve[i:i + 50])) for i in range(0, len(curve), 50)],
-            "parameters": learner.counts(), "per_episode": res["per_episode"]}
+            "parameters": learner.counts(), "per_episode": res["per_episode"],
+            "protocol": cfg["protocol"], "learning_curve": res.get("curve"), "test_curve": test_curve}
 
 
 def plot(results, out: Path, cfg) -> None:
@@ -313,6 +328,7 @@ def summarize(dirs, out: Path) -> list:
     (out / "results.json").write_text(json.dumps({"runs": [str(d) for d in dirs], "results": results}, indent=1))
     episodes = sorted({r["test_episodes"] for r in results})
     plot(results, out, {"dataset": "/".join(sorted(datasets)), "eval_episodes": "/".join(map(str, episodes))})
+    fig8(results, out)
     for r in results:
         print(f"{r['meta_learner']:10s} {r['ways']}-way {r['shots']}-shot, {r['meta_steps']} meta-steps: "
               f"{r['accuracy']:.2f} ± {r['ci95']:.2f} % ({r['test_episodes']} episodes)")
@@ -347,6 +363,7 @@ def main(argv=None) -> list:
             (out / "results.json").write_text(json.dumps({"results": summary, "per_episode": {
                 f"{x['meta_learner']}/{x['ways']}": x["per_episode"] for x in results}}, indent=1))
     plot(results, out, cfg)
+    fig8(results, out)
     return results
 
 

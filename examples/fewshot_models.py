@@ -76,11 +76,13 @@ def warp_convnet(net: ConvNet, after: str = "conv") -> nn.Module:
 
 # ---------------------------------------------------------------------------- functional helpers
 def sgd_adapt(model: nn.Module, params: dict[str, torch.Tensor], batches: Callable[[int], tuple],
-              steps: int, lr: float, momentum: float = 0.0, create_graph: bool = False) -> dict[str, torch.Tensor]:
+              steps: int, lr: float, momentum: float = 0.0, create_graph: bool = False,
+              on_step: Optional[Callable[[int, dict], None]] = None) -> dict[str, torch.Tensor]:
     """``steps`` SGD (heavy-ball) steps on ``params`` (the adapted ones; others stay live).
 
     ``create_graph``: keep the graph through the steps (second-order MAML); otherwise the
     gradients are detached (first order when ``params`` require grad; plain adaptation else).
+    ``on_step(k, params)`` is called after step k = 1..steps (learning curves, Fig. 8).
     """
     names = list(params)
     theta = [params[n] for n in names]
@@ -100,6 +102,8 @@ def sgd_adapt(model: nn.Module, params: dict[str, torch.Tensor], batches: Callab
         theta = [t - lr * g for t, g in zip(theta, grads)]
         if not create_graph and not any(p.requires_grad for p in params.values()):
             theta = [t.detach() for t in theta]
+        if on_step is not None:
+            on_step(k + 1, dict(zip(names, theta)))
     return dict(zip(names, theta))
 
 
@@ -159,14 +163,15 @@ def load_warp_state(model: nn.Module, opt: "warpopt.WarpGradMetaOptimizer", stat
 
 def evaluate(model: nn.Module, names: Sequence[str], theta0: Sequence[torch.Tensor], episodes: Iterable,
              steps: int, lr: float, device: torch.device, momentum: float = 0.0, batch_size: Optional[int] = None,
-             seed: int = 0, progress: Optional[Callable] = None) -> dict:
+             seed: int = 0, progress: Optional[Callable] = None, curve_every: Optional[int] = None) -> dict:
     """Adapt from θ0 on each episode's support set, then accuracy on its query set.
 
     ``batch_size``: None uses the full support set at every step (few-shot); otherwise random
     mini-batches of that size (multi-shot). Returns mean accuracy (%) with its 95% confidence
-    interval 1.96 * std / sqrt(n) (std with ddof=1) over episodes.
+    interval 1.96 * std / sqrt(n) (std with ddof=1) over episodes. ``curve_every``: also the
+    query accuracy at steps 0, e, 2e, ... (mean over episodes) as ``curve`` (Fig. 8 learning curves).
     """
-    accs = []
+    accs, curves = [], []
     g = torch.Generator().manual_seed(seed)
     start = {n: t.detach() for n, t in zip(names, theta0)}
     it = episodes if progress is None else progress(episodes)
@@ -178,10 +183,23 @@ def evaluate(model: nn.Module, names: Sequence[str], theta0: Sequence[torch.Tens
             def support(k, ep=ep):
                 idx = torch.randint(ep.support_x.shape[0], (batch_size,), generator=g).to(device)
                 return ep.support_x[idx], ep.support_y[idx]
-        theta = sgd_adapt(model, dict(start), support, steps, lr, momentum)
-        with torch.no_grad():
-            pred = functional_call(model, theta, (ep.query_x,)).argmax(-1)
-        accs.append((pred == ep.query_y).float().mean().item() * 100.0)
+        record = None
+        if curve_every:
+            curves.append([_query_accuracy(model, start, ep)])
+            record = lambda k, th: curves[-1].append(_query_accuracy(model, th, ep)) \
+                if k % curve_every == 0 else None  # noqa: E731
+        theta = sgd_adapt(model, dict(start), support, steps, lr, momentum, on_step=record)
+        accs.append(_query_accuracy(model, theta, ep))
     a = np.asarray(accs)
     ci = 1.96 * a.std(ddof=1) / math.sqrt(len(a)) if len(a) > 1 else float("nan")
-    return {"accuracy": float(a.mean()), "ci95": float(ci), "episodes": len(a), "per_episode": a.tolist()}
+    out = {"accuracy": float(a.mean()), "ci95": float(ci), "episodes": len(a), "per_episode": a.tolist()}
+    if curve_every:
+        out["curve"] = {"steps": list(range(0, steps + 1, curve_every)),
+                        "accuracy": np.asarray(curves).mean(0).tolist()}
+    return out
+
+
+def _query_accuracy(model: nn.Module, theta: dict, ep) -> float:
+    with torch.no_grad():
+        pred = functional_call(model, theta, (ep.query_x,)).argmax(-1)
+    return (pred == ep.query_y).float().mean().item() * 100.0

@@ -429,3 +429,24 @@ def test_no_import_cycle_in_the_package():
         if node not in state:
             visit(node, [])
     assert "warpopt.meta_optimizer" in graph and "warpopt.checkpoint" in graph
+
+
+def test_a_warp_with_batchnorm_replays_exactly_and_its_live_buffers_are_never_written_by_the_replay():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+    model = warpopt.warp(net, layer=warpopt.ConvBNWarp)
+    opt = warpopt.WarpGradMetaOptimizer(model, lr=0.1, initialisation=warpopt.none())
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(5, 1, 6, 6, generator=g), torch.randint(0, 3, (5,), generator=g)) for _ in range(3)]
+    with opt.task(data, nn.functional.cross_entropy) as task:
+        for x, y in task:
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+    live = {n: b.clone() for n, b in model.named_warp_buffers()}
+    assert live, "ConvBNWarp should bring BatchNorm buffers"
+    warp = [p.detach().clone() for p in model.warp_parameters()]
+    opt.meta_step()  # the exact objective (torch.func.grad) through a train-mode BatchNorm warp
+    assert any(not torch.equal(a, b) for a, b in zip(warp, model.warp_parameters()))
+    for n, b in model.named_warp_buffers():
+        assert torch.equal(b, live[n]), n

@@ -124,3 +124,56 @@ def test_two_episode_warp_maml_on_omniglot(tmp_path):
                   "--meta-learner", "warp-maml", "--out", str(out), "--cache-dir", str(ROOT / "runs" / "cache")]
                  + TINY)
     _check_run(out, ["warp-maml"])
+
+
+def _make_tiered(root: Path, classes=3, per_class=8, size=32):
+    import io
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for split in ("train", "val", "test"):
+        labels = np.repeat(np.arange(classes), per_class)
+        images = rng.integers(0, 256, size=(len(labels), size, size, 3), dtype=np.uint8)
+        encoded = []
+        for a in images:
+            buf = io.BytesIO()
+            Image.fromarray(a).save(buf, format="PNG")
+            encoded.append(buf.getvalue())
+        with open(root / f"{split}_images_png.pkl", "wb") as f:
+            pickle.dump(encoded, f)
+        with open(root / f"{split}_labels.pkl", "wb") as f:
+            pickle.dump({"label_specific": labels, "label_general": labels // 2,
+                         "label_specific_str": [f"c{i}" for i in range(classes)],
+                         "label_general_str": ["g0", "g1"]}, f)
+
+
+def test_fig8_from_a_small_generated_multishot_run(tmp_path):
+    """A multishot run records learning curves (every step) and the meta-test curve during
+    meta-training; the report draws Fig. 8 from the results files of two runs."""
+    import fewshot_report
+    _make_tiered(tmp_path)
+    runs = []
+    for seed in (0, 1):
+        out = tmp_path / f"run{seed}"
+        fewshot.main(["--dataset", "tieredimagenet", "--protocol", "multishot", "--data-root", str(tmp_path),
+                      "--ways", "2", "--shots", "4", "--queries", "2", "--image-size", "32",
+                      "--filters", "4", "4", "4", "4", "4", "4", "--meta-steps", "2", "--inner-steps", "3",
+                      "--inner-batch", "4", "--meta-batch", "1", "--val-every", "1", "--val-episodes", "1",
+                      "--curve-every", "1", "--curve-episodes", "2", "--eval-episodes", "2", "--seed", str(seed),
+                      "--no-progress", "--threads", "1", "--out", str(out)])
+        runs.append(out)
+        r = json.loads((out / "results.json").read_text())["results"][0]
+        assert r["meta_learner"] == "warp-leap" and r["protocol"] == "multishot"
+        assert r["learning_curve"]["steps"] == [0, 1, 2, 3]
+        assert all(0 <= a <= 100 for a in r["learning_curve"]["accuracy"])
+        assert [s for s, _ in r["test_curve"]] == [1, 2]
+        # the curve's last point is the final test accuracy (same episodes, same batches)
+        assert r["learning_curve"]["accuracy"][-1] == pytest.approx(r["accuracy"])
+        assert (out / "fig8.png").stat().st_size > 0
+    path = fewshot_report.main([str(d) for d in runs] + ["--out", str(tmp_path / "report")])
+    assert path == tmp_path / "report" / "fig8.png" and path.stat().st_size > 0
+
+
+def test_fig8_is_skipped_without_learning_curves(tmp_path):
+    import fewshot_report
+    assert fewshot_report.fig8([{"meta_learner": "maml", "ways": 5, "shots": 1}], tmp_path) is None
+    assert not (tmp_path / "fig8.png").exists()

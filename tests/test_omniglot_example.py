@@ -111,3 +111,21 @@ def test_parallel_workers_give_the_same_results_as_one_process(tmp_path):
     for method, row in runs[serial].items():
         other = runs[parallel][method]
         assert row["test_acc"] == other["test_acc"] and row["train_curve"] == other["train_curve"]
+
+
+@needs_data
+def test_kfac_baseline_is_a_random_init_large_batch_kfac_run_in_the_report(tmp_path):
+    example.main(["--meta-learner", "kfac", "sgd", "--kfac-damping", "0.3", *_args_list(tmp_path)])
+    rows = {r["method"]: r for r in json.loads((tmp_path / "results.json").read_text())["runs"]}
+    assert set(rows) == {"kfac", "sgd"}
+    assert rows["kfac"]["kfac"]["damping"] == 0.3 and rows["sgd"]["kfac"] is None
+    assert rows["kfac"]["task_steps"] == 0 == rows["sgd"]["task_steps"]   # no meta-training
+    # same init, same batches: a different optimizer gives a different learning curve
+    assert rows["kfac"]["train_curve"] != rows["sgd"]["train_curve"]
+    table = (tmp_path / "table.md").read_text()
+    assert "KFAC‡" in table and "KFAC‡ 56.0" in table
+    args = example.parse_args(_args_list(tmp_path))
+    args.run_seed = 0
+    _, model = example.build_model(args, "none", 0)
+    opt = example.kfac_factory(args)(model, list(model.adapt_parameters()), 1.0)
+    assert isinstance(opt, example.warpopt.KFAC) and len(opt.layers) == 5   # 4 convs + the head

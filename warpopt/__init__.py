@@ -3,9 +3,11 @@
     model = warpopt.warp(net)
     opt = warpopt.WarpGradMetaOptimizer(model, lr=0.1, meta_lr=1e-3)
 """
-from . import algorithms, initialisation, kernels, layers, objectives, selection, task_optimizers, vectorised, warping
+from . import (algorithms, initialisation, kernels, kfac, layers, objectives, selection, task_optimizers, vectorised,
+               warping)
 from .algorithms import continual, offline, online
 from .initialisation import InitialisationLearner, fomaml, leap, maml, multitask, none, reptile
+from .kfac import KFAC
 from .layers import (ConvBNWarp, ConvWarp, LinearWarp, LSTMWarp, MLPResidualWarp, ResidualWarp, ScaleWarp,
                      TaskAdaptable, TaskFiLM, TwoLayerResidualWarp, default_warp_layer)
 from .meta_optimizer import WarpGradMetaOptimizer
@@ -24,6 +26,7 @@ __all__ = [
     "ReplayBuffer", "Trajectory", "Sample", "DeviceStorage", "CPUStorage", "DiskStorage",
     "ConvWarp", "LinearWarp", "ScaleWarp", "ConvBNWarp", "ResidualWarp", "TwoLayerResidualWarp",
     "MLPResidualWarp", "LSTMWarp", "TaskFiLM", "TaskAdaptable", "default_warp_layer",
-    "functional_step_for", "register_functional_step",
-    "algorithms", "initialisation", "kernels", "layers", "selection", "objectives", "task_optimizers", "vectorised", "warping",
+    "functional_step_for", "register_functional_step", "KFAC",
+    "algorithms", "initialisation", "kernels", "kfac", "layers", "selection", "objectives", "task_optimizers",
+    "vectorised", "warping",
 ]

@@ -61,11 +61,17 @@ class ReplayContext:
         """``forward(*inputs)`` of the model at θ = ``params`` (φ live); a pure function.
 
         Buffers are cloned: a BatchNorm in train mode updates its running statistics in
-        place, and those must not leak into the recorded point or the live model.
+        place, and those must not leak into the recorded point or the live model. That holds
+        for the warp layers' own buffers (a warp with BatchNorm) too, which the live model
+        keeps: a replay reads them and never writes them (writing a captured tensor inside
+        ``torch.func.grad`` is an error anyway).
         """
         mapping = dict(zip(self.param_names, params))
         mapping.update(zip(self.buffer_names, (b.clone() for b in buffers)))
         model = self.model
+        for name, b in model.named_buffers():
+            if name not in mapping:
+                mapping[name] = b.clone()
 
         def forward(*args: Any, **kwargs: Any) -> Any:
             with replay_kernels(model):  # twice-differentiable kernels (warpopt/kernels.py)
