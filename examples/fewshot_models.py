@@ -1,10 +1,10 @@
-"""Helpers of ``examples/fewshot.py``: the conv task learner, the MAML/FOMAML baselines and
-episodic evaluation (WarpGrad Appendix H).
+"""Helpers of ``examples/fewshot.py``: the Warp-MAML partition of the task learner and the
+MAML/FOMAML baselines (WarpGrad Appendix H). Evaluation is ``harness.evaluate``.
 
-Task learner: blocks of 3x3 conv (stride 1, padding 1) -> BatchNorm with learned scale/offset
--> ReLU -> 2x2 max-pool, then a linear head. BatchNorm always normalises with the statistics
-of the batch it sees (``track_running_stats=False``), the usual few-shot MAML setting: the
-support set while adapting, the query set when it is evaluated.
+Task learner (``harness.ConvNet``): blocks of 3x3 conv (stride 1, padding 1) -> BatchNorm with
+learned scale/offset -> ReLU -> 2x2 max-pool, then a linear head. BatchNorm always normalises
+with the statistics of the batch it sees (``track_running_stats=False``), the usual few-shot MAML
+setting: the support set while adapting, the query set when it is evaluated.
 
 Warp-MAML (Appendix H): a 3x3 conv warp layer follows each of the last conv layers; the first
 block (conv + BN) and the warp layers are meta-learned (warp parameters), the other conv
@@ -12,49 +12,22 @@ layers, their BN scale/offset and the head are adapted (task parameters).
 """
 from __future__ import annotations
 
-import math
 from typing import Callable, Iterable, Optional, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
 import warpopt
+from harness import ConvNet
 
 
-class ConvBlock(nn.Module):
-    """3x3 conv -> (warp) -> BN(affine) -> ReLU -> (2x2 max-pool)."""
-
-    def __init__(self, cin: int, cout: int, pool: bool = True) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(cin, cout, 3, padding=1)
-        self.norm = nn.BatchNorm2d(cout, track_running_stats=False)
-        self.relu = nn.ReLU()
-        self.pool = nn.MaxPool2d(2) if pool else nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pool(self.relu(self.norm(self.conv(x))))
-
-
-class ConvNet(nn.Module):
-    """``len(channels)`` conv blocks (the first ``pools`` with max-pooling) and a linear head."""
-
-    def __init__(self, in_channels: int, channels: Sequence[int], num_classes: int, image_size: int,
-                 pools: Optional[int] = None) -> None:
-        super().__init__()
-        pools = len(channels) if pools is None else pools
-        blocks, cin, size = [], in_channels, image_size
-        for i, cout in enumerate(channels):
-            blocks.append(ConvBlock(cin, cout, pool=i < pools))
-            cin, size = cout, (size // 2 if i < pools else size)
-        self.features = nn.Sequential(*blocks)
-        self.flatten = nn.Flatten()
-        self.head = nn.Linear(cin * size * size, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.flatten(self.features(x)))
+def backbone(in_channels: int, filters: Sequence[int], ways: int, image_size: int) -> ConvNet:
+    """The few-shot task learner: MAML's blocks (conv -> BN with batch statistics -> ReLU -> pool)
+    and a linear head; with more than four blocks the last one does not pool (multi-shot, 6 blocks)."""
+    pools = len(filters) if len(filters) <= 4 else len(filters) - 1
+    return ConvNet(in_channels, filters, ways, image_size, pools=pools, pool="last", batch_stats=True)
 
 
 def warp_convnet(net: ConvNet, after: str = "conv") -> nn.Module:
@@ -155,33 +128,3 @@ def load_warp_state(model: nn.Module, opt: "warpopt.WarpGradMetaOptimizer", stat
             t.copy_(s)
         for p, s in zip(model.warp_parameters(), state["warp"]):
             p.copy_(s)
-
-
-def evaluate(model: nn.Module, names: Sequence[str], theta0: Sequence[torch.Tensor], episodes: Iterable,
-             steps: int, lr: float, device: torch.device, momentum: float = 0.0, batch_size: Optional[int] = None,
-             seed: int = 0, progress: Optional[Callable] = None) -> dict:
-    """Adapt from θ0 on each episode's support set, then accuracy on its query set.
-
-    ``batch_size``: None uses the full support set at every step (few-shot); otherwise random
-    mini-batches of that size (multi-shot). Returns mean accuracy (%) with its 95% confidence
-    interval 1.96 * std / sqrt(n) (std with ddof=1) over episodes.
-    """
-    accs = []
-    g = torch.Generator().manual_seed(seed)
-    start = {n: t.detach() for n, t in zip(names, theta0)}
-    it = episodes if progress is None else progress(episodes)
-    for ep in it:
-        ep = ep.to(device)
-        if batch_size is None:
-            support = lambda k, ep=ep: (ep.support_x, ep.support_y)  # noqa: E731
-        else:
-            def support(k, ep=ep):
-                idx = torch.randint(ep.support_x.shape[0], (batch_size,), generator=g).to(device)
-                return ep.support_x[idx], ep.support_y[idx]
-        theta = sgd_adapt(model, dict(start), support, steps, lr, momentum)
-        with torch.no_grad():
-            pred = functional_call(model, theta, (ep.query_x,)).argmax(-1)
-        accs.append((pred == ep.query_y).float().mean().item() * 100.0)
-    a = np.asarray(accs)
-    ci = 1.96 * a.std(ddof=1) / math.sqrt(len(a)) if len(a) > 1 else float("nan")
-    return {"accuracy": float(a.mean()), "ci95": float(ci), "episodes": len(a), "per_episode": a.tolist()}

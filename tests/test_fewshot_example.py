@@ -1,7 +1,6 @@
 """examples/fewshot.py: Warp-MAML partition, baselines and 2-episode end-to-end runs."""
 import json
 import pickle
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -9,16 +8,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "examples"))
+import fewshot
+import harness
+from fewshot_models import MAMLBaseline, backbone, sgd_adapt, warp_convnet
 
-import fewshot  # noqa: E402
-from fewshot_models import ConvNet, MAMLBaseline, sgd_adapt, warp_convnet  # noqa: E402
-
-OMNIGLOT = ROOT.parent / "shared" / "data" / "omniglot"
+OMNIGLOT = harness.data_root("omniglot")
 TINY = ["--filters", "4", "4", "4", "4", "--meta-steps", "2", "--eval-episodes", "2", "--no-progress",
         "--threads", "1"]
 
+
+def ConvNet(channels, filters, ways, size, pools=None):  # noqa: N802 - the few-shot backbone
+    assert pools is None or pools == len(filters) - (len(filters) > 4)
+    return backbone(channels, filters, ways, size)
 
 
 def test_warp_maml_partition_matches_appendix_h():
@@ -60,6 +61,7 @@ def _check_run(out: Path, kinds):
     for r in res:
         assert 0.0 <= r["accuracy"] <= 100.0 and r["test_episodes"] == 2 and r["meta_steps"] == 2
     assert cfg["sources"]["meta_steps"] == "command line" and cfg["algorithm"].startswith("online")
+    assert cfg["sources"]["meta_batch"].startswith("default — paper")
     assert (out / "fewshot.png").stat().st_size > 0
     return res
 
@@ -104,8 +106,23 @@ def test_warp_maml_meta_step_moves_phi_and_theta0(tmp_path):
 
 
 def test_missing_miniimagenet_names_the_expected_files(tmp_path):
-    with pytest.raises(FileNotFoundError, match="mini-imagenet-cache-train.pkl"):
+    with pytest.raises(harness.DataNotFound) as err:
         fewshot.main(["--dataset", "miniimagenet", "--data-root", str(tmp_path), "--out", str(tmp_path / "o")] + TINY)
+    for expected in ("mini-imagenet-cache-train.pkl", "train.csv", "images/*.jpg", "meta-learning-lstm",
+                     "ImageNet terms", str(tmp_path.resolve())):
+        assert expected in str(err.value)
+
+
+def test_missing_dataset_exits_with_the_message(tmp_path):
+    """From the command line: exit status 2 and the message, no traceback."""
+    import subprocess
+    import sys
+
+    script = Path(fewshot.__file__)
+    done = subprocess.run([sys.executable, str(script), "--dataset", "tieredimagenet", "--data-root", str(tmp_path),
+                           "--out", str(tmp_path / "o")], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "train_images_png.pkl" in done.stderr and "renmengye/few-shot-ssl-public" in done.stderr
 
 
 def test_multishot_protocol_config():
@@ -117,10 +134,26 @@ def test_multishot_protocol_config():
     assert net(torch.randn(2, 3, 84, 84)).shape == (2, 10) and net.head.in_features == 2 * 2 * 256
 
 
-@pytest.mark.skipif(not (OMNIGLOT / "images_background.npz").is_file(), reason="Omniglot data absent")
+@pytest.mark.skipif(not harness.data_present("omniglot", OMNIGLOT), reason="Omniglot data absent")
 def test_two_episode_warp_maml_on_omniglot(tmp_path):
     out = tmp_path / "run"
-    fewshot.main(["--dataset", "omniglot", "--data-root", str(OMNIGLOT), "--ways", "5", "--shots", "1",
-                  "--meta-learner", "warp-maml", "--out", str(out), "--cache-dir", str(ROOT / "runs" / "cache")]
-                 + TINY)
+    fewshot.main(["--dataset", "omniglot", "--ways", "5", "--shots", "1", "--meta-learner", "warp-maml",
+                  "--out", str(out), "--cache-dir", str(harness.ROOT / "runs" / "cache")] + TINY)
     _check_run(out, ["warp-maml"])
+
+
+def test_equal_time_trains_maml_on_to_warp_mamls_cpu_time(tmp_path):
+    """MAML is evaluated at Warp-MAML's meta-steps and again at Warp-MAML's measured training time."""
+    _make_mini_imagenet(tmp_path)
+    out = tmp_path / "run"
+    results = fewshot.main(["--dataset", "miniimagenet", "--data-root", str(tmp_path), "--ways", "2", "--shots", "1",
+                            "--queries", "2", "--image-size", "28", "--meta-learner", "maml", "warp-maml",
+                            "--equal-time", "--out", str(out)] + TINY)
+    warp, maml = results  # warp-* first, whatever the order given
+    assert warp["meta_learner"] == "warp-maml" and "equal_time" not in warp
+    eq = maml["equal_time"]
+    assert eq["budget_cpu_s"] == pytest.approx(warp["train_cpu_s"], abs=0.05)
+    assert eq["meta_steps"] > maml["meta_steps"] == 2 and len(eq["train_loss"]) == eq["meta_steps"] - 2
+    assert 0.0 <= eq["accuracy"] <= 100.0
+    saved = json.loads((out / "results.json").read_text())["results"]
+    assert saved[1]["equal_time"]["meta_steps"] == eq["meta_steps"]
