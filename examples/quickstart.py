@@ -48,13 +48,16 @@ def held_out_loss(model, opt, tasks, steps):
     return sum(losses) / len(losses)
 
 
+def parser():
+    p = harness.ExampleParser("quickstart", __doc__, quick=QUICK, quick_help="100 meta-steps, 50 held-out tasks")
+    p.add_argument("--meta-steps", type=int, default=300, help="meta-steps of 4 tasks each")
+    p.add_argument("--steps", type=int, default=10, help="K, task adaptation steps")
+    p.add_argument("--eval-tasks", type=int, default=200, help="held-out tasks")
+    return p
+
+
 def main(argv=None):
-    parser = harness.ExampleParser("quickstart", __doc__, quick=QUICK,
-                                   quick_help="100 meta-steps, 50 held-out tasks")
-    parser.add_argument("--meta-steps", type=int, default=300, help="meta-steps of 4 tasks each")
-    parser.add_argument("--steps", type=int, default=10, help="K, task adaptation steps")
-    parser.add_argument("--eval-tasks", type=int, default=200, help="held-out tasks")
-    args = parser.parse_args(argv)
+    args = parser().parse_args(argv)
     harness.start(args)
     harness.write_config(args, algorithm="offline (Algorithm 2), η = 10, vectorised replay",
                          objective="exact (Eq. 7)", initialisation="none (fixed random θ0)", lr=0.01, meta_lr=1e-3)

@@ -171,11 +171,11 @@ def plot(model, data, args, history):
     # Fig. 5: held-out tasks 0..2; in each, the first start where gradient descent fails (as
     # the paper picks starts "such that standard gradient descent struggles"), else start 0.
     rows = []
-    for t in range(3):
+    for t in range(min(3, args.eval_tasks)):
         idx = list(range(t * args.eval_starts, (t + 1) * args.eval_starts))
         failing = [i for i in idx if not data["gd_ok"][i]]
         rows.append(failing[0] if failing else idx[0])
-    fig, axes = plt.subplots(2, 3, figsize=(14, 9.4), layout="constrained")
+    fig, axes = plt.subplots(2, len(rows), figsize=(4.7 * len(rows), 9.4), layout="constrained", squeeze=False)
     grid = torch.linspace(-EXTENT, EXTENT, 141, dtype=torch.float64)
     gx, gy = torch.meshgrid(grid, grid, indexing="xy")
     points = torch.stack([gx, gy], -1).reshape(-1, 2)
