@@ -87,3 +87,15 @@ def test_full_protocol_commands():
     args = reproduce.parser().parse_args(["--device", "cuda", "--data-root", "/d"])
     argv = reproduce._argv(reps["fewshot"], reps["fewshot"].full[2], folder, args)
     assert argv[argv.index("--data-root") + 1] == "/d/tieredimagenet" and "cuda" in argv
+
+
+@pytest.mark.slow
+def test_the_real_quick_modes_show_the_effects(tmp_path):
+    """The quickstart's and the 2-D example's actual quick modes (about a minute on 2 cores)."""
+    report = reproduce.main(["--quick", "--only", "quickstart", "synthetic_2d", "--out", str(tmp_path)])
+    assert [e["status"] for e in report["entries"]] == ["ok", "ok"]
+    quick = json.loads((tmp_path / "quickstart" / "results.json").read_text())["held_out_mse"]
+    assert quick["warpgrad"] < quick["sgd_identity_warp"] / 10
+    s2d = json.loads((tmp_path / "synthetic_2d" / "results.json").read_text())
+    assert s2d["warpgrad"]["mean_final_loss"] < s2d["gradient_descent"]["mean_final_loss"]
+    assert s2d["held_out_starts"] == 1000
