@@ -17,8 +17,8 @@ Choices (all recorded in config.json with their source):
 - Fairness: the classifier head is reset to zero at the start of every task for every method
   (meta-training and held-out tasks alike); the original re-randomised it for the baselines only.
 - Leap / Reptile / FOMAML run through the same WarpGradMetaOptimizer loop with their θ0 learner
-  (``warpopt.leap()/reptile()/fomaml()``) on a model whose warps are identity ``ScaleWarp``s that
-  are never updated (algorithm ``FrozenWarp``); multi-headed fine-tuning trains the body with one
+  (``warpopt.leap()/reptile()/fomaml()``) on the same model with parameter-free identity warps
+  (``nn.Identity``: no warp parameters, so the optimizer meta-learns θ0 only); multi-headed fine-tuning trains the body with one
   head per meta-training alphabet for as many SGD steps as meta-training's task steps; ``sgd`` is
   no meta-training (random body, 10x batch size and learning rate).
 - Meta optimizer: SGD, lr 0.1 for θ0 and φ (original implementation; online: 0.001, paper).
@@ -48,7 +48,6 @@ from torch import nn
 import harness
 import warpopt
 from harness import ConvBlock, ConvNet, no_progress
-from warpopt.algorithms import Algorithm
 from warpopt.data.omniglot import load_omniglot, multishot_split
 
 METHODS = ("warp-leap", "leap", "reptile", "fomaml", "finetune", "sgd")
@@ -73,20 +72,13 @@ WARP_LAYERS = {
     "residual": warpopt.ResidualWarp,                                          # conv+BN+Res+ReLU
     "two-layer-residual": warpopt.TwoLayerResidualWarp,
     "two-layer-residual-ta": lambda c, d: warpopt.TwoLayerResidualWarp(c, d, task_film=True),
-    "none": warpopt.ScaleWarp,  # baselines: an identity warp that is never meta-trained
+    "none": lambda c, d: nn.Identity(),  # baselines: no warp parameters (θ0-only meta-learning)
 }
 
 
 def Learner(classes: int = 20, filters: int = 64, blocks: int = 4) -> ConvNet:
     """Four conv blocks (3x3 conv -> 2x2 max-pool -> BN -> ReLU; 28x28 -> 1x1xfilters) and a linear head."""
     return ConvNet(1, [filters] * blocks, classes, 28, pool="conv")
-
-
-class FrozenWarp(Algorithm):
-    """Plain θ0 meta-learning (Leap, Reptile, FOMAML): tasks reset to θ0, warps never updated."""
-
-    def meta_step(self, opt):
-        return {"warp_updates": 0}
 
 
 def build_model(args, warp_layer: str, seed: int):
@@ -131,7 +123,7 @@ def meta_train(method, args, train_tasks, gen, timer, progress=no_progress, budg
         algorithm = (warpopt.offline(batch_size=args.replay_batch, max_updates=args.max_updates)
                      if args.algorithm == "offline" else warpopt.online())
     else:
-        objective, algorithm = warpopt.exact, FrozenWarp()
+        objective, algorithm = warpopt.exact, warpopt.offline()  # no warp parameters: nothing is recorded
     replay = warpopt.ReplayBuffer(generator=torch.Generator().manual_seed(args.run_seed))
     opt = warpopt.WarpGradMetaOptimizer(
         model, lr=args.inner_lr, meta_lr=args.meta_lr, init_lr=args.init_lr, objective=objective,

@@ -18,7 +18,7 @@ def _args(tmp_path, *extra):
                                "--threads", "1", "--out", str(tmp_path), *extra])
 
 
-@pytest.mark.parametrize("name", sorted(example.WARP_LAYERS))
+@pytest.mark.parametrize("name", sorted(k for k in example.WARP_LAYERS if k != "none"))
 def test_every_warp_variant_inserts_four_identity_warps(name):
     torch.manual_seed(0)
     plain = example.Learner().eval()
@@ -30,6 +30,16 @@ def test_every_warp_variant_inserts_four_identity_warps(name):
     assert len(example.warpopt.warping.warp_layers(model)) == 4
     assert torch.allclose(model(x), expected, atol=1e-5)
     assert list(model.warp_parameters())
+
+
+def test_baselines_are_the_same_function_with_no_warp_parameters():
+    torch.manual_seed(0)
+    plain = example.Learner().eval()
+    x = torch.rand(4, 1, 28, 28)
+    net = example.Learner()
+    net.load_state_dict(plain.state_dict())
+    model = example.warpopt.warp(net, where=example.ConvBlock, layer=example.WARP_LAYERS["none"]).eval()
+    assert torch.equal(model(x), plain(x)) and not list(model.warp_parameters())
 
 
 def test_quick_settings_apply_but_explicit_flags_win():
