@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 import harness
 import warpopt
-from fewshot_models import MAMLBaseline, backbone, load_warp_state, warp_convnet, warp_state
+from fewshot_models import backbone, load_warp_state, warp_convnet, warp_state
 from warpopt.data import EpisodeSampler, load_miniimagenet, load_omniglot, load_tieredimagenet, vinyals_split
 
 
@@ -177,20 +177,21 @@ class Learner:
         net = backbone(channels, cfg["filters"], ways, cfg["image_size"]).to(device)
         self.momentum = cfg["momentum"]
         self.gen = torch.Generator().manual_seed(cfg["seed"] + 1)  # multi-shot support batches
+        task_kwargs = {"momentum": self.momentum} if self.momentum else {}
         if kind in ("warp-maml", "warp-leap"):
             self.model = warp_convnet(net, cfg["warp_after"])
-            task_kwargs = {"momentum": self.momentum} if self.momentum else {}
             self.opt = warpopt.WarpGradMetaOptimizer(
                 self.model, lr=cfg["lr"], meta_lr=cfg["meta_lr"], init_lr=cfg["init_lr"],
                 objective=warpopt.exact if cfg["objective"] == "exact" else warpopt.approx,
                 algorithm=warpopt.online(),
                 initialisation=warpopt.maml() if kind == "warp-maml" else warpopt.leap(), **task_kwargs)
             self.names = [n for n, _ in self.model.named_adapt_parameters()]
-        else:
+        else:  # MAML / FOMAML: θ0-only meta-learning of the plain net through the same optimizer
             self.model = net
-            self.baseline = MAMLBaseline(net, cfg["lr"], cfg["meta_lr"], cfg["inner_steps"],
-                                         first_order=kind == "fomaml", momentum=self.momentum)
-            self.names = self.baseline.adapt_names()
+            self.opt = warpopt.WarpGradMetaOptimizer(
+                net, lr=cfg["lr"], meta_lr=cfg["meta_lr"], init_lr=cfg["meta_lr"], algorithm=warpopt.online(),
+                initialisation=warpopt.maml() if kind == "maml" else warpopt.fomaml(), **task_kwargs)
+            self.names = [n for n, _ in net.named_parameters()]
         self.model.train()
 
     def _support(self, ep, gen=None):
@@ -205,8 +206,6 @@ class Learner:
 
     def train_step(self, episodes) -> float:
         episodes = [ep.to(self.device) for ep in episodes]
-        if not self.kind.startswith("warp"):
-            return self.baseline.meta_step([(self._support(ep), (ep.query_x, ep.query_y)) for ep in episodes])
         losses = []
         for ep in episodes:
             support = self._support(ep)
@@ -226,9 +225,7 @@ class Learner:
         return float(np.mean(losses))
 
     def theta0(self):
-        if self.kind.startswith("warp"):
-            return list(self.opt.theta0)
-        return [p for _, p in self.model.named_parameters()]
+        return list(self.opt.theta0)
 
     def evaluate(self, sampler, seed, desc="test") -> dict:
         """Mean query accuracy (%) over the sampler's episodes with its 95 % CI (``harness.evaluate``)."""
@@ -242,13 +239,10 @@ class Learner:
         return {"accuracy": mean, "ci95": ci, "episodes": len(acc), "per_episode": acc}
 
     def state(self):
-        return warp_state(self.model, self.opt) if self.kind.startswith("warp") else self.baseline.state()
+        return warp_state(self.model, self.opt)
 
     def load(self, state):
-        if self.kind.startswith("warp"):
-            load_warp_state(self.model, self.opt, state)
-        else:
-            self.baseline.load(state)
+        load_warp_state(self.model, self.opt, state)
 
     def counts(self) -> dict:
         if self.kind.startswith("warp"):

@@ -10,7 +10,9 @@ import torch.nn.functional as F
 
 import fewshot
 import harness
-from fewshot_models import MAMLBaseline, backbone, sgd_adapt, warp_convnet
+from fewshot_models import backbone, sgd_adapt, warp_convnet
+
+import warpopt
 
 OMNIGLOT = harness.data_root("omniglot")
 TINY = ["--filters", "4", "4", "4", "4", "--meta-steps", "2", "--eval-episodes", "2", "--no-progress",
@@ -37,21 +39,36 @@ def test_warp_maml_partition_matches_appendix_h():
     assert model.features[3].conv.warp.weight.shape == (8, 8, 3, 3)
 
 
-def test_maml_is_second_order_and_fomaml_is_not():
+def test_maml_baselines_run_through_the_library_and_maml_is_second_order():
+    """The baselines are WarpGradMetaOptimizer(net, initialisation=maml()/fomaml()) on the plain
+    net: MAML's θ0 step equals a hand-written second-order MAML gradient (float64), FOMAML's not."""
     torch.manual_seed(0)
-    x, y = torch.randn(4, 1, 28, 28), torch.tensor([0, 1, 0, 1])
-    qx, qy = torch.randn(6, 1, 28, 28), torch.tensor([0, 1, 0, 1, 0, 1])
-    grads = {}
-    for first_order in (False, True):
-        net = ConvNet(1, [4, 4, 4, 4], 2, 28)
+    x, y = torch.randn(4, 1, 28, 28, dtype=torch.float64), torch.tensor([0, 1, 0, 1])
+    qx, qy = torch.randn(6, 1, 28, 28, dtype=torch.float64), torch.tensor([0, 1, 0, 1, 0, 1])
+    steps = {}
+    for kind in ("maml", "fomaml"):
         torch.manual_seed(1)
-        net.load_state_dict(ConvNet(1, [4, 4, 4, 4], 2, 28).state_dict())
-        base = MAMLBaseline(net, lr=0.4, meta_lr=1e-3, steps=2, first_order=first_order)
-        theta = sgd_adapt(net, base.theta0(), lambda k: (x, y), 2, 0.4, create_graph=not first_order)
-        loss = F.cross_entropy(torch.func.functional_call(net, theta, (qx,)), qy)
-        grads[first_order] = torch.autograd.grad(loss, net.features[0].conv.weight)[0]
-    # FOMAML's gradient equals the query gradient at θ_K; MAML's carries the Hessian terms.
-    assert not torch.allclose(grads[False], grads[True], atol=1e-7)
+        net = ConvNet(1, [4, 4, 4, 4], 2, 28).double()
+        theta0 = [p.detach().clone() for p in net.parameters()]
+        opt = warpopt.WarpGradMetaOptimizer(net, lr=0.4, meta_optimizer=torch.optim.SGD, meta_lr=1.0,
+                                            algorithm=warpopt.online(), initialisation=getattr(warpopt, kind)())
+        with opt.task(lambda k: (x, y), F.cross_entropy, meta_data=lambda k: (qx, qy)):
+            for _ in range(2):
+                opt.zero_grad()
+                F.cross_entropy(net(x), y).backward()
+                opt.step()
+        opt.meta_step()
+        steps[kind] = [a - b for a, b in zip(theta0, opt.theta0)]
+    torch.manual_seed(1)
+    net = ConvNet(1, [4, 4, 4, 4], 2, 28).double()
+    params = {n: p.detach().clone().requires_grad_(True) for n, p in net.named_parameters()}
+    theta = sgd_adapt(net, params, lambda k: (x, y), 2, 0.4, create_graph=True)
+    loss = F.cross_entropy(torch.func.functional_call(net, theta, (qx,)), qy)
+    expected = torch.autograd.grad(loss, list(params.values()))
+    for got, want in zip(steps["maml"], expected):
+        torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10)
+    # FOMAML's gradient is the query gradient at θ_K; MAML's carries the Hessian terms.
+    assert not torch.allclose(steps["maml"][0], steps["fomaml"][0], atol=1e-7)
 
 
 def _check_run(out: Path, kinds):
