@@ -19,34 +19,26 @@ losses of sub-tasks < t, which is the whole point here.
 
 Outputs (``--out``): config.json, results.json (per-sub-task loss curves over the 100 steps
 for the meta-training order and the random order [1, 3, 4, 2, 0]; final loss on the earlier
-sub-tasks, WarpGrad vs plain SGD from the same θ0), curves.png (Fig. 10 style), fig11.png (Fig. 11:
-one held-out sequence's ground truth and predictions before adaptation and after each sub-task,
-in the meta-training order and in the random order).
+sub-tasks, WarpGrad vs plain SGD from the same θ0), curves.png (Fig. 10 style), meta_loss.png,
+fig11.png (Fig. 11: one held-out sequence's ground truth and predictions before adaptation and
+after each sub-task, in the meta-training order and in the random order).
 
-    python examples/continual_sine.py --quick   # 100 meta-batches, 20 warp updates each, meta-lr 3e-3
-    python examples/continual_sine.py --device cuda --meta-steps 20000   # the paper's length
+    python examples/continual_sine.py --quick          # 100 meta-batches, 20 warp updates each, meta-lr 3e-3
+    python examples/continual_sine.py --device cuda    # the paper's length (20 000 meta-batches)
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import functools
-import json
 import os
-import sys
-import time
 
 import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-try:
-    import warpopt
-except ImportError:  # run from a source checkout without `pip install -e .`
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    import warpopt
+import harness
+import warpopt
 
-DESCRIPTION = __doc__.split("\n\n")[0]
 T = 5  # sub-tasks
 RANDOM_ORDER = [1, 3, 4, 2, 0]  # Fig. 10 (b)
 
@@ -159,10 +151,8 @@ def summarise(curves: torch.Tensor, order, every: int) -> dict:
             "mean_curve_steps": list(range(0, curves.shape[1] * every, every))}
 
 
-def plot(curves: dict, args):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def plot(curves: dict, args, history):
+    plt = harness.pyplot()
 
     names = list(curves)
     fig, axes = plt.subplots(2, len(names), figsize=(4.2 * len(names), 7), sharey=True, squeeze=False)
@@ -185,66 +175,61 @@ def plot(curves: dict, args):
     fig.tight_layout()
     fig.savefig(os.path.join(args.out, "curves.png"), dpi=110)
     plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    harness.plot_smoothed(ax, history, label="meta-loss")
+    ax.set(xlabel="meta-step (meta-batch of sequences)", ylabel="mean meta-loss (Eq. 19) over the replay", yscale="log")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(args.out, "meta_loss.png"), dpi=110)
+    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------- main
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=DESCRIPTION)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--quick", action="store_true", help="short CPU meta-training (≤ 10 min on 2 cores)")
-    p.add_argument("--out", default=os.path.join("runs", "continual_sine"))
-    p.add_argument("--meta-steps", type=int, default=None, help="meta-batches (paper: 20000; quick: 100)")
-    p.add_argument("--meta-batch", type=int, default=5)
-    p.add_argument("--meta-lr", type=float, default=None, help="Adam β (paper: 1e-3; quick: 3e-3)")
+QUICK = {"meta_steps": 100, "meta_lr": 3e-3, "max_updates": 20, "eval_sequences": 50, "eval_val": 20, "eval_every": 5}
+NOTES = {"lr": "paper (0.001)", "steps_per_task": "paper (20)", "batch": "paper (5)", "hidden": "paper (200)",
+         "warp_hidden": "paper (100)", "meta_lr": "paper (Adam 1e-3)", "meta_batch": "paper (5)",
+         "meta_steps": "paper (20 000)", "eval_sequences": "paper (100)",
+         "replay_batch": "ours (paper: online or offline unstated)", "max_updates": "ours", "val_batch": "ours",
+         "meta_weighting": "ours (the paper's Eq. 19 normalisation is ambiguous; 'mean' = Eq. 15)",
+         "eval_val": "ours", "eval_every": "ours", "sgd_lrs": "ours"}
+
+
+def parser():
+    p = harness.ExampleParser("continual_sine", __doc__, quick=QUICK,
+                              quick_help="100 meta-batches, 20 warp updates each, meta-lr 3e-3")
+    p.add_argument("--meta-steps", type=int, default=20000, help="meta-batches")
+    p.add_argument("--meta-batch", type=int, default=5, help="task sequences per meta-batch")
+    p.add_argument("--meta-lr", type=float, default=1e-3, help="Adam learning rate β of the warps")
     p.add_argument("--lr", type=float, default=1e-3, help="α, the task learning rate")
-    p.add_argument("--steps-per-task", type=int, default=20)
-    p.add_argument("--batch", type=int, default=5)
+    p.add_argument("--steps-per-task", type=int, default=20, help="SGD steps per sub-task")
+    p.add_argument("--batch", type=int, default=5, help="task batch size")
     p.add_argument("--val-batch", type=int, default=5, help="validation points per sub-task in L_meta")
-    p.add_argument("--hidden", type=int, default=200)
-    p.add_argument("--warp-hidden", type=int, default=100)
+    p.add_argument("--hidden", type=int, default=200, help="hidden units of the task learner")
+    p.add_argument("--warp-hidden", type=int, default=100, help="hidden units of each warp block")
     p.add_argument("--replay-batch", type=int, default=5, help="η, points per warp update (offline)")
-    p.add_argument("--max-updates", type=int, default=None, help="warp updates per meta-step (None: all)")
-    p.add_argument("--meta-weighting", choices=["mean", "appearance"], default="mean")
-    p.add_argument("--eval-sequences", type=int, default=None, help="held-out sequences (quick: 50, else 100)")
-    p.add_argument("--eval-val", type=int, default=None, help="validation points per sub-task in evaluation")
-    p.add_argument("--eval-every", type=int, default=None, help="evaluate every e task steps (quick: 5)")
+    p.add_argument("--max-updates", type=int, default=None, help="warp updates per meta-step (None: a full pass)")
+    p.add_argument("--meta-weighting", choices=["mean", "appearance"], default="mean",
+                   help="Eq. 15's 1/t mean, or Eq. 19's 1/(n(T-i+1)) by appearances")
+    p.add_argument("--eval-sequences", type=int, default=100, help="held-out task sequences")
+    p.add_argument("--eval-val", type=int, default=50, help="validation points per sub-task in evaluation")
+    p.add_argument("--eval-every", type=int, default=1, help="evaluate every e task steps")
     p.add_argument("--sgd-lrs", type=float, nargs="*", default=[0.003, 0.01],
                    help="extra plain-SGD baselines at larger α (they learn, and forget)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads; 1 by default: the matrices are small, and on a busy machine "
-                        "more threads spin-wait (measured 70x slower at 2 threads under load)")
-    p.add_argument("--no-plots", action="store_true")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-plots", action="store_true", help="skip the plots")
+    return p
+
+
+def parse_args(argv=None):
+    p = parser()
     args = p.parse_args(argv)
-    if args.meta_steps is None:
-        args.meta_steps = 100 if args.quick else 20000
-    if args.meta_lr is None:
-        args.meta_lr = 3e-3 if args.quick else 1e-3
-    if args.quick and args.max_updates is None:
-        args.max_updates = 20
-    if args.eval_sequences is None:
-        args.eval_sequences = 50 if args.quick else 100
-    if args.eval_val is None:
-        args.eval_val = 20 if args.quick else 50
-    if args.eval_every is None:
-        args.eval_every = 5 if args.quick else 1
     if args.steps_per_task % args.eval_every:
         p.error("--eval-every must divide --steps-per-task")
     return args
 
 
 def main(argv=None):
-    from tqdm import tqdm
-
     args = parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device available")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    os.makedirs(args.out, exist_ok=True)
-    device = torch.device(args.device)
-    torch.manual_seed(args.seed)
+    device = harness.start(args)
     gen = torch.Generator().manual_seed(args.seed)
     net = build_net(args.hidden).to(device)  # θ0: this fixed random initialisation
     baseline = copy.deepcopy(net)  # plain SGD: no warp at all, same θ0
@@ -254,29 +239,23 @@ def main(argv=None):
         model, lr=args.lr, meta_lr=args.meta_lr, objective=warpopt.exact, initialisation=warpopt.none(),
         algorithm=warpopt.offline(batch_size=args.replay_batch, max_updates=args.max_updates,
                                   gradient=warpopt.vectorised.vectorised()))  # η samples per vmap call
-    config = {**vars(args), "task_optimizer": "SGD", "meta_optimizer": "Adam", "objective": "exact (Eq. 7)",
-              "algorithm": "offline (Algorithm 2)", "initialisation": "none (fixed random θ0)",
-              "warp_layers": [n for n in model.warp_layers()], "sources": {
-                  "paper": ["lr", "steps_per_task", "batch", "hidden", "warp_hidden", "meta_lr", "meta_batch",
-                            "meta_steps (full run)", "task family", "random order [1,3,4,2,0]"],
-                  "ours": ["algorithm offline + replay_batch/max_updates (paper: unstated)", "val_batch",
-                           "meta_weighting (paper's Eq. 19 normalisation is ambiguous; 'mean' = Eq. 15)",
-                           "4 Linear layers (3 hidden ReLU layers) as the '4-layer' net", "eval_sequences",
-                           "eval_val", "sgd_lrs", "quick meta_steps / max_updates / meta_lr 3e-3"]}}
-    with open(os.path.join(args.out, "config.json"), "w") as f:
-        json.dump(config, f, indent=2)
+    harness.write_config(args, NOTES, task_optimizer="SGD", meta_optimizer="Adam", objective="exact (Eq. 7)",
+                         algorithm="offline (Algorithm 2)", initialisation="none (fixed random θ0)",
+                         warp_layers=[n for n in model.warp_layers()],
+                         architecture="4 Linear layers (3 hidden ReLU layers) as the paper's '4-layer' net (ours)")
 
-    t0, c0, history = time.time(), time.process_time(), []
-    for _ in tqdm(range(args.meta_steps), desc="meta-train", disable=args.no_progress):
-        for p in sample_sequences(args.meta_batch, gen):
-            task = make_task(p, list(range(T)), args, gen, device)
-            with opt.task(task):
-                for k in range(T * args.steps_per_task):
-                    opt.zero_grad()
-                    task_loss(model, task.task_batch(k)).backward()
-                    opt.step()
-        history.append(opt.meta_step()["meta_loss"])
-    train_time, train_cpu = time.time() - t0, time.process_time() - c0
+    history, watch = [], harness.Stopwatch()
+    for _ in harness.bar(range(args.meta_steps), desc="continual_sine", unit="meta-step"):
+        with watch:
+            for p in sample_sequences(args.meta_batch, gen):
+                task = make_task(p, list(range(T)), args, gen, device)
+                with opt.task(task):
+                    for k in range(T * args.steps_per_task):
+                        opt.zero_grad()
+                        task_loss(model, task.task_batch(k)).backward()
+                        opt.step()
+            history.append(opt.meta_step()["meta_loss"])
+    train_time, train_cpu = watch.wall, watch.cpu
 
     eval_gen = torch.Generator().manual_seed(args.seed + 10_000)
     seqs = sample_sequences(args.eval_sequences, eval_gen)
@@ -304,10 +283,9 @@ def main(argv=None):
                  for name, (m, th, lr) in list(learners.items())[:2]}
              for o, order in (("meta-training order", list(range(T))), ("random order", RANDOM_ORDER))}
     out["fig11"] = {"sequence": seqs[0].tolist(), "x": FIG11_X.tolist(), "predictions": fig11}
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(out, f, indent=2)
+    harness.write_json(args.out, "results.json", out)
     if not args.no_plots:
-        plot(curves, args)
+        plot(curves, args, history)
         plot_fig11(out["fig11"], args)
     for o, h in headline.items():
         print(f"{o}: final loss on earlier sub-tasks WarpGrad {h['warpgrad_final_loss_earlier']:.3f} vs "
@@ -382,4 +360,4 @@ def plot_fig11(fig11: dict, args) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    harness.cli(main)

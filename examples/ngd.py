@@ -38,11 +38,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import omniglot as harness  # noqa: E402  (the Omniglot model, data, meta-training and evaluation)
-from _parallel import no_progress, run_parallel  # noqa: E402
+import omniglot as og  # noqa: E402  (the Omniglot model, data, meta-training and evaluation)
+import harness  # noqa: E402
+from harness import no_progress, run_parallel  # noqa: E402
 from omniglot_report import mean_std  # noqa: E402
 
-warpopt = harness.warpopt
+warpopt = og.warpopt
 ROWS = {  # method -> (Table 4 "Method", "Preconditioning", warp layer of omniglot.WARP_LAYERS, paper (mean, std))
     "sgd": ("SGD", "None", None, (40.1, 6.1)),
     "kfac": ("KFAC (NGD)", "Linear (block-diagonal)", None, (58.2, 3.2)),
@@ -61,7 +62,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("--quick", action="store_true", help=f"2-core CPU mode: {QUICK}")
     p.add_argument("--out", default=str(harness.ROOT / "runs" / "ngd"))
-    p.add_argument("--data-root", default=harness.DEFAULT_DATA, help="Omniglot folder")
+    p.add_argument("--data-root", default=str(harness.data_root("omniglot")),
+                   help="Omniglot folder (default: $WARPOPT_DATA/omniglot, else ./data/omniglot)")
     p.add_argument("--cache-dir", default=str(harness.ROOT / "runs" / ".cache"))
     p.add_argument("--report", action="store_true", help="only rebuild table.md and plots from --out/results.json")
     p.add_argument("--num-pretrain", type=int, default=25)
@@ -77,7 +79,7 @@ def parse_args(argv=None):
     p.add_argument("--meta-optimizer", default="sgd", choices=["sgd", "adam"])
     p.add_argument("--replay-batch", type=int, default=1)
     p.add_argument("--max-updates", type=int, default=None, help="warp updates per meta-step (None: all points)")
-    for k, v in harness.KFAC_DEFAULTS.items():
+    for k, v in og.KFAC_DEFAULTS.items():
         p.add_argument(f"--kfac-{k.replace('_', '-')}", type=type(v), default=v)
     p.add_argument("--fig7-every", type=int, default=10, help="Fig. 7 statistics every this many task steps")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
@@ -104,7 +106,7 @@ def geometry(h: torch.Tensor) -> tuple[float, float]:
 
 def fig7_recorder(every: int, store: dict):
     """``on_step`` for ``omniglot.evaluate``: pre-/post-warp statistics on the task's test images."""
-    def on_step(model, task, k):
+    def on_step(model, test_batch, k):
         if k % every:
             return
         seen = {}
@@ -112,7 +114,7 @@ def fig7_recorder(every: int, store: dict):
                  for n, w in model.warp_layers().items()]
         try:
             with torch.no_grad():
-                model(task.test_images)
+                model(test_batch[0])
         finally:
             for h in hooks:
                 h.remove()
@@ -126,8 +128,8 @@ def fig7_recorder(every: int, store: dict):
 
 # ----------------------------------------------------------------------------- one run
 def run(method: str, args, progress=no_progress) -> dict:
-    data = harness._load(args.data, args.cache_dir, args.device)
-    train_tasks, test_tasks = harness.multishot_split(data, seed=args.run_seed, num_pretrain=args.num_pretrain)
+    data = og._load(args.data, args.cache_dir, args.device)
+    train_tasks, test_tasks = og.multishot_split(data, seed=args.run_seed, num_pretrain=args.num_pretrain)
     test_tasks = test_tasks[: args.num_eval_tasks]
     gen = torch.Generator().manual_seed(args.run_seed)
     timer = {"task_steps": 0, "task_s": 0.0, "replayed": 0, "meta_s": 0.0}
@@ -135,22 +137,23 @@ def run(method: str, args, progress=no_progress) -> dict:
     warp_layer = ROWS[method][2]
     if warp_layer:
         args.warp_layer = warp_layer
-        model, theta0 = harness.meta_train("warp-leap", args, train_tasks, gen, timer, progress,
-                                           initialisation=warpopt.none)
+        model, checkpoints = og.meta_train("warp-leap", args, train_tasks, gen, timer, progress,
+                                                initialisation=warpopt.none)
+        state = checkpoints["equal_steps"].state
     else:
-        _, model = harness.build_model(args, "none", args.run_seed)   # the same random θ0 for every row
-        theta0 = [p.detach().clone() for p in model.adapt_parameters()]
+        _, model = og.build_model(args, "none", args.run_seed)   # the same random θ0 for every row
+        state = {"theta0": [p.detach().clone() for p in model.adapt_parameters()], "warp": []}
     fig7: dict = {}
     eval_gen = torch.Generator().manual_seed(10_000 + args.run_seed)
-    acc, curves = harness.evaluate(model, theta0, test_tasks, args.batch_size, args.lr, args.eval_steps, eval_gen,
-                                   optimizer=harness.kfac_factory(args) if method == "kfac" else None,
+    acc, curves = og.evaluate(model, state, test_tasks, args.batch_size, args.lr, args.eval_steps, eval_gen,
+                                   optimizer=og.kfac_factory(args) if method == "kfac" else None,
                                    on_step=fig7_recorder(args.fig7_every, fig7) if warp_layer else None)
     progress(1)
     curve = torch.tensor(curves).mean(0).tolist()
     return {"method": method, "seed": args.run_seed, "test_acc": sum(acc) / len(acc),
             "test_acc_per_task": dict(zip([t.name for t in test_tasks], acc)), "train_curve": curve,
             "train_auc": sum(curve) / len(curve), "quick": args.quick, "filters": args.filters,
-            "meta_steps": args.meta_steps if warp_layer else 0, "kfac": harness.kfac_settings(args)
+            "meta_steps": args.meta_steps if warp_layer else 0, "kfac": og.kfac_settings(args)
             if method == "kfac" else None, "time_s": time.perf_counter() - start,
             "cpu_s": time.process_time() - cpu_start, **timer,
             "fig7": {k: [sum(v[i]) / len(v[i]) for i in sorted(v)] for k, v in fig7.items()}}

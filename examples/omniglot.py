@@ -8,6 +8,7 @@ the same harness and the same evaluation code.
 
     python examples/omniglot.py --quick                       # CPU check, Warp-Leap vs Leap vs SGD
     python examples/omniglot.py --quick --seeds 0 1 2
+    python examples/omniglot.py --quick --download data/omniglot   # fetch the official archives first
     python examples/omniglot.py --device cuda --seeds 0 1 2 3 4 5 6 7 8 9 --num-pretrain 25 \
         --meta-learner warp-leap leap reptile fomaml finetune sgd        # full protocol (GPU)
     python examples/omniglot_report.py runs/omniglot               # Table 2 / Fig. 6 from results
@@ -16,50 +17,45 @@ Choices (all recorded in config.json with their source):
 - Fairness: the classifier head is reset to zero at the start of every task for every method
   (meta-training and held-out tasks alike); the original re-randomised it for the baselines only.
 - Leap / Reptile / FOMAML run through the same WarpGradMetaOptimizer loop with their θ0 learner
-  (``warpopt.leap()/reptile()/fomaml()``) on a model whose warps are identity ``ScaleWarp``s that
-  are never updated (algorithm ``FrozenWarp``); multi-headed fine-tuning trains the body with one
+  (``warpopt.leap()/reptile()/fomaml()``) on the same model with parameter-free identity warps
+  (``nn.Identity``: no warp parameters, so the optimizer meta-learns θ0 only); multi-headed fine-tuning trains the body with one
   head per meta-training alphabet for as many SGD steps as meta-training's task steps; ``sgd`` is
   no meta-training (random body, 10x batch size and learning rate).
 - Meta optimizer: SGD, lr 0.1 for θ0 and φ (original implementation; online: 0.001, paper).
-- Evaluation (identical for all methods): plain SGD from θ0 for 100 steps on the held-out
-  alphabet, warps fixed; BatchNorm in train mode (batch statistics) also on the 100 un-augmented
-  test images; AUC = mean training-batch accuracy over the 100 steps.
+- Evaluation (identical for all methods, ``harness.evaluate``): plain SGD from θ0 for 100 steps on
+  the held-out alphabet, warps fixed; BatchNorm in train mode (batch statistics) also on the 100
+  un-augmented test images; AUC = mean training-batch accuracy over the 100 steps.
+- Fair comparisons (``--equal-time``, on in quick mode): a Leap/Reptile/FOMAML meta-step costs less
+  than a Warp-Leap one, so besides the equal-meta-steps result each of them is also trained on
+  until it has used Warp-Leap's meta-training CPU time (same seed) and evaluated there.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
-import functools
 import json
-import math
-import os
+import functools
+import multiprocessing as mp
 import random
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _parallel import no_progress, run_parallel  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-try:
-    import warpopt
-except ImportError:  # running from a checkout without `pip install -e .`
-    sys.path.insert(0, str(ROOT))
-    import warpopt
-from warpopt.algorithms import Algorithm
+import harness
+import warpopt
+from harness import ConvBlock, ConvNet, no_progress
 from warpopt.data.omniglot import load_omniglot, multishot_split
 
-DEFAULT_DATA = os.environ.get("WARPOPT_OMNIGLOT", str(ROOT.parent / "shared" / "data" / "omniglot"))
 METHODS = ("warp-leap", "leap", "reptile", "fomaml", "finetune", "sgd", "kfac")
 NO_META_TRAINING = ("sgd", "kfac")  # random initialisation, 10x batch and learning rate (‡)
 OPT_METHODS = {"warp-leap": warpopt.leap, "leap": warpopt.leap, "reptile": warpopt.reptile,
                "fomaml": warpopt.fomaml}
+#: methods that can be given Warp-Leap's training time (they meta-train in the same loop, for less per step)
+EQUAL_TIME = ("leap", "reptile", "fomaml")
 
 
 def _conv_relu(c, d):
@@ -77,45 +73,13 @@ WARP_LAYERS = {
     "residual": warpopt.ResidualWarp,                                          # conv+BN+Res+ReLU
     "two-layer-residual": warpopt.TwoLayerResidualWarp,
     "two-layer-residual-ta": lambda c, d: warpopt.TwoLayerResidualWarp(c, d, task_film=True),
-    "none": warpopt.ScaleWarp,  # baselines: an identity warp that is never meta-trained
+    "none": lambda c, d: nn.Identity(),  # baselines: no warp parameters (θ0-only meta-learning)
 }
 
 
-class ConvBlock(nn.Module):
-    """3x3 conv (64) -> 2x2 max-pool -> BatchNorm -> ReLU (Appendix E)."""
-
-    def __init__(self, c_in: int, c_out: int) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(c_in, c_out, 3, padding=1)
-        self.pool = nn.MaxPool2d(2)
-        self.norm = nn.BatchNorm2d(c_out)
-        self.relu = nn.ReLU()
-        self.out_channels = c_out
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.relu(self.norm(self.pool(self.conv(x))))
-
-
-class Learner(nn.Module):
-    """Four conv blocks (28x28 -> 1x1x64) and a linear 20-way head."""
-
-    def __init__(self, classes: int = 20, filters: int = 64, blocks: int = 4) -> None:
-        super().__init__()
-        self.body = nn.Sequential(*[ConvBlock(1 if i == 0 else filters, filters) for i in range(blocks)])
-        self.head = nn.Linear(filters, classes)
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x).flatten(1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
-
-
-class FrozenWarp(Algorithm):
-    """Plain θ0 meta-learning (Leap, Reptile, FOMAML): tasks reset to θ0, warps never updated."""
-
-    def meta_step(self, opt):
-        return {"warp_updates": 0}
+def Learner(classes: int = 20, filters: int = 64, blocks: int = 4) -> ConvNet:
+    """Four conv blocks (3x3 conv -> 2x2 max-pool -> BN -> ReLU; 28x28 -> 1x1xfilters) and a linear head."""
+    return ConvNet(1, [filters] * blocks, classes, 28, pool="conv")
 
 
 def build_model(args, warp_layer: str, seed: int):
@@ -145,11 +109,14 @@ def meta_optimizer_factory(name: str):
     return {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}[name]
 
 
-def meta_train(method, args, train_tasks, gen, timer, progress=no_progress, initialisation=None):
-    """Meta-train θ0 (and φ for Warp-Leap) with WarpGradMetaOptimizer; returns (model, θ0).
+def meta_train(method, args, train_tasks, gen, timer, progress=no_progress, budget=None, initialisation=None):
+    """Meta-train θ0 (and φ for Warp-Leap) with WarpGradMetaOptimizer.
 
-    ``progress(1)`` is called after every meta-step. ``initialisation`` replaces the method's θ0
-    learner factory (``warpopt.none``: warps only, from a fixed random θ0; Appendix G).
+    Returns ``(model, checkpoints)``: ``harness.train_for_comparison``'s ``"equal_steps"`` state
+    (after ``args.meta_steps``) and, given a ``budget`` (CPU seconds, see there), ``"equal_time"``;
+    each state is ``{"theta0": [...], "warp": [...]}`` with the head of θ0 zeroed. ``progress(1)``
+    is called after every meta-step. ``initialisation`` replaces the method's θ0 learner factory
+    (``warpopt.none``: warps only, from a fixed random θ0; Appendix G).
     """
     warp_layer = args.warp_layer if method == "warp-leap" else "none"
     net, model = build_model(args, warp_layer, args.run_seed)
@@ -158,7 +125,7 @@ def meta_train(method, args, train_tasks, gen, timer, progress=no_progress, init
         algorithm = (warpopt.offline(batch_size=args.replay_batch, max_updates=args.max_updates)
                      if args.algorithm == "offline" else warpopt.online())
     else:
-        objective, algorithm = warpopt.exact, FrozenWarp()
+        objective, algorithm = warpopt.exact, warpopt.offline()  # no warp parameters: nothing is recorded
     replay = warpopt.ReplayBuffer(generator=torch.Generator().manual_seed(args.run_seed))
     opt = warpopt.WarpGradMetaOptimizer(
         model, lr=args.inner_lr, meta_lr=args.meta_lr, init_lr=args.init_lr, objective=objective,
@@ -167,7 +134,8 @@ def meta_train(method, args, train_tasks, gen, timer, progress=no_progress, init
     heads = head_slots(model, net)
     meta_batch = min(args.meta_batch, len(train_tasks))
     rng = random.Random(args.run_seed)
-    for _ in range(args.meta_steps):
+
+    def step():
         for i in rng.sample(range(len(train_tasks)), meta_batch):
             with torch.no_grad():
                 for j in heads:
@@ -186,17 +154,22 @@ def meta_train(method, args, train_tasks, gen, timer, progress=no_progress, init
         opt.meta_step()
         timer["replayed"] += (opt.counters["warp_updates"] - before) * args.replay_batch
         timer["meta_s"] += time.process_time() - t0
-        progress(1)
-    with torch.no_grad():
+
+    def snapshot():
+        theta0 = [t.detach().clone() for t in opt.theta0]
         for j in heads:
-            opt.theta0[j].zero_()
-    return model, [t.detach().clone() for t in opt.theta0]
+            theta0[j].zero_()
+        return {"theta0": theta0, "warp": [p.detach().clone() for p in model.warp_parameters()]}
+
+    checkpoints = harness.train_for_comparison(step, snapshot, steps=args.meta_steps, budget=budget, progress=progress)
+    return model, checkpoints
 
 
 def multihead_pretrain(args, train_tasks, gen, timer, progress=no_progress):
     """Multi-headed fine-tuning baseline: train the body on all N tasks, one head per task.
 
     Trains for as many SGD steps as meta-training's task steps; ``progress(1)`` per meta-step's worth.
+    Returns ``(model, checkpoints)`` like :func:`meta_train` (equal steps only).
     """
     net, model = build_model(args, "none", args.run_seed)
     heads = nn.ModuleList([nn.Linear(args.filters, 20) for _ in train_tasks]).to(args.device)
@@ -210,96 +183,112 @@ def multihead_pretrain(args, train_tasks, gen, timer, progress=no_progress):
     rng = random.Random(args.run_seed)
     per_meta_step = min(args.meta_batch, len(train_tasks)) * args.steps
     budget = args.meta_steps * per_meta_step  # = meta-training's task steps
-    t0 = time.perf_counter()
+    watch = harness.Stopwatch()
     for step in range(budget):
-        i = rng.randrange(len(train_tasks))
-        x, y = train_tasks[i].sample(args.batch_size, gen)
-        opt.zero_grad()
-        F.cross_entropy(heads[i](net.features(x)), y).backward()
-        opt.step()
+        with watch:
+            i = rng.randrange(len(train_tasks))
+            x, y = train_tasks[i].sample(args.batch_size, gen)
+            opt.zero_grad()
+            F.cross_entropy(heads[i](net.embed(x)), y).backward()
+            opt.step()
         if (step + 1) % per_meta_step == 0:
             progress(1)
     timer["task_steps"] += budget
-    timer["task_s"] += time.perf_counter() - t0
+    timer["task_s"] += watch.cpu
     theta0 = [p.detach().clone() for p in model.adapt_parameters()]
     for j in head_slots(model, net):
         theta0[j].zero_()
-    return model, theta0
+    state = {"theta0": theta0, "warp": [p.detach().clone() for p in model.warp_parameters()]}
+    return model, {"equal_steps": harness.Checkpoint(state, args.meta_steps, watch.cpu, watch.wall), "equal_time": None}
 
 
-def evaluate(model, theta0, tasks, batch_size, lr, steps, gen, optimizer=None, on_step=None):
-    """Adapt from θ0 with plain SGD on each task (warps fixed); same code for every method.
+def evaluate(model, state, tasks, batch_size, lr, steps, gen, optimizer=None, on_step=None):
+    """``harness.evaluate`` on held-out alphabets from a checkpoint ``state`` (θ0 and φ); same for every method.
+
+    ``optimizer(model, params, lr)`` replaces plain SGD (KFAC‡); ``on_step(model, test_batch, k)``
+    is called after every step (Fig. 7's statistics).
 
     ``optimizer(model, params, lr)`` builds the task optimizer instead of SGD (KFAC‡);
     ``on_step(model, task, k)`` is called after every step (k = 1..steps; analyses, e.g. Fig. 7).
 
     Returns per-task test accuracy after ``steps`` and per-step training-batch accuracy.
-    BatchNorm uses batch statistics (train mode) throughout, also on the 100 test images.
     """
-    test_acc, curves = [], []
-    for task in tasks:
-        m = copy.deepcopy(model)
-        adapt = list(m.adapt_parameters())
-        with torch.no_grad():
-            for p, t in zip(adapt, theta0):
-                p.copy_(t)
-        for p in m.warp_parameters():
-            p.requires_grad_(False)
-        opt = optimizer(m, adapt, lr) if optimizer else torch.optim.SGD(adapt, lr=lr)
-        m.train()
-        curve = []
-        for k in range(steps):
-            x, y = task.sample(batch_size, gen)
-            out = m(x)
-            opt.zero_grad()
-            F.cross_entropy(out, y).backward()
-            opt.step()
-            curve.append((out.argmax(1) == y).float().mean())
-            if on_step:
-                on_step(m, task, k + 1)
-        with torch.no_grad():
-            out = m(task.test_images)
-            test_acc.append((out.argmax(1) == task.test_labels).float().mean().item())
-        curves.append(torch.stack(curve).tolist())
-    return test_acc, curves
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        for p, w in zip(model.warp_parameters(), state["warp"]):
+            p.copy_(w)
+    theta0 = dict(zip((n for n, _ in model.named_adapt_parameters()), state["theta0"]))
+    out = harness.evaluate(model, theta0, [(task_source(t, batch_size, gen), (t.test_images, t.test_labels))
+                                           for t in tasks], steps=steps, lr=lr, desc="held-out alphabets",
+                           make_optimizer=optimizer, on_step=on_step)
+    return out["accuracy"], out["train_curves"]
 
 
-def run(method, args, data, progress=no_progress):
+def _scores(acc, curves) -> dict:
+    mean_curve = torch.tensor(curves).mean(0).tolist()
+    return {"test_acc": sum(acc) / len(acc), "train_auc": sum(mean_curve) / len(mean_curve), "train_curve": mean_curve}
+
+
+def run(method, args, data, progress=no_progress, budgets=None):
     """One (method, N, seed) run: meta-train (unless sgd) and evaluate on the held-out alphabets.
 
-    Calls ``progress(n)`` with ``job_units(method, args)`` units in all.
+    ``budgets`` (a dict shared between runs) receives Warp-Leap's meta-training CPU seconds per seed
+    and gives them to the ``EQUAL_TIME`` methods when ``args.equal_time``. Calls ``progress(n)``
+    with about ``job_units(method, args)`` units in all.
     """
     train_tasks, test_tasks = multishot_split(data, seed=args.run_seed, num_pretrain=args.num_pretrain)
     test_tasks = test_tasks[: args.num_eval_tasks]
     gen = torch.Generator().manual_seed(args.run_seed)
     timer = {"task_steps": 0, "task_s": 0.0, "replayed": 0, "meta_s": 0.0}  # CPU (process) seconds
     start, cpu_start = time.perf_counter(), time.process_time()
+    key = f"warp-leap/{args.run_seed}"
+    budget = (lambda: budgets.get(key)) if args.equal_time and method in EQUAL_TIME and budgets is not None else None
+    checkpoints = None
     if method in OPT_METHODS and args.num_pretrain > 0:
-        model, theta0 = meta_train(method, args, train_tasks, gen, timer, progress)
+        model, checkpoints = meta_train(method, args, train_tasks, gen, timer, progress, budget)
     elif method == "finetune" and args.num_pretrain > 0:
-        model, theta0 = multihead_pretrain(args, train_tasks, gen, timer, progress)
+        model, checkpoints = multihead_pretrain(args, train_tasks, gen, timer, progress)
     else:  # no meta-training: SGD from a random initialisation
         _, model = build_model(args, "none", args.run_seed)
-        theta0 = [p.detach().clone() for p in model.adapt_parameters()]
+        checkpoints = {"equal_steps": harness.Checkpoint({"theta0": [p.detach().clone() for p in model.adapt_parameters()],
+                                                          "warp": []}, 0, 0.0, 0.0), "equal_time": None}
+    if method == "warp-leap" and budgets is not None:
+        budgets[key] = checkpoints["equal_steps"].cpu_s
     scale = args.sgd_scale if method in NO_META_TRAINING else 1
-    eval_gen = torch.Generator().manual_seed(10_000 + args.run_seed)  # same batches for every method
     t0 = time.perf_counter()
-    acc, curves = evaluate(model, theta0, test_tasks, args.batch_size * scale, args.inner_lr * scale,
-                           args.eval_steps, eval_gen, optimizer=kfac_factory(args) if method == "kfac" else None)
+    evaluated = {}
+    for name, point in checkpoints.items():
+        if point is None:
+            continue
+        eval_gen = torch.Generator().manual_seed(10_000 + args.run_seed)  # same batches for every method
+        acc, curves = evaluate(model, point.state, test_tasks, args.batch_size * scale, args.inner_lr * scale,
+                               args.eval_steps, eval_gen, optimizer=kfac_factory(args) if method == "kfac" else None)
+        evaluated[name] = (acc, curves)
     eval_s = time.perf_counter() - t0
     progress(1)
-    mean_curve = torch.tensor(curves).mean(0).tolist()
-    return {
+    acc, curves = evaluated["equal_steps"]
+    row = {
         "method": method, "seed": args.run_seed, "num_pretrain": args.num_pretrain,
         "warp_layer": args.warp_layer if method == "warp-leap" else None,
         "algorithm": args.algorithm if method == "warp-leap" else None,
         "kfac": kfac_settings(args) if method == "kfac" else None,
         "objective": args.objective if method == "warp-leap" else None,
-        "test_acc": sum(acc) / len(acc), "train_auc": sum(mean_curve) / len(mean_curve),
-        "test_acc_per_task": dict(zip([t.name for t in test_tasks], acc)),
-        "train_curve": mean_curve, "meta_steps": args.meta_steps, "quick": args.quick,
+        **_scores(acc, curves), "test_acc_per_task": dict(zip([t.name for t in test_tasks], acc)),
+        "meta_steps": checkpoints["equal_steps"].steps, "quick": args.quick,
+        "train_cpu_s": checkpoints["equal_steps"].cpu_s, "train_wall_s": checkpoints["equal_steps"].wall_s,
         "time_s": time.perf_counter() - start, "cpu_s": time.process_time() - cpu_start, "eval_s": eval_s, **timer,
     }
+    if "equal_time" in evaluated:
+        point = checkpoints["equal_time"]
+        row["equal_time"] = {**_scores(*evaluated["equal_time"]), "meta_steps": point.steps,
+                             "train_cpu_s": point.cpu_s, "train_wall_s": point.wall_s,
+                             "budget_cpu_s": budgets.get(key), "budget_from": "warp-leap, same seed"}
+    return row
+
+
+#: relative cost of a run (Warp-Leap's meta-step ≈ 2.4x Leap's, measured in quick mode), so that the
+#: slowest start first when runs go in parallel and progress totals include the equal-time extension
+COST = {"warp-leap": 2.4, "leap": 1, "reptile": 1, "fomaml": 1, "finetune": 1, "kfac": 0.5, "sgd": 0}
 
 
 #: KFAC‡ settings (warpopt.KFAC): the paper does not state them
@@ -319,11 +308,10 @@ def kfac_factory(args):
 
 def job_units(method: str, args) -> int:
     """Progress units of one run: its meta-steps (none without meta-training) and the evaluation."""
-    return (args.meta_steps if method not in NO_META_TRAINING and args.num_pretrain > 0 else 0) + 1
-
-
-#: rough relative cost of a run, so that the slowest start first when runs go in parallel
-COST = {"warp-leap": 3, "leap": 1, "reptile": 1, "fomaml": 1, "finetune": 1, "kfac": 0.5, "sgd": 0}
+    steps = args.meta_steps if method not in NO_META_TRAINING and args.num_pretrain > 0 else 0
+    if args.equal_time and method in EQUAL_TIME and "warp-leap" in args.meta_learner:
+        steps = round(steps * COST["warp-leap"] / COST[method])
+    return steps + 1
 
 
 @functools.lru_cache(maxsize=2)
@@ -332,27 +320,30 @@ def _load(path: str, cache_dir: str, device: str):
 
 
 def _run_job(job, progress):
-    method, seed, args = job
+    method, seed, args, budgets = job
     args = copy.copy(args)
     args.run_seed = seed
-    return run(method, args, _load(args.data, args.cache_dir, args.device), progress)
+    return run(method, args, _load(args.data_root, args.cache_dir, args.device), progress, budgets)
 
 
 def run_all(args):
     """Yield the result of every (method, seed) run, ``args.workers`` processes at a time
-    (slowest methods first); a run's result does not depend on the number of workers."""
-    jobs = sorted(((m, s, args) for s in args.seeds for m in args.meta_learner), key=lambda j: -COST[j[0]])
-    if args.threads:  # for runs in this process (one job, or --workers 1)
-        torch.set_num_threads(args.threads)
-    yield from run_parallel(_run_job, jobs, workers=args.workers, threads=args.threads or 1,
-                            total=sum(job_units(m, args) for m, _, _ in jobs), desc="omniglot")
+    (slowest methods first); a run's result does not depend on the number of workers (the
+    equal-time extension aside, which depends on measured times)."""
+    jobs = sorted(((m, s) for s in args.seeds for m in args.meta_learner), key=lambda j: -COST[j[0]])
+    with contextlib.ExitStack() as stack:
+        parallel = args.workers > 1 and len(jobs) > 1
+        budgets = stack.enter_context(mp.get_context("spawn").Manager()).dict() if parallel else {}
+        yield from harness.run_parallel(_run_job, [(m, s, args, budgets) for m, s in jobs], workers=args.workers,
+                                        threads=args.threads or 1, desc="omniglot",
+                                        total=sum(job_units(m, args) for m, _ in jobs))
 
 
 # Meta-training tasks run the full 100 steps that evaluation runs: with 50 (and 160 meta-steps in the
 # same time) Warp-Leap's held-out training accuracy flattened after ~40 steps (seed 0: 60.8 vs 64.4 %).
 QUICK = dict(num_pretrain=25, filters=32, meta_steps=105, meta_batch=2, max_updates=50, num_eval_tasks=10,
-             workers=2)
-SOURCES = {
+             workers=2, equal_time=True)
+NOTES = {
     "steps": "paper/original (100 task steps)", "eval_steps": "paper/original (100)",
     "batch_size": "paper ablation (20; original default 128)", "filters": "paper (64)", "inner_lr": "original (SGD 0.1)",
     "meta_batch": "original (20 tasks)", "meta_steps": "original (1000)",
@@ -364,55 +355,61 @@ SOURCES = {
     "kfac_damping": "ours (unstated in the paper; chosen on meta-training alphabets, see README)",
     "kfac_fisher": "Martens & Grosse (true Fisher, one sampled label per example)",
     "kfac_factor_interval": "ours (unstated)", "kfac_inverse_interval": "ours (unstated)",
-    "head": "ours: zero-initialised at every task for every method",
+    "num_pretrain": "paper (Table 2 rows 1-25; ablations 25)", "seeds": "paper (10; ablations 4)",
     "channels_last": "ours: memory format only (speed), not a protocol choice",
-    "quick": f"ours: overrides {QUICK} for a 2-core CPU",
+    "equal_time": "ours: fair comparison at equal training time (issue 17)",
+    "workers": "ours", "quick": f"ours: overrides {QUICK} for a 2-core CPU",
 }
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--meta-learner", nargs="+", default=["warp-leap", "leap", "sgd"], choices=METHODS)
+def parser():
+    p = harness.ExampleParser("omniglot", __doc__, quick=QUICK, data="omniglot",
+                              quick_help="25 alphabets, 32 filters, 105 meta-steps of 2 tasks, up to 50 warp "
+                                         "updates each, 10 held-out alphabets, 2 processes, equal-time runs")
+    p.add_argument("--meta-learner", nargs="+", default=["warp-leap", "leap", "sgd"], choices=METHODS,
+                   help="methods, one run each per seed")
     p.add_argument("--num-pretrain", type=int, default=25, help="N meta-training alphabets")
-    p.add_argument("--warp-layer", default="conv", choices=[k for k in WARP_LAYERS if k != "none"])
-    p.add_argument("--objective", default="exact", choices=["exact", "approx"])
-    p.add_argument("--algorithm", default="offline", choices=["offline", "online"])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--seeds", type=int, nargs="+", help="several seeds in one call (overrides --seed)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--quick", action="store_true", help=f"2-core CPU mode: {QUICK}")
-    p.add_argument("--out", default=str(ROOT / "runs" / "omniglot"))
-    p.add_argument("--data", default=DEFAULT_DATA)
-    p.add_argument("--cache-dir", default=str(ROOT / "runs" / ".cache"))
-    p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--eval-steps", type=int, default=100)
-    p.add_argument("--batch-size", type=int, default=20)
-    p.add_argument("--filters", type=int, default=64, help="conv filters per block (paper: 64)")
-    p.add_argument("--inner-lr", type=float, default=0.1)
-    p.add_argument("--meta-batch", type=int, default=20)
-    p.add_argument("--meta-steps", type=int, default=1000)
-    p.add_argument("--meta-optimizer", default="sgd", choices=["sgd", "adam"])
-    p.add_argument("--meta-lr", type=float, default=None, help="warp lr (default 0.1; 0.001 online)")
-    p.add_argument("--init-lr", type=float, default=0.1)
-    p.add_argument("--replay-batch", type=int, default=1)
-    p.add_argument("--max-updates", type=int, default=None)
-    p.add_argument("--sgd-scale", type=int, default=10)
+    p.add_argument("--warp-layer", default="conv", choices=[k for k in WARP_LAYERS if k != "none"],
+                   help="Warp-Leap's warp layer (Table 3 rows)")
+    p.add_argument("--objective", default="exact", choices=["exact", "approx"], help="Eq. 7 or Eq. 8")
+    p.add_argument("--algorithm", default="offline", choices=["offline", "online"], help="Algorithm 2 or 1")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="several seeds in one call (default: --seed)")
+    p.add_argument("--cache-dir", default="runs/cache", help="where the resized images are cached")
+    p.add_argument("--steps", type=int, default=100, help="task steps during meta-training")
+    p.add_argument("--eval-steps", type=int, default=100, help="task steps on held-out alphabets")
+    p.add_argument("--batch-size", type=int, default=20, help="task batch size")
+    p.add_argument("--filters", type=int, default=64, help="conv filters per block")
+    p.add_argument("--inner-lr", type=float, default=0.1, help="task learning rate (SGD)")
+    p.add_argument("--meta-batch", type=int, default=20, help="tasks per meta-step")
+    p.add_argument("--meta-steps", type=int, default=1000, help="meta-training steps")
+    p.add_argument("--meta-optimizer", default="sgd", choices=["sgd", "adam"], help="meta optimizer of θ0 and φ")
+    p.add_argument("--meta-lr", type=float, default=None,
+                   help="warp learning rate (default: 0.1 offline, 0.001 online)")
+    p.add_argument("--init-lr", type=float, default=0.1, help="θ0 learning rate")
+    p.add_argument("--replay-batch", type=int, default=1, help="η, points per warp update (offline)")
+    p.add_argument("--max-updates", type=int, default=None, help="warp updates per meta-step (None: a full pass)")
+    p.add_argument("--sgd-scale", type=int, default=10, help="batch and lr factor of the no-meta-training SGD baseline")
     p.add_argument("--kfac-damping", type=float, default=KFAC_DEFAULTS["damping"], help="KFAC‡: λ in (G ⊗ A + λI)⁻¹")
-    p.add_argument("--kfac-fisher", default=KFAC_DEFAULTS["fisher"], choices=["categorical", "empirical"])
-    p.add_argument("--kfac-factor-interval", type=int, default=KFAC_DEFAULTS["factor_interval"])
-    p.add_argument("--kfac-inverse-interval", type=int, default=KFAC_DEFAULTS["inverse_interval"])
-    p.add_argument("--num-eval-tasks", type=int, default=10)
+    p.add_argument("--kfac-fisher", default=KFAC_DEFAULTS["fisher"], choices=["categorical", "empirical"],
+                   help="KFAC‡: true Fisher (sampled labels) or empirical")
+    p.add_argument("--kfac-factor-interval", type=int, default=KFAC_DEFAULTS["factor_interval"],
+                   help="KFAC‡: steps between factor updates")
+    p.add_argument("--kfac-inverse-interval", type=int, default=KFAC_DEFAULTS["inverse_interval"],
+                   help="KFAC‡: steps between inverses")
+    p.add_argument("--num-eval-tasks", type=int, default=10, help="held-out alphabets evaluated")
+    p.add_argument("--equal-time", action=argparse.BooleanOptionalAction, default=False,
+                   help="also give Leap/Reptile/FOMAML Warp-Leap's meta-training CPU time (same seed) and "
+                        "evaluate them there")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
-                   help="conv weights in channels-last memory format (faster convolutions; default on)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads per run (default: torch's; 1 per worker when --workers > 1)")
+                   help="conv weights in channels-last memory format (faster convolutions)")
     p.add_argument("--workers", type=int, default=1, help="runs (method, seed) in parallel processes")
     p.add_argument("--gpu-speedup", type=float, default=10.0,
                    help="assumed GPU/2-core-CPU speed ratio for the printed wall-time estimate")
-    known, _ = p.parse_known_args(argv)
-    if known.quick:
-        p.set_defaults(**QUICK)  # explicit flags still win
-    args = p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    args = parser().parse_args(argv)
     if args.meta_lr is None:
         args.meta_lr = 1e-3 if args.algorithm == "online" else 0.1
     args.seeds = args.seeds or [args.seed]
@@ -435,11 +432,12 @@ def estimate(args, rows):
 
 def main(argv=None):
     args = parse_args(argv)
+    harness.start(args)
+    if args.download:
+        harness.fetch_data("omniglot", Path(args.download))
+    harness.require_data("omniglot", Path(args.data_root))
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    config = {k: v for k, v in vars(args).items()}
-    config["sources"] = SOURCES
-    (out / "config.json").write_text(json.dumps(config, indent=2))
+    harness.write_config(args, NOTES, head="zero-initialised at every task for every method (ours)")
     results_file = out / "results.json"
     rows = json.loads(results_file.read_text())["runs"] if results_file.exists() else []
     key = lambda r: (r["method"], r["num_pretrain"], r["seed"], r["warp_layer"], r.get("algorithm"),  # noqa: E731
@@ -448,28 +446,30 @@ def main(argv=None):
     for row in run_all(args):
         new.append(row)
         rows = [r for r in rows if key(r) != key(row)] + [row]
-        results_file.write_text(json.dumps({"runs": rows}, indent=1))
-        tqdm.write(f"seed {row['seed']} {row['method']:9s} N={args.num_pretrain}: test acc "
-                   f"{100 * row['test_acc']:.1f}%  train AUC {row['train_auc']:.3f}  ({row['time_s']:.0f} s)")
+        harness.write_json(out, "results.json", {"runs": rows})
+        line = (f"seed {row['seed']} {row['method']:9s} N={args.num_pretrain}: test acc {100 * row['test_acc']:.1f}%  "
+                f"train AUC {row['train_auc']:.3f}  ({row['meta_steps']} meta-steps, {row['train_cpu_s']:.0f} CPU s)")
+        if "equal_time" in row:
+            e = row["equal_time"]
+            line += (f"; at Warp-Leap's training time: {100 * e['test_acc']:.1f}%  AUC {e['train_auc']:.3f}  "
+                     f"({e['meta_steps']} meta-steps, {e['train_cpu_s']:.0f} CPU s)")
+        harness.log(line)
     for method in args.meta_learner:
         accs = [100 * r["test_acc"] for r in new if r["method"] == method]
         sd = torch.tensor(accs).std().item() if len(accs) > 1 else 0.0
-        print(f"{method:9s}: {sum(accs) / len(accs):.1f} ± {sd:.1f} over seeds {args.seeds}")
+        print(f"{method:9s}: {sum(accs) / len(accs):.1f} ± {sd:.1f} over seeds {args.seeds} (equal meta-steps)")
     est = estimate(args, new)
     if est:
-        (out / "estimate.json").write_text(json.dumps(est, indent=2))
+        harness.write_json(out, "estimate.json", est)
         print(f"Full protocol, one seed (ESTIMATE from measured CPU process time: task step "
               f"{1000 * est['cpu_task_step_s']:.0f} ms, exact replay {1000 * est['cpu_replay_point_s']:.0f} ms; "
               f"GPU assumed {args.gpu_speedup:.0f}x faster): ~{est['cpu_hours_per_run']:.0f} h on this CPU, "
               f"~{est['gpu_hours_per_run_estimate']:.1f} h on a GPU per method and N.\n  python examples/omniglot.py"
               " --device cuda --num-pretrain 25 --seeds 0 1 2 3 --meta-learner warp-leap leap reptile fomaml "
               "finetune sgd")
-    try:
-        from omniglot_report import report
-    except ImportError:
-        from examples.omniglot_report import report
-    report([out], out)
+    from omniglot_report import report
+    return {"runs": new, "table": report([out], out)}
 
 
 if __name__ == "__main__":
-    main()
+    harness.cli(main)

@@ -34,7 +34,10 @@ def load_runs(paths) -> list[dict]:
         files += sorted(p.rglob("results.json")) if p.is_dir() else [p]
     runs = []
     for f in files:
-        runs += json.loads(f.read_text())["runs"]
+        for run in json.loads(f.read_text())["runs"]:
+            runs.append(run)
+            if "equal_time" in run:  # the same run given Warp-Leap's training time: a row of its own
+                runs.append({**run, **run["equal_time"], "comparison": "equal time"})
     return runs
 
 
@@ -44,7 +47,7 @@ def label(run: dict) -> str:
         extra = [x for x in (run.get("warp_layer"), run.get("algorithm"), run.get("objective"))
                  if x not in (None, "conv", "offline", "exact")]
         name += f" ({', '.join(extra)})" if extra else ""
-    return name + (" [quick]" if run.get("quick") else "")
+    return name + (" [quick]" if run.get("quick") else "") + (" [equal time]" if run.get("comparison") else "")
 
 
 def mean_std(xs: list[float]) -> tuple[float, float]:
@@ -66,6 +69,8 @@ def aggregate(runs: list[dict]) -> dict:
             steps = min(len(c) for c in curves)
             table[name][n] = {"acc": mean_std([100 * r["test_acc"] for r in rs]),
                               "auc": mean_std([r["train_auc"] for r in rs]), "seeds": len(rs),
+                              "meta_steps": mean_std([r["meta_steps"] for r in rs]),
+                              "train_cpu_s": mean_std([r.get("train_cpu_s", float("nan")) for r in rs]),
                               "curve": [sum(c[k] for c in curves) / len(curves) for k in range(steps)],
                               "method": rs[0]["method"]}
     return table
@@ -96,6 +101,11 @@ def markdown(table: dict) -> str:
         cells = [f"{table[name][n]['auc'][0]:.3f} ± {table[name][n]['auc'][1]:.3f}" if n in table[name] else ""
                  for name in labels]
         lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    lines += ["", "Meta-training cost (mean over seeds): " + "; ".join(
+        f"{name}: {table[name][n]['meta_steps'][0]:.0f} meta-steps, {table[name][n]['train_cpu_s'][0]:.0f} CPU s (N={n})"
+        for name in labels for n in table[name] if table[name][n]["meta_steps"][0] > 0) + ".",
+              "Rows compare at equal meta-steps; rows marked [equal time] are the same runs trained on until "
+              "they had used Warp-Leap's meta-training CPU time (same seed)."]
     lines += ["", "Paper (Table 2, N = 25, 10 seeds): " +
               ", ".join(f"{TITLES[m]} {v}" for m, v in PAPER_25.items()) + " (MAML column: second-order MAML)."]
     return "\n".join(lines) + "\n"

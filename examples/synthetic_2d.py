@@ -20,29 +20,19 @@ meta_loss.png.
 
     python examples/synthetic_2d.py --quick
 
-The paper's schedule is already CPU-sized, so ``--quick`` runs it unchanged (it only documents
-that); results.json records wall and CPU seconds of meta-training.
+The paper's meta-training is already CPU-sized and runs unchanged in both modes; ``--quick``
+evaluates on 100 held-out surfaces x 10 starts instead of 1000 x 10. results.json records wall
+and CPU seconds of meta-training.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import time
-
-import sys
 
 import torch
 from torch import nn
 
-try:
-    import warpopt
-except ImportError:  # run from a source checkout without `pip install -e .`
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    import warpopt
-
-DESCRIPTION = __doc__.split("\n\n")[0]
-
+import harness
+import warpopt
 
 # ----------------------------------------------------------------------------- task family
 def sample_surfaces(n: int, generator: torch.Generator) -> torch.Tensor:
@@ -123,10 +113,8 @@ def reached_minimum(coefficients, x, grad_tol, curvature_tol):
 # ----------------------------------------------------------------------------- meta-training
 def meta_train(model, opt, args, gen, log):
     """Algorithm 1: accumulate the meta-gradient at every step, one warp update per meta-step."""
-    from tqdm import tqdm
-
     history = []
-    for step in tqdm(range(args.meta_steps), desc="meta-train", disable=args.no_progress):
+    for step in harness.bar(range(args.meta_steps), desc="synthetic_2d", unit="meta-step"):
         coefficients = sample_surfaces(1, gen)[0].to(args.device)
         starts = (torch.rand(args.starts, 2, generator=gen, dtype=torch.float64) * 6 - 3).to(args.device)
         with torch.no_grad():  # each task starts at its own random θ0 (not meta-learned)
@@ -167,20 +155,28 @@ def evaluate(model, args, gen):
 
 
 # ----------------------------------------------------------------------------- plots
+EXTENT = 3.5  # every panel shows [-3.5, 3.5]^2 (the starts are drawn from [-3, 3]^2)
+
+
+def _draw_path(ax, path, style, label, start_marker):
+    """A path clipped to the window, its start marked; says so when the path leaves the window."""
+    ax.plot(path[:, 0], path[:, 1], style, ms=3, lw=1, label=label)
+    ax.plot(*path[0], start_marker, ms=8, mec="k", mew=0.8, zorder=5)
+    return bool((path.abs() > EXTENT).any())
+
+
 def plot(model, data, args, history):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = harness.pyplot()
 
     # Fig. 5: held-out tasks 0..2; in each, the first start where gradient descent fails (as
     # the paper picks starts "such that standard gradient descent struggles"), else start 0.
     rows = []
-    for t in range(3):
+    for t in range(min(3, args.eval_tasks)):
         idx = list(range(t * args.eval_starts, (t + 1) * args.eval_starts))
         failing = [i for i in idx if not data["gd_ok"][i]]
         rows.append(failing[0] if failing else idx[0])
-    fig, axes = plt.subplots(2, 3, figsize=(13, 8.5))
-    grid = torch.linspace(-3.5, 3.5, 141, dtype=torch.float64)
+    fig, axes = plt.subplots(2, len(rows), figsize=(4.7 * len(rows), 9.4), layout="constrained", squeeze=False)
+    grid = torch.linspace(-EXTENT, EXTENT, 141, dtype=torch.float64)
     gx, gy = torch.meshgrid(grid, grid, indexing="xy")
     points = torch.stack([gx, gy], -1).reshape(-1, 2)
     omega = model.omega.cpu()
@@ -190,68 +186,70 @@ def plot(model, data, args, history):
         c = data["coefficients"][i]
         native = surface(c, points).reshape(gx.shape)
         warped = surface(c, warped_points).reshape(gx.shape)
+        # One colour scale per task for both spaces, so the two panels can be compared.
+        lo, hi = float(torch.minimum(native.min(), warped.min())), float(torch.maximum(native.max(), warped.max()))
+        levels = torch.linspace(lo, hi, 41).tolist()
         top, bottom = axes[0, col], axes[1, col]
-        top.contourf(gx, gy, warped, levels=40, cmap="viridis")
-        top.plot(data["wg"][:, i, 0], data["wg"][:, i, 1], "m.-", ms=3, lw=1, label="WarpGrad θ")
-        top.set_title(f"warped surface f(Ω(θ)), task {col}")
-        bottom.contourf(gx, gy, native, levels=40, cmap="viridis")
-        bottom.plot(data["gd"][:, i, 0], data["gd"][:, i, 1], "k.-", ms=3, lw=1, label="gradient descent")
-        bottom.plot(data["wg_gamma"][:, i, 0], data["wg_gamma"][:, i, 1], "m.-", ms=3, lw=1,
-                    label="WarpGrad Ω(θ)")
-        bottom.plot(*data["x0"][i], "wo", ms=6, label="x0")
-        bottom.set_title(f"native surface f(x): GD {'ok' if data['gd_ok'][i] else 'fails'}, "
-                         f"WarpGrad {'ok' if data['wg_ok'][i] else 'fails'}")
+        cs = top.contourf(gx, gy, warped, levels=levels, cmap="viridis")
+        out_top = _draw_path(top, data["wg"][:, i], "m.-", "WarpGrad θ_k (from θ_0 = x0, ○)", "wo")
+        top.set_title(f"task {col}: θ-space, f(Ω(θ))" + ("\n(the path leaves the window)" if out_top else ""),
+                      fontsize=9)
+        bottom.contourf(gx, gy, native, levels=levels, cmap="viridis")
+        out_gd = _draw_path(bottom, data["gd"][:, i], "k.-", "gradient descent x_k (from x0, ○)", "wo")
+        out_wg = _draw_path(bottom, data["wg_gamma"][:, i], "m.-", "WarpGrad Ω(θ_k) (from Ω(x0), □)", "ms")
+        bottom.set_title(f"x-space, f(x): GD {'ok' if data['gd_ok'][i] else 'fails'}, "
+                         f"WarpGrad {'ok' if data['wg_ok'][i] else 'fails'}"
+                         + ("\n(a path leaves the window)" if out_gd or out_wg else ""), fontsize=9)
         for ax in (top, bottom):
-            ax.set_xlim(-3.5, 3.5)
-            ax.set_ylim(-3.5, 3.5)
+            ax.set_xlim(-EXTENT, EXTENT)
+            ax.set_ylim(-EXTENT, EXTENT)
             ax.set_aspect("equal")
-    axes[1, 0].legend(loc="lower left", fontsize=8)
-    axes[0, 0].legend(loc="lower left", fontsize=8)
-    fig.suptitle("Gradient descent (black) vs WarpGrad (magenta), 100 steps at lr 0.1, same x0")
-    fig.tight_layout()
+        fig.colorbar(cs, ax=[top, bottom], shrink=0.6, label=f"loss, task {col}")
+    axes[0, 0].legend(loc="lower left", fontsize=7)
+    axes[1, 0].legend(loc="lower left", fontsize=7)
+    fig.suptitle(f"Gradient descent (black) vs WarpGrad (magenta), {args.steps} steps at lr {args.lr:g}, same start "
+                 "x0 (white circle).\nWarpGrad descends in θ (top; the warp Ω makes the loss f(Ω(θ))); its points "
+                 "map to Ω(θ_k) in x-space (bottom), starting at Ω(x0) (magenta square), not at x0.", fontsize=10)
     fig.savefig(os.path.join(args.out, "trajectories.png"), dpi=110)
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(history)
-    ax.set_xlabel("meta-step")
-    ax.set_ylabel("mean task loss over the 100 steps")
+    harness.plot_smoothed(ax, history, label="mean task loss")
+    ax.set_xlabel("meta-step (one fresh surface each)")
+    ax.set_ylabel(f"mean task loss over the {args.steps} steps")
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(os.path.join(args.out, "meta_loss.png"), dpi=110)
     plt.close(fig)
 
 
 # ----------------------------------------------------------------------------- main
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=DESCRIPTION)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--quick", action="store_true", help="CPU mode: identical, the paper's schedule is CPU-sized")
-    p.add_argument("--out", default=os.path.join("runs", "synthetic_2d"))
-    p.add_argument("--meta-steps", type=int, default=100)
-    p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--lr", type=float, default=0.1)
-    p.add_argument("--meta-lr", type=float, default=0.01)
-    p.add_argument("--starts", type=int, default=10)
-    p.add_argument("--hidden", type=int, default=30)
-    p.add_argument("--objective", choices=["exact", "approx"], default="exact")
-    p.add_argument("--eval-tasks", type=int, default=100)
-    p.add_argument("--eval-starts", type=int, default=10)
-    p.add_argument("--grad-tol", type=float, default=1e-3)
-    p.add_argument("--curvature-tol", type=float, default=1e-2)
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (a 2-D problem: 1 is fastest)")
-    p.add_argument("--no-plots", action="store_true")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--verbose", action="store_true")
-    return p.parse_args(argv)
+NOTES = {"steps": "paper (100)", "lr": "paper (0.1)", "meta_steps": "paper (100)", "starts": "paper (10)",
+         "hidden": "paper (30)", "meta_lr": "ours (paper: unstated)", "objective": "ours (paper: unstated)",
+         "eval_tasks": "ours", "eval_starts": "ours", "grad_tol": "ours", "curvature_tol": "ours"}
+
+
+def parser():
+    p = harness.ExampleParser("synthetic_2d", __doc__, quick={"eval_tasks": 100},
+                              quick_help="the paper's meta-training, 100 held-out surfaces")
+    p.add_argument("--meta-steps", type=int, default=100, help="meta-steps, one fresh surface each")
+    p.add_argument("--steps", type=int, default=100, help="gradient-descent steps per task")
+    p.add_argument("--lr", type=float, default=0.1, help="task learning rate")
+    p.add_argument("--meta-lr", type=float, default=0.01, help="Adam learning rate of the warp Ω")
+    p.add_argument("--starts", type=int, default=10, help="random starts per meta-training surface")
+    p.add_argument("--hidden", type=int, default=30, help="hidden units of the warp Ω")
+    p.add_argument("--objective", choices=["exact", "approx"], default="exact", help="meta-objective: Eq. 7 or Eq. 8")
+    p.add_argument("--eval-tasks", type=int, default=1000, help="held-out surfaces")
+    p.add_argument("--eval-starts", type=int, default=10, help="random starts per held-out surface")
+    p.add_argument("--grad-tol", type=float, default=1e-3, help="converged: gradient norm below this ...")
+    p.add_argument("--curvature-tol", type=float, default=1e-2, help="... and smallest Hessian eigenvalue above this")
+    p.add_argument("--no-plots", action="store_true", help="skip the plots")
+    p.add_argument("--verbose", action="store_true", help="print every meta-step")
+    return p
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device available")
-    os.makedirs(args.out, exist_ok=True)
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
+    args = parser().parse_args(argv)
+    harness.start(args)
     gen = torch.Generator().manual_seed(args.seed)
     eval_gen = torch.Generator().manual_seed(args.seed + 10_000)  # held-out surfaces and starts
     torch.set_default_dtype(torch.float64)  # 2-D problem: float64 costs nothing and keeps 1e-3 meaningful
@@ -264,29 +262,22 @@ def main(argv=None):
         model, lr=args.lr, meta_lr=args.meta_lr, algorithm=warpopt.online(),
         objective=warpopt.exact if args.objective == "exact" else warpopt.approx,
         initialisation=warpopt.none())
-    sources = {"paper": ["steps", "lr", "meta_steps", "starts", "hidden", "algorithm", "task_optimizer",
-                         "task family", "init U(-3,3)^2"],
-               "ours": ["meta_lr (paper: unstated)", "residual zero-init warp (identity start)", "objective",
-                        "eval_tasks", "eval_starts", "grad_tol", "curvature_tol", "float64"]}
-    config = {**vars(args), "algorithm": "online (Algorithm 1)", "task_optimizer": "SGD",
-              "meta_optimizer": "Adam", "initialisation": "none (random x0 per start)", "sources": sources}
-    with open(os.path.join(args.out, "config.json"), "w") as f:
-        json.dump(config, f, indent=2)
-    log = print if args.verbose else (lambda *_: None)
+    harness.write_config(args, NOTES, algorithm="online (Algorithm 1)", task_optimizer="SGD", meta_optimizer="Adam",
+                         initialisation="none (random x0 ~ U(-3, 3)^2 per start; paper)",
+                         warp="residual zero-initialised tanh MLP: Ω starts as the identity (ours)", dtype="float64")
+    log = harness.log if args.verbose else (lambda *_: None)
 
     before, _ = evaluate(model, args, torch.Generator().manual_seed(args.seed + 10_000))
-    t0, c0 = time.time(), time.process_time()
-    history = meta_train(model, opt, args, gen, log)
-    train_time, train_cpu = time.time() - t0, time.process_time() - c0
+    watch = harness.Stopwatch()
+    with watch:
+        history = meta_train(model, opt, args, gen, log)
     results, data = evaluate(model, args, eval_gen)
     results = {"held_out_starts": args.eval_tasks * args.eval_starts,
                "criterion": f"strict local minimum of f at the final point: |grad f| < {args.grad_tol} and "
                             f"lambda_min(Hessian f) > {args.curvature_tol}",
                **results, "warpgrad_before_meta_training": before["warpgrad"],
-               "meta_train_seconds": train_time,
-               "meta_train_cpu_seconds": train_cpu, "meta_loss_history": history}
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
+               "meta_train_seconds": watch.wall, "meta_train_cpu_seconds": watch.cpu, "meta_loss_history": history}
+    harness.write_json(args.out, "results.json", results)
     if not args.no_plots:
         plot(model, data, args, history)
     gd, wg = results["gradient_descent"], results["warpgrad"]
@@ -294,9 +285,9 @@ def main(argv=None):
           f"gradient descent {gd['fraction_reached_local_minimum']:.3f}, "
           f"WarpGrad {wg['fraction_reached_local_minimum']:.3f} "
           f"(mean final loss {gd['mean_final_loss']:.3f} vs {wg['mean_final_loss']:.3f}); "
-          f"meta-training {train_time:.0f} s; outputs in {args.out}")
+          f"meta-training {watch.wall:.0f} s; outputs in {args.out}")
     return results
 
 
 if __name__ == "__main__":
-    main()
+    harness.cli(main)

@@ -1,7 +1,6 @@
 """examples/fewshot.py: Warp-MAML partition, baselines and 2-episode end-to-end runs."""
 import json
 import pickle
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -9,16 +8,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "examples"))
+import fewshot
+import harness
+from fewshot_models import backbone, sgd_adapt, warp_convnet
 
-import fewshot  # noqa: E402
-from fewshot_models import ConvNet, MAMLBaseline, sgd_adapt, warp_convnet  # noqa: E402
+import warpopt
 
-OMNIGLOT = ROOT.parent / "shared" / "data" / "omniglot"
+OMNIGLOT = harness.data_root("omniglot")
 TINY = ["--filters", "4", "4", "4", "4", "--meta-steps", "2", "--eval-episodes", "2", "--no-progress",
         "--threads", "1"]
 
+
+def ConvNet(channels, filters, ways, size, pools=None):  # noqa: N802 - the few-shot backbone
+    assert pools is None or pools == len(filters) - (len(filters) > 4)
+    return backbone(channels, filters, ways, size)
 
 
 def test_warp_maml_partition_matches_appendix_h():
@@ -36,21 +39,36 @@ def test_warp_maml_partition_matches_appendix_h():
     assert model.features[3].conv.warp.weight.shape == (8, 8, 3, 3)
 
 
-def test_maml_is_second_order_and_fomaml_is_not():
+def test_maml_baselines_run_through_the_library_and_maml_is_second_order():
+    """The baselines are WarpGradMetaOptimizer(net, initialisation=maml()/fomaml()) on the plain
+    net: MAML's θ0 step equals a hand-written second-order MAML gradient (float64), FOMAML's not."""
     torch.manual_seed(0)
-    x, y = torch.randn(4, 1, 28, 28), torch.tensor([0, 1, 0, 1])
-    qx, qy = torch.randn(6, 1, 28, 28), torch.tensor([0, 1, 0, 1, 0, 1])
-    grads = {}
-    for first_order in (False, True):
-        net = ConvNet(1, [4, 4, 4, 4], 2, 28)
+    x, y = torch.randn(4, 1, 28, 28, dtype=torch.float64), torch.tensor([0, 1, 0, 1])
+    qx, qy = torch.randn(6, 1, 28, 28, dtype=torch.float64), torch.tensor([0, 1, 0, 1, 0, 1])
+    steps = {}
+    for kind in ("maml", "fomaml"):
         torch.manual_seed(1)
-        net.load_state_dict(ConvNet(1, [4, 4, 4, 4], 2, 28).state_dict())
-        base = MAMLBaseline(net, lr=0.4, meta_lr=1e-3, steps=2, first_order=first_order)
-        theta = sgd_adapt(net, base.theta0(), lambda k: (x, y), 2, 0.4, create_graph=not first_order)
-        loss = F.cross_entropy(torch.func.functional_call(net, theta, (qx,)), qy)
-        grads[first_order] = torch.autograd.grad(loss, net.features[0].conv.weight)[0]
-    # FOMAML's gradient equals the query gradient at θ_K; MAML's carries the Hessian terms.
-    assert not torch.allclose(grads[False], grads[True], atol=1e-7)
+        net = ConvNet(1, [4, 4, 4, 4], 2, 28).double()
+        theta0 = [p.detach().clone() for p in net.parameters()]
+        opt = warpopt.WarpGradMetaOptimizer(net, lr=0.4, meta_optimizer=torch.optim.SGD, meta_lr=1.0,
+                                            algorithm=warpopt.online(), initialisation=getattr(warpopt, kind)())
+        with opt.task(lambda k: (x, y), F.cross_entropy, meta_data=lambda k: (qx, qy)):
+            for _ in range(2):
+                opt.zero_grad()
+                F.cross_entropy(net(x), y).backward()
+                opt.step()
+        opt.meta_step()
+        steps[kind] = [a - b for a, b in zip(theta0, opt.theta0)]
+    torch.manual_seed(1)
+    net = ConvNet(1, [4, 4, 4, 4], 2, 28).double()
+    params = {n: p.detach().clone().requires_grad_(True) for n, p in net.named_parameters()}
+    theta = sgd_adapt(net, params, lambda k: (x, y), 2, 0.4, create_graph=True)
+    loss = F.cross_entropy(torch.func.functional_call(net, theta, (qx,)), qy)
+    expected = torch.autograd.grad(loss, list(params.values()))
+    for got, want in zip(steps["maml"], expected):
+        torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10)
+    # FOMAML's gradient is the query gradient at θ_K; MAML's carries the Hessian terms.
+    assert not torch.allclose(steps["maml"][0], steps["fomaml"][0], atol=1e-7)
 
 
 def _check_run(out: Path, kinds):
@@ -60,6 +78,7 @@ def _check_run(out: Path, kinds):
     for r in res:
         assert 0.0 <= r["accuracy"] <= 100.0 and r["test_episodes"] == 2 and r["meta_steps"] == 2
     assert cfg["sources"]["meta_steps"] == "command line" and cfg["algorithm"].startswith("online")
+    assert cfg["sources"]["meta_batch"].startswith("default — paper")
     assert (out / "fewshot.png").stat().st_size > 0
     return res
 
@@ -104,8 +123,23 @@ def test_warp_maml_meta_step_moves_phi_and_theta0(tmp_path):
 
 
 def test_missing_miniimagenet_names_the_expected_files(tmp_path):
-    with pytest.raises(FileNotFoundError, match="mini-imagenet-cache-train.pkl"):
+    with pytest.raises(harness.DataNotFound) as err:
         fewshot.main(["--dataset", "miniimagenet", "--data-root", str(tmp_path), "--out", str(tmp_path / "o")] + TINY)
+    for expected in ("mini-imagenet-cache-train.pkl", "train.csv", "images/*.jpg", "meta-learning-lstm",
+                     "ImageNet terms", str(tmp_path.resolve())):
+        assert expected in str(err.value)
+
+
+def test_missing_dataset_exits_with_the_message(tmp_path):
+    """From the command line: exit status 2 and the message, no traceback."""
+    import subprocess
+    import sys
+
+    script = Path(fewshot.__file__)
+    done = subprocess.run([sys.executable, str(script), "--dataset", "tieredimagenet", "--data-root", str(tmp_path),
+                           "--out", str(tmp_path / "o")], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "train_images_png.pkl" in done.stderr and "renmengye/few-shot-ssl-public" in done.stderr
 
 
 def test_multishot_protocol_config():
@@ -117,12 +151,11 @@ def test_multishot_protocol_config():
     assert net(torch.randn(2, 3, 84, 84)).shape == (2, 10) and net.head.in_features == 2 * 2 * 256
 
 
-@pytest.mark.skipif(not (OMNIGLOT / "images_background.npz").is_file(), reason="Omniglot data absent")
+@pytest.mark.skipif(not harness.data_present("omniglot", OMNIGLOT), reason="Omniglot data absent")
 def test_two_episode_warp_maml_on_omniglot(tmp_path):
     out = tmp_path / "run"
-    fewshot.main(["--dataset", "omniglot", "--data-root", str(OMNIGLOT), "--ways", "5", "--shots", "1",
-                  "--meta-learner", "warp-maml", "--out", str(out), "--cache-dir", str(ROOT / "runs" / "cache")]
-                 + TINY)
+    fewshot.main(["--dataset", "omniglot", "--ways", "5", "--shots", "1", "--meta-learner", "warp-maml",
+                  "--out", str(out), "--cache-dir", str(harness.ROOT / "runs" / "cache")] + TINY)
     _check_run(out, ["warp-maml"])
 
 
@@ -159,11 +192,11 @@ def test_fig8_from_a_small_generated_multishot_run(tmp_path):
                       "--filters", "4", "4", "4", "4", "4", "4", "--meta-steps", "2", "--inner-steps", "3",
                       "--inner-batch", "4", "--meta-batch", "1", "--val-every", "1", "--val-episodes", "1",
                       "--curve-every", "1", "--curve-episodes", "2", "--eval-episodes", "2", "--seed", str(seed),
-                      "--no-progress", "--threads", "1", "--out", str(out)])
+                      "--no-progress", "--threads", "1", "--no-equal-time", "--out", str(out)])
         runs.append(out)
         r = json.loads((out / "results.json").read_text())["results"][0]
         assert r["meta_learner"] == "warp-leap" and r["protocol"] == "multishot"
-        assert r["learning_curve"]["steps"] == [0, 1, 2, 3]
+        assert r["learning_curve"]["steps"] == [1, 2, 3]
         assert all(0 <= a <= 100 for a in r["learning_curve"]["accuracy"])
         assert [s for s, _ in r["test_curve"]] == [1, 2]
         # the curve's last point is the final test accuracy (same episodes, same batches)
@@ -177,3 +210,20 @@ def test_fig8_is_skipped_without_learning_curves(tmp_path):
     import fewshot_report
     assert fewshot_report.fig8([{"meta_learner": "maml", "ways": 5, "shots": 1}], tmp_path) is None
     assert not (tmp_path / "fig8.png").exists()
+
+
+def test_equal_time_trains_maml_on_to_warp_mamls_cpu_time(tmp_path):
+    """MAML is evaluated at Warp-MAML's meta-steps and again at Warp-MAML's measured training time."""
+    _make_mini_imagenet(tmp_path)
+    out = tmp_path / "run"
+    results = fewshot.main(["--dataset", "miniimagenet", "--data-root", str(tmp_path), "--ways", "2", "--shots", "1",
+                            "--queries", "2", "--image-size", "28", "--meta-learner", "maml", "warp-maml",
+                            "--equal-time", "--out", str(out)] + TINY)
+    warp, maml = results  # warp-* first, whatever the order given
+    assert warp["meta_learner"] == "warp-maml" and "equal_time" not in warp
+    eq = maml["equal_time"]
+    assert eq["budget_cpu_s"] == pytest.approx(warp["train_cpu_s"], abs=0.05)
+    assert eq["meta_steps"] > maml["meta_steps"] == 2 and len(eq["train_loss"]) == eq["meta_steps"] - 2
+    assert 0.0 <= eq["accuracy"] <= 100.0
+    saved = json.loads((out / "results.json").read_text())["results"]
+    assert saved[1]["equal_time"]["meta_steps"] == eq["meta_steps"]

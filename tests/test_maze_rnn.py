@@ -1,11 +1,12 @@
-"""Warp-RNN and baselines for maze navigation (warpopt/rnn.py, examples/maze.py)."""
+"""Warp-RNN cell (warpopt/rnn.py) and the maze experiment's agents and script (examples/maze_agents.py, maze.py)."""
 import numpy as np
 import pytest
 import torch
 
 import warpopt
+from maze_agents import a2c_loss, make_agent, run_episodes, warp_agent
 from warpopt.envs.maze import MazeVectorEnv
-from warpopt.rnn import (MetaLSTMGates, WarpRNNCell, a2c_loss, make_agent, run_episodes, warp_agent)
+from warpopt.rnn import MetaLSTMGates, WarpRNNCell
 
 
 def _pair(seed=0):
@@ -155,14 +156,9 @@ def test_end_to_end_continual_warp_updates_every_30():
 
 
 def _example():
-    import importlib.util
-    import os
+    import maze
 
-    path = os.path.join(os.path.dirname(__file__), "..", "examples", "maze.py")
-    spec = importlib.util.spec_from_file_location("maze_example", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return maze
 
 
 def test_quick_mode_settings_apply_but_explicit_flags_win():
@@ -188,3 +184,13 @@ def test_example_runs_and_reports(tmp_path):
     assert paired["seeds"] == 2 and 0 <= paired["wins"] <= 2 and "vs_rnn_same_seed" not in results["rnn/size7/episodes3"]
     run = json.loads((out / "runs" / "warp-rnn_size7_seed0.json").read_text())
     assert len(run["reward"]) == 3 and run["counters"]["warp_updates"] == 1
+
+
+def test_equal_time_reads_the_iteration_off_the_cumulative_cpu_time():
+    mod = _example()
+    slow = {"cpu_seconds": 40.0, "cpu_seconds_at": {"10": 10.0, "20": 20.0, "30": 30.0, "40": 40.0},
+            "reward": list(range(40))}
+    fast = {"cpu_seconds": 25.0, "reward": [5.0] * 40}
+    t = mod.equal_time(slow, fast, window=1)
+    assert t["iteration"] == 25 and t["reward"] == 24.0 and t["reference_reward"] == 5.0
+    assert mod.equal_time(fast | {"cpu_seconds_at": {"40": 25.0}}, slow, window=1) is None  # cheaper run: no equal time

@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 import ngd  # noqa: E402
 
-DATA = Path(ngd.harness.DEFAULT_DATA)
+DATA = ngd.harness.data_root("omniglot")
 needs_data = pytest.mark.skipif(not (DATA / "alphabets.tsv").is_file(), reason=f"Omniglot not found at {DATA}")
 
 
@@ -35,8 +35,8 @@ def test_quick_and_protocol_settings():
     full = ngd.parse_args([])
     assert (full.batch_size, full.lr, full.num_pretrain, full.meta_steps, full.meta_batch) == (200, 1.0, 25, 1000, 20)
     assert full.objective == "exact" and full.algorithm == "offline" and full.replay_batch == 1
-    assert ngd.harness.WARP_LAYERS[ngd.ROWS["warp-linear"][2]] is ngd.warpopt.ConvWarp
-    assert ngd.harness.WARP_LAYERS[ngd.ROWS["warp-nonlinear"][2]] is ngd.warpopt.TwoLayerResidualWarp
+    assert ngd.og.WARP_LAYERS[ngd.ROWS["warp-linear"][2]] is ngd.warpopt.ConvWarp
+    assert ngd.og.WARP_LAYERS[ngd.ROWS["warp-nonlinear"][2]] is ngd.warpopt.TwoLayerResidualWarp
     quick = ngd.parse_args(["--quick", "--meta-steps", "2"])
     assert quick.meta_steps == 2 and quick.filters == ngd.QUICK["filters"] and quick.batch_size == 200
 
@@ -65,12 +65,13 @@ def test_only_warps_are_meta_learned_from_the_rows_shared_random_init():
     args = ngd.parse_args(["--num-pretrain", "2", "--meta-batch", "2", "--meta-steps", "1", "--steps", "3",
                            "--max-updates", "3", "--filters", "8", "--batch-size", "20"])
     args.run_seed, args.warp_layer = 0, "conv"
-    data = ngd.harness._load(args.data, args.cache_dir, args.device)
-    train, _ = ngd.harness.multishot_split(data, seed=0, num_pretrain=2)
+    data = ngd.og._load(args.data, args.cache_dir, args.device)
+    train, _ = ngd.og.multishot_split(data, seed=0, num_pretrain=2)
     timer = {"task_steps": 0, "task_s": 0.0, "replayed": 0, "meta_s": 0.0}
-    model, theta0 = ngd.harness.meta_train("warp-leap", args, train, torch.Generator().manual_seed(0), timer,
+    model, checkpoints = ngd.og.meta_train("warp-leap", args, train, torch.Generator().manual_seed(0), timer,
                                            initialisation=ngd.warpopt.none)
-    _, fresh = ngd.harness.build_model(args, "conv", 0)       # what the SGD and KFAC rows start from
+    theta0 = checkpoints["equal_steps"].state["theta0"]
+    _, fresh = ngd.og.build_model(args, "conv", 0)       # what the SGD and KFAC rows start from
     for t, p in zip(theta0, fresh.adapt_parameters()):
         assert torch.equal(t, p)                             # λC(θ0) = 0: θ0 is the random init
     assert any(not torch.equal(a, b) for a, b in zip(model.warp_parameters(), fresh.warp_parameters()))

@@ -1,11 +1,13 @@
 """Omniglot (Lake et al., 2015): loader, multi-shot tasks and the Vinyals few-shot split.
 
-:func:`load_omniglot` reads either the npz form (``images_background.npz``,
+:func:`load_omniglot` reads the npz form (``images_background.npz``,
 ``images_evaluation.npz``: bool or 0/1 integer ``(n_chars, 20, 105, 105)``, True/1 =
-background; ``alphabets.tsv`` with disjoint, non-empty character-id ranges) or the
-original folder layout as torchvision saves it
+background; ``alphabets.tsv`` with disjoint, non-empty character-id ranges), the original
+folder layout as unzipped or as torchvision saves it
 (``images_background/<Alphabet>/characterNN/*.png``, ``images_evaluation/...``;
-``root/omniglot-py/`` is also tried). Both give the same :class:`Omniglot`:
+``root/omniglot-py/`` is also tried) or the official archives themselves, still zipped
+(``images_background.zip``, ``images_evaluation.zip``; see :mod:`warpopt.data.download`).
+All give the same :class:`Omniglot`:
 background alphabets sorted by name, then evaluation alphabets sorted by name;
 characters in character-number order; drawings in file-name (= drawer) order.
 Images are resized once, up front, with PIL (LANCZOS on 8-bit grey by default,
@@ -24,7 +26,9 @@ the Vinyals et al. (2016) split of the prototypical-networks code, x4 rotations.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import functools
 import hashlib
 import os
 import re
@@ -32,7 +36,7 @@ import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from itertools import pairwise
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
 import numpy as np
@@ -237,51 +241,96 @@ def _list_npz(root: Path, sets: Sequence[str]) -> _Listing:
     return _Listing(alphabets, alphabet_of, char_index, names, repr((stat, headers)), n_drawings, decode)
 
 
-def _list_folders(root: Path, sets: Sequence[str]) -> _Listing:
-    alphabets: list[str] = []
-    alphabet_of: list[int] = []
-    char_index: list[int] = []
-    names: list[str] = []
-    pngs: list[list[Path]] = []
-    for s in sets:
-        for alpha in sorted(p.name for p in (root / s).iterdir() if p.is_dir() and p.name[0] != "."):
+def _list_pngs(trees: Sequence[tuple[str, dict[str, dict[str, list[str]]], Callable[[], Any]]],
+               fingerprint: str) -> _Listing:
+    """Listing of PNG drawings grouped ``{alphabet: {character: [entries]}}`` per set.
+
+    ``trees`` holds ``(where, tree, opener)`` per set: ``where`` names the source in errors and
+    ``opener()`` is a context manager giving ``open(entry) -> binary file`` (a folder or a zip).
+    Alphabets sort by name, characters and drawings in natural order (``character2`` < ``character10``).
+    """
+    alphabets, alphabet_of, char_index, names = [], [], [], []
+    pngs: list[tuple[int, list[str]]] = []  # (set index, entries) per character
+    for t, (where, tree, _) in enumerate(trees):
+        for alpha in sorted(tree):
             a = len(alphabets)
             alphabets.append(alpha)
-            chars = sorted((p.name for p in (root / s / alpha).iterdir() if p.is_dir() and p.name[0] != "."),
-                           key=_natural_key)
-            for k, ch in enumerate(chars):
-                files = sorted((p for p in (root / s / alpha / ch).iterdir() if p.suffix.lower() == ".png"),
-                               key=lambda p: _natural_key(p.name))
-                if pngs and len(files) != len(pngs[0]):
-                    raise ValueError(f"{root / s / alpha / ch}: {len(files)} drawings, but other "
-                                     f"characters have {len(pngs[0])}; expected the same number of *.png each")
+            for k, ch in enumerate(sorted(tree[alpha], key=_natural_key)):
+                files = sorted(tree[alpha][ch], key=lambda e: _natural_key(PurePosixPath(e).name))
+                if pngs and len(files) != len(pngs[0][1]):
+                    raise ValueError(f"{where}/{alpha}/{ch}: {len(files)} drawings, but other "
+                                     f"characters have {len(pngs[0][1])}; expected the same number of *.png each")
                 if not files:
-                    raise ValueError(f"{root / s / alpha / ch}: no *.png drawings")
+                    raise ValueError(f"{where}/{alpha}/{ch}: no *.png drawings")
                 alphabet_of.append(a)
                 char_index.append(k)
                 names.append(f"{alpha}/{ch}")
-                pngs.append(files)
+                pngs.append((t, files))
     if not pngs:
-        raise ValueError(f"{root}: folder layout found but it contains no character folders")
-    digest = hashlib.sha1()
-    for files in pngs:
-        for p in files:
-            st = p.stat()
-            digest.update(f"{p.relative_to(root)}:{st.st_size}:{st.st_mtime_ns};".encode())
+        raise ValueError(f"{', '.join(w for w, _, _ in trees)}: layout found but it contains no character folders")
 
     def decode(size: int, resample: str) -> np.ndarray:
-        out = np.empty((len(pngs), len(pngs[0]), size, size), dtype=np.uint8)
-        for i, files in enumerate(pngs):
-            for j, p in enumerate(files):
-                try:
-                    with Image.open(p) as img:
-                        grey = np.asarray(img.convert("L"))
-                except (UnidentifiedImageError, OSError) as e:
-                    raise ValueError(f"{p}: cannot decode as PNG ({e})") from e
-                out[i, j] = pil_resize(grey, size, resample)
+        out = np.empty((len(pngs), len(pngs[0][1]), size, size), dtype=np.uint8)
+        with contextlib.ExitStack() as stack:
+            openers = [stack.enter_context(opener()) for _, _, opener in trees]
+            for i, (t, files) in enumerate(pngs):
+                for j, entry in enumerate(files):
+                    try:
+                        with openers[t](entry) as f, Image.open(f) as img:
+                            grey = np.asarray(img.convert("L"))
+                    except (UnidentifiedImageError, OSError, zipfile.BadZipFile) as e:
+                        raise ValueError(f"{trees[t][0]}: {entry}: cannot decode as PNG ({e})") from e
+                    out[i, j] = pil_resize(grey, size, resample)
         return out
 
-    return _Listing(alphabets, alphabet_of, char_index, names, digest.hexdigest(), len(pngs[0]), decode)
+    return _Listing(alphabets, alphabet_of, char_index, names, fingerprint, len(pngs[0][1]), decode)
+
+
+@contextlib.contextmanager
+def _open_files():
+    yield lambda entry: open(entry, "rb")
+
+
+def _list_folders(root: Path, sets: Sequence[str]) -> _Listing:
+    trees, digest = [], hashlib.sha1()
+    for s in sets:
+        tree: dict[str, dict[str, list[str]]] = {}
+        for alpha in (p for p in (root / s).iterdir() if p.is_dir() and p.name[0] != "."):
+            tree[alpha.name] = {ch.name: [str(p) for p in ch.iterdir() if p.suffix.lower() == ".png"]
+                                for ch in alpha.iterdir() if ch.is_dir() and ch.name[0] != "."}
+        for f in sorted(f for chars in tree.values() for files in chars.values() for f in files):
+            st = os.stat(f)
+            digest.update(f"{Path(f).relative_to(root)}:{st.st_size}:{st.st_mtime_ns};".encode())
+        trees.append((str(root / s), tree, _open_files))
+    return _list_pngs(trees, digest.hexdigest())
+
+
+def _list_zips(root: Path, sets: Sequence[str]) -> _Listing:
+    """The official archives as downloaded: ``<set>.zip`` holding ``<set>/<Alphabet>/characterNN/*.png``."""
+    trees, stat = [], []
+    for s in sets:
+        path = root / f"{s}.zip"
+        try:
+            with zipfile.ZipFile(path) as z:
+                members = z.namelist()
+        except (zipfile.BadZipFile, OSError) as e:
+            raise ValueError(f"{path}: cannot read as a zip archive ({e}); expected the official "
+                             f"{s}.zip holding {s}/<Alphabet>/characterNN/*.png") from e
+        tree: dict[str, dict[str, list[str]]] = {}
+        for name in members:
+            parts = PurePosixPath(name).parts
+            if (len(parts) >= 3 and parts[-1].lower().endswith(".png")
+                    and not any(p.startswith((".", "__MACOSX")) for p in parts)):
+                tree.setdefault(parts[-3], {}).setdefault(parts[-2], []).append(name)
+        trees.append((str(path), tree, functools.partial(_open_zip, path)))
+        stat.append((str(path.resolve()), path.stat().st_size, path.stat().st_mtime_ns))
+    return _list_pngs(trees, repr(stat))
+
+
+@contextlib.contextmanager
+def _open_zip(path: Path):
+    with zipfile.ZipFile(path) as z:
+        yield z.open
 
 
 def load_omniglot(
@@ -291,10 +340,10 @@ def load_omniglot(
     resample: Literal["lanczos", "nearest", "bilinear", "bicubic", "box"] = "lanczos",
     sets: Sequence[str] = SETS,
 ) -> Omniglot:
-    """Load Omniglot from ``root`` (npz form or original folder layout).
+    """Load Omniglot from ``root`` (npz form, original folder layout or the official zips).
 
     Args:
-        root: dataset folder (see the module docstring for the two layouts).
+        root: dataset folder (see the module docstring for the three layouts).
         image_size: side ``S`` of the resized square images (105 = native).
         cache_dir: if given, the resized ``uint8`` arrays are cached there and
             reused while the source files are unchanged.
@@ -305,7 +354,7 @@ def load_omniglot(
         :class:`Omniglot` with ``images`` float32 ``(n_chars, 20, 1, S, S)``.
 
     Raises:
-        FileNotFoundError: neither layout is found under ``root``.
+        FileNotFoundError: no layout is found under ``root`` (the message lists them).
         ValueError: a file is malformed (the message names it).
     """
     base = Path(root).expanduser()
@@ -315,13 +364,16 @@ def load_omniglot(
             listing = _list_npz(cand, sets)
         elif all((cand / s).is_dir() for s in sets):
             listing = _list_folders(cand, sets)
+        elif all((cand / f"{s}.zip").is_file() for s in sets):
+            listing = _list_zips(cand, sets)
         if listing is not None:
             break
     if listing is None:
         raise FileNotFoundError(
             f"Omniglot not found at {base}: expected either the npz form "
             f"({', '.join(s + '.npz' for s in sets)} and alphabets.tsv) or the original folder layout "
-            f"({', '.join(s + '/<Alphabet>/characterNN/*.png' for s in sets)}) in {base} or {base / 'omniglot-py'}")
+            f"({', '.join(s + '/<Alphabet>/characterNN/*.png' for s in sets)}) or the official archives "
+            f"({', '.join(s + '.zip' for s in sets)}) in {base} or {base / 'omniglot-py'}")
 
     u8 = None
     cache_file = None
