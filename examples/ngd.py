@@ -20,7 +20,7 @@ over tasks and adaptation steps (every ``--fig7-every`` steps).
 
     python examples/ngd.py --quick --seeds 0 1 2                     # CPU, all rows, ≤ 15 min
     python examples/ngd.py --device cuda --seeds 0 1 2 3             # the paper's protocol (4 seeds)
-    python examples/ngd.py --report --out runs/ngd                   # table.md + plots from results.json
+    python examples/ngd.py --report --quick --out runs/ngd           # table.md + plots from results.json
 
 Outputs in ``--out``: config.json, results.json (one entry per method and seed), table.md
 (Table 4 layout with the paper's numbers), fig7.png and curves.png.
@@ -223,8 +223,11 @@ def plots(runs: list[dict], out: Path) -> None:
     plt.close(fig)
 
 
-def report(out: Path) -> str:
-    runs = json.loads((out / "results.json").read_text())["runs"]
+def report(out: Path, quick: bool) -> str:
+    """table.md, fig7.png and curves.png from the quick-mode (or the protocol's) runs in results.json."""
+    runs = [r for r in json.loads((out / "results.json").read_text())["runs"] if r["quick"] == quick]
+    if not runs:
+        return f"no {'quick-mode' if quick else 'full-protocol'} runs in {out / 'results.json'}\n"
     text = table(runs)
     (out / "table.md").write_text(text)
     plots(runs, out)
@@ -236,7 +239,7 @@ def main(argv=None) -> str:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.report:
-        text = report(out)
+        text = report(out, args.quick)
         print(text)
         return text
     if args.threads:
@@ -258,7 +261,7 @@ def main(argv=None) -> str:
         results.write_text(json.dumps({"runs": runs}, indent=1))
         print(f"seed {row['seed']} {row['method']:14s} test acc {100 * row['test_acc']:.1f}%  "
               f"({row['time_s']:.0f} s)", flush=True)
-    text = report(out)
+    text = report(out, args.quick)
     print(text + f"wall time {time.perf_counter() - t0:.0f} s; outputs in {out}")
     return text
 

@@ -58,6 +58,7 @@ def test_tiny_run_writes_table4_and_fig7(tmp_path):
     assert "KFAC (NGD)" in text and "81.3 ± 4.0" in text and (tmp_path / "table.md").read_text() == text
     assert (tmp_path / "fig7.png").stat().st_size > 0 and (tmp_path / "curves.png").stat().st_size > 0
     assert ngd.main(["--report", "--out", str(tmp_path)]) == text
+    assert "WarpGrad" not in ngd.main(["--report", "--quick", "--out", str(tmp_path)])   # no quick-mode runs
 
 
 @needs_data
