@@ -19,7 +19,8 @@ Choices (all recorded in config.json with their source):
   (``warpopt.leap()/reptile()/fomaml()``) on a model whose warps are identity ``ScaleWarp``s that
   are never updated (algorithm ``FrozenWarp``); multi-headed fine-tuning trains the body with one
   head per meta-training alphabet for as many SGD steps as meta-training's task steps; ``sgd`` is
-  no meta-training (random body, 10x batch size and learning rate).
+  no meta-training (random body, 10x batch size and learning rate), ``kfac`` the same
+  with ``warpopt.KFAC`` as the task optimizer (KFAC‡).
 - Meta optimizer: SGD, lr 0.1 for θ0 and φ (original implementation; online: 0.001, paper).
 - Evaluation (identical for all methods): plain SGD from θ0 for 100 steps on the held-out
   alphabet, warps fixed; BatchNorm in train mode (batch statistics) also on the 100 un-augmented
