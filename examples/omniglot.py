@@ -20,7 +20,8 @@ Choices (all recorded in config.json with their source):
   (``warpopt.leap()/reptile()/fomaml()``) on the same model with parameter-free identity warps
   (``nn.Identity``: no warp parameters, so the optimizer meta-learns θ0 only); multi-headed fine-tuning trains the body with one
   head per meta-training alphabet for as many SGD steps as meta-training's task steps; ``sgd`` is
-  no meta-training (random body, 10x batch size and learning rate).
+  no meta-training (random body, 10x batch size and learning rate), ``kfac`` the same
+  with ``warpopt.KFAC`` as the task optimizer (KFAC‡).
 - Meta optimizer: SGD, lr 0.1 for θ0 and φ (original implementation; online: 0.001, paper).
 - Evaluation (identical for all methods, ``harness.evaluate``): plain SGD from θ0 for 100 steps on
   the held-out alphabet, warps fixed; BatchNorm in train mode (batch statistics) also on the 100
