@@ -23,17 +23,30 @@ Scaling: every meta-gradient is a *mean* (over a mini-batch, over the steps of a
 over η continual steps); the paper's algorithms write sums. For fixed η, K and |B| the two
 differ by a constant factor that the meta learning rate absorbs.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, NamedTuple, Optional, Sequence
+from typing import Any, NamedTuple
 
 import torch
 
 from .objectives import Objective, meta_gradient
 
-__all__ = ["Accumulator", "accumulate", "mean", "Algorithm", "Online", "Offline", "Continual",
-           "online", "offline", "continual", "THETA0_SCHEDULES"]
+__all__ = [
+    "Accumulator",
+    "accumulate",
+    "mean",
+    "Algorithm",
+    "Online",
+    "Offline",
+    "Continual",
+    "online",
+    "offline",
+    "continual",
+    "THETA0_SCHEDULES",
+]
 
 Grads = list[torch.Tensor]
 GradientFn = Callable[..., tuple[Grads, torch.Tensor]]
@@ -42,7 +55,7 @@ GradientFn = Callable[..., tuple[Grads, torch.Tensor]]
 class Accumulator(NamedTuple):
     """A running sum of gradients and the number of terms in it (immutable: see ``accumulate``)."""
 
-    total: Optional[tuple[torch.Tensor, ...]] = None
+    total: tuple[torch.Tensor, ...] | None = None
     count: int = 0
 
 
@@ -54,7 +67,7 @@ def accumulate(acc: Accumulator, grads: Sequence[torch.Tensor], count: int = 1) 
     return Accumulator(tuple(torch._foreach_add(list(acc.total), list(grads))), acc.count + count)
 
 
-def mean(acc: Accumulator) -> Optional[Grads]:
+def mean(acc: Accumulator) -> Grads | None:
     """The mean of the accumulated gradients (None when empty)."""
     if acc.total is None or acc.count == 0:
         return None
@@ -70,16 +83,16 @@ class Algorithm:
     records = False
     harvests = False
 
-    def step_objective(self, default: Objective) -> Optional[Objective]:
+    def step_objective(self, default: Objective) -> Objective | None:
         return None
 
     def init(self) -> Accumulator:
         return Accumulator()
 
-    def on_step(self, state: Accumulator, grads: Optional[Grads]) -> tuple[Accumulator, Optional[Grads]]:
+    def on_step(self, state: Accumulator, grads: Grads | None) -> tuple[Accumulator, Grads | None]:
         return state, None
 
-    def flush(self, state: Accumulator) -> tuple[Optional[Grads], Accumulator]:
+    def flush(self, state: Accumulator) -> tuple[Grads | None, Accumulator]:
         return None, state
 
     def pending(self, state: Accumulator) -> bool:
@@ -96,13 +109,13 @@ class Online(Algorithm):
     State: the ``Accumulator`` of the per-step meta-gradients of the meta-batch's tasks.
     """
 
-    def step_objective(self, default: Objective) -> Optional[Objective]:
+    def step_objective(self, default: Objective) -> Objective | None:
         return default
 
-    def on_step(self, state: Accumulator, grads: Optional[Grads]) -> tuple[Accumulator, Optional[Grads]]:
+    def on_step(self, state: Accumulator, grads: Grads | None) -> tuple[Accumulator, Grads | None]:
         return (state if grads is None else accumulate(state, grads)), None
 
-    def flush(self, state: Accumulator) -> tuple[Optional[Grads], Accumulator]:
+    def flush(self, state: Accumulator) -> tuple[Grads | None, Accumulator]:
         return mean(state), Accumulator()
 
 
@@ -131,7 +144,7 @@ class Offline(Algorithm):
 
     batch_size: int = 1
     epochs: int = 1
-    max_updates: Optional[int] = None
+    max_updates: int | None = None
     gradient: GradientFn = meta_gradient
     theta0: str = "meta_step"
 
@@ -148,7 +161,7 @@ class Offline(Algorithm):
         batches: list[list[int]] = []
         for _ in range(self.epochs):
             batches.extend(buffer.order(self.batch_size))
-        return batches if self.max_updates is None else batches[:self.max_updates]
+        return batches if self.max_updates is None else batches[: self.max_updates]
 
     def pending(self, state: Accumulator) -> bool:
         return False  # the buffer itself says whether there is anything to replay
@@ -168,16 +181,16 @@ class Continual(Algorithm):
 
     resets = False
 
-    def __init__(self, every: int = 30, objective: Optional[Objective] = None) -> None:
+    def __init__(self, every: int = 30, objective: Objective | None = None) -> None:
         if every < 1:
             raise ValueError(f"continual(): every must be >= 1, got {every}")
         self.every, self.objective = every, objective
         self.harvests = objective is None
 
-    def step_objective(self, default: Objective) -> Optional[Objective]:
+    def step_objective(self, default: Objective) -> Objective | None:
         return self.objective
 
-    def on_step(self, state: Accumulator, grads: Optional[Grads]) -> tuple[Accumulator, Optional[Grads]]:
+    def on_step(self, state: Accumulator, grads: Grads | None) -> tuple[Accumulator, Grads | None]:
         if grads is None:
             raise ValueError("continual(): every task step needs a meta-gradient")
         state = accumulate(state, grads)
@@ -193,12 +206,17 @@ def online() -> Online:
     return Online()
 
 
-def offline(batch_size: int = 1, epochs: int = 1, max_updates: Optional[int] = None,
-            gradient: GradientFn = meta_gradient, theta0: str = "meta_step") -> Offline:
+def offline(
+    batch_size: int = 1,
+    epochs: int = 1,
+    max_updates: int | None = None,
+    gradient: GradientFn = meta_gradient,
+    theta0: str = "meta_step",
+) -> Offline:
     """Algorithm 2; ``gradient(objective, context, samples, meta_params)`` computes each
     mini-batch's meta-gradient (default: per-sample loop; see ``warpopt.vectorised``)."""
     return Offline(batch_size, epochs, max_updates, gradient, theta0)
 
 
-def continual(every: int = 30, objective: Optional[Objective] = None) -> Continual:
+def continual(every: int = 30, objective: Objective | None = None) -> Continual:
     return Continual(every, objective)

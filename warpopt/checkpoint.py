@@ -17,10 +17,12 @@ names, shapes and dtypes, pending points and tasks) before writing anything, and
 while writing puts back what was already written: a mismatch raises a ``ValueError`` naming
 the field and nothing changes.
 """
+
 from __future__ import annotations
 
 import copy
-from typing import Any, Iterable, Optional, Protocol, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any, Protocol
 
 import torch
 
@@ -44,12 +46,25 @@ class WarpGradMetaOptimizer(Protocol):
     algorithm_state: Accumulator
     contributions: Contributions
     counters: dict[str, int]
-    _run: Optional[TaskRun]
+    _run: TaskRun | None
+
 
 __all__ = ["state_dict", "load_state_dict", "config", "validate"]
 
-KEYS = ("config", "task", "warp_optimizer", "init_optimizer", "theta0", "initial_buffers", "warp", "learned",
-        "algorithm_state", "contributions", "replay", "counters")
+KEYS = (
+    "config",
+    "task",
+    "warp_optimizer",
+    "init_optimizer",
+    "theta0",
+    "initial_buffers",
+    "warp",
+    "learned",
+    "algorithm_state",
+    "contributions",
+    "replay",
+    "counters",
+)
 
 
 def _name(obj: Any) -> str:
@@ -60,10 +75,13 @@ def _tensors(ts: Iterable[torch.Tensor]) -> list[tuple[tuple[int, ...], str]]:
     return [(tuple(t.shape), str(t.dtype)) for t in ts]
 
 
-def _group_keys(optimizer: Optional[torch.optim.Optimizer]) -> Optional[list[list[str]]]:
+def _group_keys(optimizer: torch.optim.Optimizer | None) -> list[list[str]] | None:
     # The optimizer's own hyper-parameters: keys a scheduler adds (``initial_lr``) do not count.
-    return None if optimizer is None else [sorted(k for k in g if k != "params" and k in optimizer.defaults)
-                                           for g in optimizer.param_groups]
+    return (
+        None
+        if optimizer is None
+        else [sorted(k for k in g if k != "params" and k in optimizer.defaults) for g in optimizer.param_groups]
+    )
 
 
 def config(opt: WarpGradMetaOptimizer) -> dict[str, Any]:
@@ -93,16 +111,20 @@ def _clone(x: Any) -> Any:
 
 def state_dict(opt: WarpGradMetaOptimizer, include_rng: bool = False) -> dict[str, Any]:
     if opt._run is not None:
-        raise RuntimeError("state_dict() inside a task: call it between tasks (after the `with opt.task(...)` "
-                           "block); a meta-batch's finished tasks are saved with it, a running one is not")
+        raise RuntimeError(
+            "state_dict() inside a task: call it between tasks (after the `with opt.task(...)` "
+            "block); a meta-batch's finished tasks are saved with it, a running one is not"
+        )
     sd = _snapshot(opt)
     if include_rng:
-        sd["rng"] = {"cpu": torch.get_rng_state(),
-                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None}
+        sd["rng"] = {
+            "cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
+        }
     return sd
 
 
-def _pending(replay: ReplayBuffer) -> Optional[dict[str, Any]]:
+def _pending(replay: ReplayBuffer) -> dict[str, Any] | None:
     if not len(replay):
         return None
     contents, tasks = replay.contents(), replay.tasks
@@ -121,42 +143,54 @@ def _snapshot(opt: WarpGradMetaOptimizer) -> dict[str, Any]:
         "warp": [p.detach().clone() for p in opt.meta.warp],
         "learned": {k: v.detach().clone() for k, v in opt.meta.learned.items()},
         "algorithm_state": {"total": None if acc.total is None else [t.clone() for t in acc.total], "count": acc.count},
-        "contributions": {"total": None if contrib.total.total is None else [t.clone() for t in contrib.total.total],
-                          "count": contrib.total.count,
-                          "by_task": [(i, [t.clone() for t in g]) for i, g in contrib.by_task]},
+        "contributions": {
+            "total": None if contrib.total.total is None else [t.clone() for t in contrib.total.total],
+            "count": contrib.total.count,
+            "by_task": [(i, [t.clone() for t in g]) for i, g in contrib.by_task],
+        },
         "replay": _clone(opt.replay.state_dict()),
         "counters": dict(opt.counters),
         "pending": _pending(opt.replay),
     }
 
 
-def _check_optimizer_state(field: str, saved: Any, live: Optional[torch.optim.Optimizer]) -> None:
+def _check_optimizer_state(field: str, saved: Any, live: torch.optim.Optimizer | None) -> None:
     if (saved is None) != (live is None):
-        raise ValueError(f"state_dict field {field!r}: saved {'nothing' if saved is None else 'a state'}, "
-                         f"this optimizer has {'none' if live is None else 'one'}")
+        raise ValueError(
+            f"state_dict field {field!r}: saved {'nothing' if saved is None else 'a state'}, "
+            f"this optimizer has {'none' if live is None else 'one'}"
+        )
     if live is None:
         return
     groups = saved.get("param_groups") if isinstance(saved, dict) else None
     if groups is None or len(groups) != len(live.param_groups):
-        raise ValueError(f"state_dict field {field!r}: {0 if groups is None else len(groups)} param groups, "
-                         f"this optimizer has {len(live.param_groups)}")
+        raise ValueError(
+            f"state_dict field {field!r}: {0 if groups is None else len(groups)} param groups, "
+            f"this optimizer has {len(live.param_groups)}"
+        )
     for i, (g, h) in enumerate(zip(groups, live.param_groups)):
         if len(g["params"]) != len(h["params"]):
-            raise ValueError(f"state_dict field {field!r}: param group {i} has {len(g['params'])} parameters, "
-                             f"this optimizer's has {len(h['params'])}")
+            raise ValueError(
+                f"state_dict field {field!r}: param group {i} has {len(g['params'])} parameters, "
+                f"this optimizer's has {len(h['params'])}"
+            )
     params = [p for h in live.param_groups for p in h["params"]]
     ids = [i for g in groups for i in g["params"]]
     for pid, p in zip(ids, params):
         for key, value in saved["state"].get(pid, {}).items():
             if isinstance(value, torch.Tensor) and value.dim() and value.shape != p.shape:
-                raise ValueError(f"state_dict field {field!r}: state {key!r} has shape {tuple(value.shape)}, "
-                                 f"its parameter {tuple(p.shape)}")
+                raise ValueError(
+                    f"state_dict field {field!r}: state {key!r} has shape {tuple(value.shape)}, "
+                    f"its parameter {tuple(p.shape)}"
+                )
 
 
 def _check_tensors(field: str, saved: Any, live: list[torch.Tensor]) -> None:
     if not isinstance(saved, (list, tuple)) or len(saved) != len(live):
-        raise ValueError(f"state_dict field {field!r}: expected {len(live)} tensors, got "
-                         f"{len(saved) if isinstance(saved, (list, tuple)) else type(saved).__name__}")
+        raise ValueError(
+            f"state_dict field {field!r}: expected {len(live)} tensors, got "
+            f"{len(saved) if isinstance(saved, (list, tuple)) else type(saved).__name__}"
+        )
     for i, (s, t) in enumerate(zip(saved, live)):
         if not isinstance(s, torch.Tensor) or s.shape != t.shape or s.dtype != t.dtype:
             got = (tuple(s.shape), s.dtype) if isinstance(s, torch.Tensor) else type(s).__name__
@@ -177,8 +211,10 @@ def validate(opt: WarpGradMetaOptimizer, sd: Any) -> None:
             saved = [list(x) if isinstance(x, tuple) else x for x in saved]
             value = [list(x) if isinstance(x, tuple) else x for x in value]
         if saved != value:
-            raise ValueError(f"state_dict config {key!r} is {saved!r}, this optimizer has {value!r}: it was saved "
-                             "by a differently configured optimizer")
+            raise ValueError(
+                f"state_dict config {key!r} is {saved!r}, this optimizer has {value!r}: it was saved "
+                "by a differently configured optimizer"
+            )
     _check_optimizer_state("task", sd["task"], opt.core.task_optimizer)
     _check_optimizer_state("warp_optimizer", sd["warp_optimizer"], opt.meta.warp_optimizer)
     _check_optimizer_state("init_optimizer", sd["init_optimizer"], opt.meta.init_optimizer)
@@ -186,7 +222,9 @@ def validate(opt: WarpGradMetaOptimizer, sd: Any) -> None:
     _check_tensors("warp", sd["warp"], opt.meta.warp)
     _check_tensors("initial_buffers", sd["initial_buffers"], opt.core.initial_buffers)
     if set(sd["learned"]) != set(opt.meta.learned):
-        raise ValueError(f"state_dict field 'learned': {sorted(sd['learned'])}, this optimizer {sorted(opt.meta.learned)}")
+        raise ValueError(
+            f"state_dict field 'learned': {sorted(sd['learned'])}, this optimizer {sorted(opt.meta.learned)}"
+        )
     for field in ("algorithm_state", "contributions"):
         total = sd[field]["total"]
         if total is not None:
@@ -201,12 +239,13 @@ def _check_rng(rng: Any) -> None:
     if not isinstance(rng, dict) or not isinstance(rng.get("cpu"), torch.Tensor) or rng["cpu"].dtype != torch.uint8:
         raise ValueError("state_dict field 'rng': expected {'cpu': a uint8 tensor, 'cuda': [uint8 tensors] or None}")
     cuda = rng.get("cuda")
-    if cuda is not None and not (isinstance(cuda, (list, tuple)) and all(
-            isinstance(t, torch.Tensor) and t.dtype == torch.uint8 for t in cuda)):
+    if cuda is not None and not (
+        isinstance(cuda, (list, tuple)) and all(isinstance(t, torch.Tensor) and t.dtype == torch.uint8 for t in cuda)
+    ):
         raise ValueError("state_dict field 'rng.cuda': expected a list of uint8 tensors or None")
 
 
-def _check_pending(opt: WarpGradMetaOptimizer, pending: Any, tasks: Optional[Sequence[Task]]) -> None:
+def _check_pending(opt: WarpGradMetaOptimizer, pending: Any, tasks: Sequence[Task] | None) -> None:
     """The pending points must fit the model; ``tasks`` must re-attach every pending task."""
     if pending is None:
         if tasks:
@@ -222,14 +261,18 @@ def _check_pending(opt: WarpGradMetaOptimizer, pending: Any, tasks: Optional[Seq
         raise ValueError("state_dict field 'pending': one task state per pending task expected")
     n = len(ids)
     if tasks is None:
-        raise ValueError(f"this state_dict was saved mid meta-batch: {n} adapted task(s) wait for meta_step(). Their "
-                         "loss functions and data sources are code, which a checkpoint does not hold: pass "
-                         "load_state_dict(sd, tasks=[warpopt.Task(data, loss_fn), ...]), one per pending task in the "
-                         "order they were adapted (one-shot data: Task(None, loss_fn); the saved batches are used)")
+        raise ValueError(
+            f"this state_dict was saved mid meta-batch: {n} adapted task(s) wait for meta_step(). Their "
+            "loss functions and data sources are code, which a checkpoint does not hold: pass "
+            "load_state_dict(sd, tasks=[warpopt.Task(data, loss_fn), ...]), one per pending task in the "
+            "order they were adapted (one-shot data: Task(None, loss_fn); the saved batches are used)"
+        )
     tasks = list(tasks)
     if len(tasks) != n or not all(isinstance(t, Task) for t in tasks) or len({id(t) for t in tasks}) != n:
-        raise ValueError(f"tasks=: expected {n} distinct warpopt.Task objects (one per pending task, in the order they "
-                         f"were adapted), got {len(tasks)}: {[type(t).__name__ for t in tasks][:5]}")
+        raise ValueError(
+            f"tasks=: expected {n} distinct warpopt.Task objects (one per pending task, in the order they "
+            f"were adapted), got {len(tasks)}: {[type(t).__name__ for t in tasks][:5]}"
+        )
     for i, (task, saved) in enumerate(zip(tasks, saved_tasks)):
         name = saved.get("name") if isinstance(saved, dict) else None
         if name is not None and task.name is not None and name != task.name:
@@ -251,11 +294,12 @@ def _check_pending(opt: WarpGradMetaOptimizer, pending: Any, tasks: Optional[Seq
         for st, p in zip(states, theta0):
             for key, value in st.items():
                 if not isinstance(value, torch.Tensor) or (value.dim() and value.shape != p.shape):
-                    raise ValueError(f"state_dict field {where + '.states'!r}: {key!r} does not fit its parameter "
-                                     f"{tuple(p.shape)}")
+                    raise ValueError(
+                        f"state_dict field {where + '.states'!r}: {key!r} does not fit its parameter {tuple(p.shape)}"
+                    )
 
 
-def load_state_dict(opt: WarpGradMetaOptimizer, sd: dict[str, Any], tasks: Optional[Sequence[Task]] = None) -> None:
+def load_state_dict(opt: WarpGradMetaOptimizer, sd: dict[str, Any], tasks: Sequence[Task] | None = None) -> None:
     if opt._run is not None:
         raise RuntimeError("load_state_dict() inside a task: call it between tasks")
     validate(opt, sd)
@@ -270,8 +314,7 @@ def load_state_dict(opt: WarpGradMetaOptimizer, sd: dict[str, Any], tasks: Optio
         raise
 
 
-def _restore_pending(opt: WarpGradMetaOptimizer, pending: Optional[dict[str, Any]],
-                     tasks: Optional[Sequence[Task]]) -> None:
+def _restore_pending(opt: WarpGradMetaOptimizer, pending: dict[str, Any] | None, tasks: Sequence[Task] | None) -> None:
     if pending is None:
         opt.replay.clear()
         return
@@ -281,11 +324,12 @@ def _restore_pending(opt: WarpGradMetaOptimizer, pending: Optional[dict[str, Any
     opt.replay.restore(pending["contents"], dict(zip(ids, tasks or ())), opt.core.adapt[0].device)
 
 
-def _write(opt: WarpGradMetaOptimizer, sd: dict[str, Any], tasks: Optional[Sequence[Task]] = None) -> None:
+def _write(opt: WarpGradMetaOptimizer, sd: dict[str, Any], tasks: Sequence[Task] | None = None) -> None:
     meta, core = opt.meta, opt.core
     with torch.no_grad():
-        for dst, src in zip(meta.theta0 + meta.warp + core.initial_buffers,
-                            sd["theta0"] + sd["warp"] + sd["initial_buffers"]):
+        for dst, src in zip(
+            meta.theta0 + meta.warp + core.initial_buffers, sd["theta0"] + sd["warp"] + sd["initial_buffers"]
+        ):
             dst.copy_(src)
         for k, v in sd["learned"].items():
             meta.learned[k].copy_(v)
@@ -298,7 +342,8 @@ def _write(opt: WarpGradMetaOptimizer, sd: dict[str, Any], tasks: Optional[Seque
     opt.algorithm_state = Accumulator(None if acc["total"] is None else tuple(acc["total"]), acc["count"])
     opt.contributions = Contributions(
         Accumulator(None if contrib["total"] is None else tuple(contrib["total"]), contrib["count"]),
-        tuple((i, tuple(g)) for i, g in contrib["by_task"]))
+        tuple((i, tuple(g)) for i, g in contrib["by_task"]),
+    )
     _restore_pending(opt, sd.get("pending"), tasks)
     opt.replay.load_state_dict(sd["replay"])
     opt.counters = dict(sd["counters"])
@@ -306,5 +351,5 @@ def _write(opt: WarpGradMetaOptimizer, sd: dict[str, Any], tasks: Optional[Seque
     if rng is not None:  # last: nothing after it can fail
         torch.set_rng_state(rng["cpu"])
         if rng.get("cuda") is not None and torch.cuda.is_available():
-            for i, state in enumerate(rng["cuda"][:torch.cuda.device_count()]):
+            for i, state in enumerate(rng["cuda"][: torch.cuda.device_count()]):
                 torch.cuda.set_rng_state(state, i)

@@ -10,6 +10,7 @@ replayed task gradient g(θ_k; φ):
 objective differentiates through it; while the norm is under ``max_norm`` the factor is 1 and
 contributes no gradient, as in the loop.
 """
+
 from __future__ import annotations
 
 import math

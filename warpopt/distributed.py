@@ -32,6 +32,7 @@ tasks a multiple of the world size, equal steps per task):
 
 Results agree with a single process up to floating-point summation order.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -41,8 +42,16 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["is_distributed", "rank", "world_size", "rank_tasks", "all_reduce_mean", "broadcast_parameters",
-           "broadcast_tensors", "backend_for"]
+__all__ = [
+    "is_distributed",
+    "rank",
+    "world_size",
+    "rank_tasks",
+    "all_reduce_mean",
+    "broadcast_parameters",
+    "broadcast_tensors",
+    "backend_for",
+]
 
 T = TypeVar("T")
 
@@ -76,8 +85,10 @@ def rank_tasks(tasks: Sequence[T], *, group: Any | None = None, strict: bool = T
     tasks = list(tasks)
     r, w = rank(group), world_size(group)
     if strict and len(tasks) % w:
-        raise ValueError(f"{len(tasks)} tasks cannot be split equally across {w} ranks; use a multiple of "
-                         f"{w} (or strict=False for uneven shares, which weights tasks unequally)")
+        raise ValueError(
+            f"{len(tasks)} tasks cannot be split equally across {w} ranks; use a multiple of "
+            f"{w} (or strict=False for uneven shares, which weights tasks unequally)"
+        )
     if len(tasks) < w:
         raise ValueError(f"{len(tasks)} tasks for {w} ranks: every rank needs at least one task")
     return tasks[r::w]
@@ -106,7 +117,7 @@ def all_reduce_mean(group: Any | None = None) -> Callable[[list[torch.Tensor]], 
             offset = 0
             for i in idx:
                 n = grads[i].numel()
-                out[i] = flat[offset:offset + n].view_as(grads[i])
+                out[i] = flat[offset : offset + n].view_as(grads[i])
                 offset += n
         return out  # type: ignore[return-value]
 
@@ -140,8 +151,9 @@ def broadcast_parameters(target: Any, src: int = 0, group: Any | None = None) ->
         return
     model = getattr(target, "model", None)
     if model is None or not hasattr(target, "theta0"):
-        raise TypeError(f"broadcast_parameters needs a WarpGradMetaOptimizer or an nn.Module, got "
-                        f"{type(target).__name__}")
+        raise TypeError(
+            f"broadcast_parameters needs a WarpGradMetaOptimizer or an nn.Module, got {type(target).__name__}"
+        )
     tensors = list(model.parameters()) + list(model.buffers()) + list(target.theta0)
     tensors += list(target.initial_buffers) + list(target.learned.values())
     broadcast_tensors(tensors, src, group)

@@ -41,10 +41,11 @@ plain mean over the first ones, then an exponential average); the eigendecomposi
 refreshed every ``inverse_interval`` steps. Losses are assumed to average over the batch
 (``batch_averaged=False`` for sums).
 """
+
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable, Optional
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -68,16 +69,19 @@ def _check_conv(name: str, module: nn.Conv2d) -> None:
     if module.padding_mode != "zeros":
         problems.append(f"padding_mode={module.padding_mode!r}")
     if problems:
-        raise ValueError(f"KFAC supports Conv2d with groups=1 and integer zero padding; {name!r} has "
-                         f"{', '.join(problems)}. Pass modules=[...] without it (its parameters then take "
-                         "plain gradient steps).")
+        raise ValueError(
+            f"KFAC supports Conv2d with groups=1 and integer zero padding; {name!r} has "
+            f"{', '.join(problems)}. Pass modules=[...] without it (its parameters then take "
+            "plain gradient steps)."
+        )
 
 
 def _activations(module: nn.Module, x: Tensor) -> Tensor:
     """Layer inputs a as rows ``(N·|T|, in)`` (conv: the patch at every output location t)."""
     if isinstance(module, nn.Conv2d):
-        patches = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=module.padding,
-                           stride=module.stride)                      # (N, in·kh·kw, |T|)
+        patches = F.unfold(
+            x, module.kernel_size, dilation=module.dilation, padding=module.padding, stride=module.stride
+        )  # (N, in·kh·kw, |T|)
         return patches.transpose(1, 2).reshape(-1, patches.shape[1])
     return x.reshape(-1, x.shape[-1])
 
@@ -133,20 +137,28 @@ class KFAC(torch.optim.Optimizer):
         factor_interval: int = 1,
         inverse_interval: int = 10,
         fisher: str = "empirical",
-        kl_clip: Optional[float] = None,
-        modules: Optional[Iterable[nn.Module]] = None,
+        kl_clip: float | None = None,
+        modules: Iterable[nn.Module] | None = None,
         batch_averaged: bool = True,
-        generator: Optional[torch.Generator] = None,
+        generator: torch.Generator | None = None,
     ) -> None:
         if lr <= 0 or damping < 0 or momentum < 0 or weight_decay < 0:
-            raise ValueError(f"KFAC needs lr > 0 and damping, momentum, weight_decay >= 0; got lr={lr}, "
-                             f"damping={damping}, momentum={momentum}, weight_decay={weight_decay}")
+            raise ValueError(
+                f"KFAC needs lr > 0 and damping, momentum, weight_decay >= 0; got lr={lr}, "
+                f"damping={damping}, momentum={momentum}, weight_decay={weight_decay}"
+            )
         if not 0.0 <= factor_decay < 1.0:
             raise ValueError(f"factor_decay must be in [0, 1), got {factor_decay}")
-        if int(factor_interval) != factor_interval or factor_interval < 1 or \
-                int(inverse_interval) != inverse_interval or inverse_interval < 1:
-            raise ValueError("factor_interval and inverse_interval must be positive integers, got "
-                             f"{factor_interval} and {inverse_interval}")
+        if (
+            int(factor_interval) != factor_interval
+            or factor_interval < 1
+            or int(inverse_interval) != inverse_interval
+            or inverse_interval < 1
+        ):
+            raise ValueError(
+                "factor_interval and inverse_interval must be positive integers, got "
+                f"{factor_interval} and {inverse_interval}"
+            )
         if fisher not in FISHER_TYPES:
             raise ValueError(f"fisher must be one of {FISHER_TYPES}, got {fisher!r}")
         if kl_clip is not None and kl_clip <= 0:
@@ -157,27 +169,37 @@ class KFAC(torch.optim.Optimizer):
             if m not in names:
                 raise ValueError(f"modules: {type(m).__name__} is not a submodule of the model")
             if not isinstance(m, (nn.Linear, nn.Conv2d)):
-                raise ValueError(f"modules: KFAC supports nn.Linear and nn.Conv2d, got {type(m).__name__} "
-                                 f"({names[m]!r})")
+                raise ValueError(
+                    f"modules: KFAC supports nn.Linear and nn.Conv2d, got {type(m).__name__} ({names[m]!r})"
+                )
             if isinstance(m, nn.Conv2d):
                 _check_conv(names[m], m)
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ValueError("KFAC: the model has no trainable parameters")
-        defaults = dict(lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay,
-                        factor_decay=factor_decay, factor_interval=int(factor_interval),
-                        inverse_interval=int(inverse_interval), kl_clip=kl_clip, step=0)
+        defaults = dict(
+            lr=lr,
+            damping=damping,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            factor_decay=factor_decay,
+            factor_interval=int(factor_interval),
+            inverse_interval=int(inverse_interval),
+            kl_clip=kl_clip,
+            step=0,
+        )
         super().__init__(params, defaults)
         self.fisher, self.batch_averaged, self.generator = fisher, batch_averaged, generator
         self.layers = layers
-        self._fresh: dict[nn.Module, dict[str, Tensor]] = {}   # statistics of the current step
-        self._outputs: dict[nn.Module, Tensor] = {}             # layer outputs awaiting a sampled backward
+        self._fresh: dict[nn.Module, dict[str, Tensor]] = {}  # statistics of the current step
+        self._outputs: dict[nn.Module, Tensor] = {}  # layer outputs awaiting a sampled backward
         # Hooks are closures, not bound methods: ``copy.deepcopy(model)`` then shares them instead of
         # deep-copying this optimizer, and they ignore modules that are not this optimizer's.
         self._layer_ids = {id(m) for m in layers}
         self._model_id = id(model)
-        self._handles = [m.register_forward_hook(lambda mod, i, o: self._forward_hook(mod, i, o), prepend=True)
-                         for m in layers]
+        self._handles = [
+            m.register_forward_hook(lambda mod, i, o: self._forward_hook(mod, i, o), prepend=True) for m in layers
+        ]
         if fisher != "empirical":
             self._handles.append(model.register_forward_hook(lambda mod, i, o: self._sample_hook(mod, i, o)))
 
@@ -217,8 +239,10 @@ class KFAC(torch.optim.Optimizer):
         if not outputs or not torch.is_tensor(output) or not output.requires_grad:
             return
         if output.dim() != 2:
-            raise ValueError(f"KFAC(fisher={self.fisher!r}) needs a model output of shape (N, C), got "
-                             f"{tuple(output.shape)}; use fisher='empirical' for other outputs")
+            raise ValueError(
+                f"KFAC(fisher={self.fisher!r}) needs a model output of shape (N, C), got "
+                f"{tuple(output.shape)}; use fisher='empirical' for other outputs"
+            )
         with torch.no_grad():
             if self.fisher == "categorical":
                 probs = torch.softmax(output.detach().double(), 1)
@@ -226,8 +250,7 @@ class KFAC(torch.optim.Optimizer):
             else:
                 noise = torch.randn(output.shape, generator=self.generator, dtype=output.dtype)
                 y = output.detach() + noise.to(output.device)
-        loss = F.cross_entropy(output, y) if self.fisher == "categorical" else \
-            0.5 * (output - y).pow(2).sum(1).mean()
+        loss = F.cross_entropy(output, y) if self.fisher == "categorical" else 0.5 * (output - y).pow(2).sum(1).mean()
         mods = list(outputs)
         grads = torch.autograd.grad(loss, [outputs[m] for m in mods], retain_graph=True, allow_unused=True)
         for m, g in zip(mods, grads):
@@ -267,7 +290,7 @@ class KFAC(torch.optim.Optimizer):
         return torch.cat([gw, gb[:, None]], 1)
 
     @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """One preconditioned step (``closure`` re-evaluates the loss, as in ``torch.optim``)."""
         loss = None
         if closure is not None:
@@ -276,14 +299,14 @@ class KFAC(torch.optim.Optimizer):
         group = self.param_groups[0]
         lr, damping, t = group["lr"], group["damping"], group["step"]
         updates: dict[Tensor, Tensor] = {}
-        natural = []   # (module, update matrix V', gradient matrix V)
+        natural = []  # (module, update matrix V', gradient matrix V)
         for m in self.layers:
             if m.weight.grad is None:
                 continue
             if t % group["factor_interval"] == 0:
                 self._update_factors(m, group)
             st = self.state[m.weight]
-            if "A" not in st:   # no statistics yet (the layer was not used while collecting)
+            if "A" not in st:  # no statistics yet (the layer was not used while collecting)
                 continue
             if t % group["inverse_interval"] == 0 or "QA" not in st:
                 st["dA"], st["QA"] = self._eig(st["A"])
@@ -296,7 +319,7 @@ class KFAC(torch.optim.Optimizer):
         self._outputs.clear()
         scale = 1.0
         if group["kl_clip"] is not None and natural:
-            vg = sum(float((u * v).sum()) for _, u, v in natural) * lr ** 2
+            vg = sum(float((u * v).sum()) for _, u, v in natural) * lr**2
             scale = min(1.0, math.sqrt(group["kl_clip"] / vg)) if vg > 0 else 1.0
         for m, u, _ in natural:
             w = m.weight
@@ -307,7 +330,7 @@ class KFAC(torch.optim.Optimizer):
             if p.grad is None:
                 continue
             d = updates.get(p)
-            if d is None:   # outside the preconditioned layers: the plain (decayed) gradient
+            if d is None:  # outside the preconditioned layers: the plain (decayed) gradient
                 d = p.grad + group["weight_decay"] * p if group["weight_decay"] else p.grad
             if group["momentum"]:
                 st = self.state[p]

@@ -7,14 +7,16 @@ then θ0. ``transaction`` makes it all-or-nothing: any exception (a warp update,
 update, a ``reduce=`` hook, a user hook, KeyboardInterrupt) puts every piece of meta state
 back, so a retry is bit-identical to an uninterrupted run.
 """
+
 from __future__ import annotations
 
 import contextlib
 import copy
 import math
 import warnings
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, NamedTuple, Optional, Sequence
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -49,24 +51,40 @@ class MetaParameters:
     warp: list[nn.Parameter]
     learned: dict[str, nn.Parameter]
     theta0: list[nn.Parameter]
-    warp_optimizer: Optional[torch.optim.Optimizer]
-    init_optimizer: Optional[torch.optim.Optimizer]
+    warp_optimizer: torch.optim.Optimizer | None
+    init_optimizer: torch.optim.Optimizer | None
     reduce: Reduce
     on_nonfinite: str = "raise"
-    learned_clip: Optional[float] = None
+    learned_clip: float | None = None
 
     @staticmethod
-    def build(core: Model, meta_optimizer: Callable[..., torch.optim.Optimizer], meta_lr: float, init_lr: float,
-              learned_lr: float, learns_theta0: bool, reduce: Optional[Reduce], on_nonfinite: str,
-              learned_clip: Optional[float]) -> "MetaParameters":
+    def build(
+        core: Model,
+        meta_optimizer: Callable[..., torch.optim.Optimizer],
+        meta_lr: float,
+        init_lr: float,
+        learned_lr: float,
+        learns_theta0: bool,
+        reduce: Reduce | None,
+        on_nonfinite: str,
+        learned_clip: float | None,
+    ) -> MetaParameters:
         """One meta optimizer over φ (group "warp") and learned hyper-parameters (group
         "learned"), another over θ0 (group "initialisation", learning rate λβ)."""
         groups = ([{"params": core.warp, "lr": meta_lr, "name": "warp"}] if core.warp else []) + (
-            [{"params": list(core.learned.values()), "lr": learned_lr, "name": "learned"}] if core.learned else [])
+            [{"params": list(core.learned.values()), "lr": learned_lr, "name": "learned"}] if core.learned else []
+        )
         theta0 = [{"params": core.theta0, "lr": init_lr, "name": "initialisation"}]
-        return MetaParameters(core.warp, core.learned, core.theta0, meta_optimizer(groups) if groups else None,
-                              meta_optimizer(theta0) if learns_theta0 else None,
-                              reduce if reduce is not None else (lambda grads: grads), on_nonfinite, learned_clip)
+        return MetaParameters(
+            core.warp,
+            core.learned,
+            core.theta0,
+            meta_optimizer(groups) if groups else None,
+            meta_optimizer(theta0) if learns_theta0 else None,
+            reduce if reduce is not None else (lambda grads: grads),
+            on_nonfinite,
+            learned_clip,
+        )
 
     @property
     def phi(self) -> list[nn.Parameter]:
@@ -116,8 +134,9 @@ class MetaParameters:
         for p in self.theta0:
             p.grad = None
         if not _finite([p.detach() for p in self.theta0]):  # cannot be skipped: the transaction undoes it
-            raise FloatingPointError("θ0 became NaN/inf after an update with a finite meta-gradient: lower "
-                                     "init_lr; the meta-step was undone")
+            raise FloatingPointError(
+                "θ0 became NaN/inf after an update with a finite meta-gradient: lower init_lr; the meta-step was undone"
+            )
         return True
 
     def snapshot(self) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
@@ -142,14 +161,21 @@ class Contributions(NamedTuple):
     by_task: tuple[tuple[int, tuple[torch.Tensor, ...]], ...] = ()
 
 
-def add_contribution(c: Contributions, grads: Sequence[torch.Tensor], task_id: Optional[int]) -> Contributions:
-    by_task = c.by_task + ((task_id, tuple(grads)),) if task_id is not None else c.by_task
+def add_contribution(c: Contributions, grads: Sequence[torch.Tensor], task_id: int | None) -> Contributions:
+    by_task = (*c.by_task, (task_id, tuple(grads))) if task_id is not None else c.by_task
     return Contributions(accumulate(c.total, grads), by_task)
 
 
-def meta_update(meta: MetaParameters, model: Model, algorithm: Algorithm, state: Accumulator,
-                contributions: Contributions, replay: ReplayBuffer, objective: Objective,
-                device: torch.device) -> tuple[dict[str, Any], Accumulator]:
+def meta_update(
+    meta: MetaParameters,
+    model: Model,
+    algorithm: Algorithm,
+    state: Accumulator,
+    contributions: Contributions,
+    replay: ReplayBuffer,
+    objective: Objective,
+    device: torch.device,
+) -> tuple[dict[str, Any], Accumulator]:
     """One meta step (Eq. 9): warp updates per ``algorithm``, then θ0. Returns the statistics
     and the algorithm's next state. Mutates φ, θ0 and their optimizers: run it in a
     ``transaction``."""
@@ -192,7 +218,9 @@ def meta_update(meta: MetaParameters, model: Model, algorithm: Algorithm, state:
 
 
 @contextlib.contextmanager
-def transaction(meta: MetaParameters, replay: ReplayBuffer, extra: Any, restore_extra: Callable[[Any], None]) -> Iterator[None]:
+def transaction(
+    meta: MetaParameters, replay: ReplayBuffer, extra: Any, restore_extra: Callable[[Any], None]
+) -> Iterator[None]:
     """All or nothing: on any exception, φ, θ0, both meta optimizers, the replay buffer's
     generator, the global torch RNG and ``extra`` (the shell's own state) are restored."""
     snap = meta.snapshot()

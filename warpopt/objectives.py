@@ -15,11 +15,13 @@ the sample's tensors and batches (``sample.task_batch``/``sample.meta_batch``, d
 same definition serves the per-sample loop here and ``torch.func.vmap`` in
 ``warpopt.vectorised`` (which only stacks samples). Adding an objective is one function.
 """
+
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -87,22 +89,28 @@ class ReplayContext:
         """L_meta(θ; φ) on the sample's meta batch."""
         return sample.task.meta_loss(self.forward_at(params, sample.buffers), sample.meta_batch)
 
-    def task_gradient(self, sample: Sample, params: Sequence[torch.Tensor],
-                      create_graph: bool) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    def task_gradient(
+        self, sample: Sample, params: Sequence[torch.Tensor], create_graph: bool
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         """L_task(θ_k; φ) on the sample's task batch (drawn if absent) and its θ-gradient."""
         sample = with_batches(sample)
         loss = self.task_loss_at(sample, params)
         return loss, torch.autograd.grad(loss, params, create_graph=create_graph)
 
-    def hypers_at(self, recorded: Optional[StepHypers]) -> Sequence[Mapping[str, Any]]:
+    def hypers_at(self, recorded: StepHypers | None) -> Sequence[Mapping[str, Any]]:
         """Per adapt parameter, the hyper-parameters of a step that recorded ``recorded``
         (None: the param groups as they are now)."""
         if recorded is None:
             return self.hypers
         return hypers_at(self.hypers, self.groups, recorded, self.learned)
 
-    def apply_step(self, theta: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], states: Sequence[Any],
-                   recorded: Optional[StepHypers]) -> tuple[list[torch.Tensor], list[Any]]:
+    def apply_step(
+        self,
+        theta: Sequence[torch.Tensor],
+        grads: Sequence[torch.Tensor],
+        states: Sequence[Any],
+        recorded: StepHypers | None,
+    ) -> tuple[list[torch.Tensor], list[Any]]:
         """U as the recorded step took it: clip the gradients as it did (``warpopt.clipping``,
         differentiable), then the task optimizer's update with that step's hyper-parameters."""
         if recorded is not None and recorded.clip is not None:
@@ -167,8 +175,9 @@ def accumulate_gradient(loss: torch.Tensor, params: Sequence[torch.Tensor], into
             g.add_(part)
 
 
-def meta_gradient(objective: Objective, context: ReplayContext, samples: Sequence[Sample],
-                  meta_params: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
+def meta_gradient(
+    objective: Objective, context: ReplayContext, samples: Sequence[Sample], meta_params: Sequence[torch.Tensor]
+) -> tuple[list[torch.Tensor], torch.Tensor]:
     """∇ of the mean objective over ``samples`` w.r.t. ``meta_params``, and the mean loss.
 
     Samples are differentiated one at a time so only one replay graph is alive at once.

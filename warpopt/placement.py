@@ -12,6 +12,7 @@ Refused, with an error saying what to do, before anything changes: parameters *r
 than converted (the optimizers would hold stale tensors), and a move while the meta-batch holds
 recorded points or accumulated meta-gradients in the old placement (move between meta-steps).
 """
+
 from __future__ import annotations
 
 import torch
@@ -69,16 +70,20 @@ def follow(core: Model, meta: MetaParameters, pending: bool) -> bool:
     live = dict(core.module.named_parameters())
     replaced = [n for n, p in zip(core.adapt_names, core.adapt) if live.get(n) is not p]
     if replaced:
-        raise RuntimeError(f"the model's parameters {replaced[:3]} are not the tensors this optimizer was built on "
-                           "(they were replaced, not converted in place): build a new WarpGradMetaOptimizer on the "
-                           "model as it is now and load the old one's state_dict() into it")
+        raise RuntimeError(
+            f"the model's parameters {replaced[:3]} are not the tensors this optimizer was built on "
+            "(they were replaced, not converted in place): build a new WarpGradMetaOptimizer on the "
+            "model as it is now and load the old one's state_dict() into it"
+        )
     if not _moved(core, meta):
         return False
     if pending:
-        raise RuntimeError("the model moved (device or dtype) while the meta-batch holds recorded points or "
-                           "meta-gradients in its old placement: call meta_step() before moving the model (or move "
-                           "it back); between meta-steps θ0, the meta optimizers' state and learned "
-                           "hyper-parameters follow the model")
+        raise RuntimeError(
+            "the model moved (device or dtype) while the meta-batch holds recorded points or "
+            "meta-gradients in its old placement: call meta_step() before moving the model (or move "
+            "it back); between meta-steps θ0, the meta optimizers' state and learned "
+            "hyper-parameters follow the model"
+        )
     with torch.no_grad():
         for t0, p in zip(core.theta0, core.adapt):
             if not _placed(t0, p):

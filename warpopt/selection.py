@@ -23,6 +23,7 @@ Otherwise (a hand-written ``forward`` decides the order, and neither ``example_i
 ``exclude`` is given) :func:`default_targets` raises a ``ValueError`` that says how to choose,
 instead of guessing from registration order.
 """
+
 from __future__ import annotations
 
 import collections.abc
@@ -35,8 +36,16 @@ from torch import Tensor, nn
 from torch.autograd.graph import Node
 from torch.nn.utils.rnn import PackedSequence
 
-__all__ = ["TASK_LAYERS", "Predicate", "Selector", "select", "within", "task_layers", "default_targets",
-           "traced_output_layers"]
+__all__ = [
+    "TASK_LAYERS",
+    "Predicate",
+    "Selector",
+    "select",
+    "within",
+    "task_layers",
+    "default_targets",
+    "traced_output_layers",
+]
 
 Predicate = Callable[[str, nn.Module], bool]
 Selector = str | Iterable[str] | type | tuple[type, ...] | Predicate
@@ -55,9 +64,7 @@ def submodules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def is_types(arg: object) -> TypeGuard[type | tuple[type, ...]]:
-    return isinstance(arg, type) or (
-        isinstance(arg, tuple) and len(arg) > 0 and all(isinstance(t, type) for t in arg)
-    )
+    return isinstance(arg, type) or (isinstance(arg, tuple) and len(arg) > 0 and all(isinstance(t, type) for t in arg))
 
 
 def within(name: str, prefix: str) -> bool:

@@ -24,6 +24,7 @@ It runs on the first step of tasks 0, 1, 2, 4, 8, ... (about log₂ of the tasks
 backward each) and each kind of mismatch is reported once per optimizer, in a warning naming
 the likely cause.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -57,12 +58,14 @@ class GradGuard:
     def __init__(self, params: Sequence[torch.Tensor]) -> None:
         self.params = list(params)
         self.seen: dict[int, tuple[int, int]] = {}
-        self.handles = [p.register_post_accumulate_grad_hook(self._noter(i))
-                        for i, p in enumerate(self.params) if p.requires_grad]
+        self.handles = [
+            p.register_post_accumulate_grad_hook(self._noter(i)) for i, p in enumerate(self.params) if p.requires_grad
+        ]
 
     def _noter(self, i: int) -> Any:
         def note(p: torch.Tensor) -> None:
             self.seen[i] = (id(p.grad), p.grad._version)  # type: ignore[union-attr]
+
         return note
 
     def refresh(self) -> None:
@@ -72,8 +75,11 @@ class GradGuard:
                 self.seen[i] = (id(p.grad), p.grad._version)
 
     def changed(self) -> list[int]:
-        return [i for i, p in enumerate(self.params)
-                if p.grad is not None and self.seen.get(i) != (id(p.grad), p.grad._version)]
+        return [
+            i
+            for i, p in enumerate(self.params)
+            if p.grad is not None and self.seen.get(i) != (id(p.grad), p.grad._version)
+        ]
 
     def remove(self) -> None:
         for handle in self.handles:
@@ -96,14 +102,29 @@ class Before:
     batches: int
 
 
-def before(params: Sequence[torch.Tensor], states: Sequence[State], grads: Sequence[torch.Tensor],
-           buffers: Sequence[torch.Tensor], hypers: StepHypers, guard: GradGuard | None, task: Any) -> Before:
+def before(
+    params: Sequence[torch.Tensor],
+    states: Sequence[State],
+    grads: Sequence[torch.Tensor],
+    buffers: Sequence[torch.Tensor],
+    hypers: StepHypers,
+    guard: GradGuard | None,
+    task: Any,
+) -> Before:
     """Copies taken just before ``optimizer.step()`` (once per checked task: 3 |θ| copies)."""
     clone = [p.detach().clone() for p in params]
     copied = [{k: (v.detach().clone() if isinstance(v, torch.Tensor) else v) for k, v in s.items()} for s in states]
     seen = task.batches_seen()
-    return Before(clone, copied, [g.detach().clone() for g in grads], [b.detach().clone() for b in buffers], hypers,
-                  guard.changed() if guard is not None else [], task.loop_batch(0) if seen == 1 else None, seen)
+    return Before(
+        clone,
+        copied,
+        [g.detach().clone() for g in grads],
+        [b.detach().clone() for b in buffers],
+        hypers,
+        guard.changed() if guard is not None else [],
+        task.loop_batch(0) if seen == 1 else None,
+        seen,
+    )
 
 
 def _norm(ts: Sequence[torch.Tensor]) -> float:
@@ -116,8 +137,15 @@ def _diff(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> float:
     return _norm([x.double() - y.double() for x, y in zip(a, b)])
 
 
-def _gradient(context: ReplayContext, task: Any, params: Sequence[torch.Tensor], buffers: Sequence[torch.Tensor],
-              batch: Any, hypers: StepHypers, seed: int) -> list[torch.Tensor]:
+def _gradient(
+    context: ReplayContext,
+    task: Any,
+    params: Sequence[torch.Tensor],
+    buffers: Sequence[torch.Tensor],
+    batch: Any,
+    hypers: StepHypers,
+    seed: int,
+) -> list[torch.Tensor]:
     """clip(∇L_task(θ_k) on ``batch``) as the replay computes it, under a forked, seeded RNG."""
     theta = [p.detach().clone().requires_grad_(True) for p in params]
     devices = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
@@ -138,13 +166,19 @@ def after(context: ReplayContext, task: Any, live: Sequence[torch.Tensor], b: Be
         rounding = 8 * max(torch.finfo(p.dtype).eps for p in live) * _norm(live)
         gap = _diff(replayed, live)
     if gap > RTOL_UPDATE * size + rounding:
-        return ("update", f"θ_(k+1) differs from the task optimizer's update of the gradients it was given "
-                          f"(relative difference {gap / max(size, 1e-30):.2g}): parameters changed after step() "
-                          "(a weight constraint, an average, a hook), hyper-parameters outside param_groups, or an "
-                          "optimizer whose step() differs from its registered replay (register_functional_step)")
+        return (
+            "update",
+            f"θ_(k+1) differs from the task optimizer's update of the gradients it was given "
+            f"(relative difference {gap / max(size, 1e-30):.2g}): parameters changed after step() "
+            "(a weight constraint, an average, a hook), hyper-parameters outside param_groups, or an "
+            "optimizer whose step() differs from its registered replay (register_functional_step)",
+        )
     if b.batches > 1:
-        return ("batches", f"the loop took {b.batches} batches from the task for one step (gradient accumulation?); "
-                           "the replay takes one batch per step")
+        return (
+            "batches",
+            f"the loop took {b.batches} batches from the task for one step (gradient accumulation?); "
+            "the replay takes one batch per step",
+        )
     if b.batch is not None:
         ghat = _gradient(context, task, b.params, b.buffers, b.batch, b.hypers, seed=0)
         scale = _norm(ghat)
@@ -153,20 +187,28 @@ def after(context: ReplayContext, task: Any, live: Sequence[torch.Tensor], b: Be
             other = _gradient(context, task, b.params, b.buffers, b.batch, b.hypers, seed=1)
             if _diff(other, ghat) <= RTOL_GRADIENT * scale:  # deterministic: a real mismatch
                 ratio = _norm(b.grads) / max(scale, 1e-30)
-                cause = ("the gradients were changed between backward() and step() (scaled or clipped by hand: for "
-                         "clipping by norm call opt.clip_grad_norm_(max_norm), which the replay reproduces)"
-                         if b.changed else
-                         "the loop's loss is not the task's loss on the loop's batch (a regulariser or another "
-                         "criterion in the loop: give it to the task, e.g. batch_loss=)")
-                return ("gradient", f"the gradients the optimizer was given differ from the task loss's gradient on "
-                                    f"the loop's batch (relative difference {gap / max(scale, 1e-30):.2g}, norm ratio "
-                                    f"{ratio:.3g}): {cause}")
+                cause = (
+                    "the gradients were changed between backward() and step() (scaled or clipped by hand: for "
+                    "clipping by norm call opt.clip_grad_norm_(max_norm), which the replay reproduces)"
+                    if b.changed
+                    else "the loop's loss is not the task's loss on the loop's batch (a regulariser or another "
+                    "criterion in the loop: give it to the task, e.g. batch_loss=)"
+                )
+                return (
+                    "gradient",
+                    f"the gradients the optimizer was given differ from the task loss's gradient on "
+                    f"the loop's batch (relative difference {gap / max(scale, 1e-30):.2g}, norm ratio "
+                    f"{ratio:.3g}): {cause}",
+                )
             # a stochastic forward (dropout): the recomputation cannot tell; the guard can
     if b.changed:
-        return ("gradient", f"the gradients of {len(b.changed)} adapt parameter(s) were changed between backward() "
-                            "and step() (scaled or clipped by hand: for clipping by norm call "
-                            "opt.clip_grad_norm_(max_norm), which the replay reproduces; a GradScaler's unscale_ also "
-                            "shows up here and is harmless)")
+        return (
+            "gradient",
+            f"the gradients of {len(b.changed)} adapt parameter(s) were changed between backward() "
+            "and step() (scaled or clipped by hand: for clipping by norm call "
+            "opt.clip_grad_norm_(max_norm), which the replay reproduces; a GradScaler's unscale_ also "
+            "shows up here and is harmless)",
+        )
     return None
 
 
@@ -177,9 +219,17 @@ def report(kind_message: tuple[str, str] | None, reported: set[str], task: Any) 
     kind, message = kind_message
     reported.add(kind)
     if kind == "unchecked":
-        warnings.warn(f"warpopt could not check that the step replayed is the step taken on {task!r} (the check "
-                      f"failed: {message}); training is unaffected. Reported once.", RuntimeWarning, stacklevel=5)
+        warnings.warn(
+            f"warpopt could not check that the step replayed is the step taken on {task!r} (the check "
+            f"failed: {message}); training is unaffected. Reported once.",
+            RuntimeWarning,
+            stacklevel=5,
+        )
         return
-    warnings.warn(f"warpopt: the step replayed is not the step taken (checked on the first step of {task!r}): "
-                  f"{message}. The exact objective (Eq. 7) differentiates the replayed step, so its meta-gradient "
-                  "is that of a different step. Reported once.", RuntimeWarning, stacklevel=5)
+    warnings.warn(
+        f"warpopt: the step replayed is not the step taken (checked on the first step of {task!r}): "
+        f"{message}. The exact objective (Eq. 7) differentiates the replayed step, so its meta-gradient "
+        "is that of a different step. Reported once.",
+        RuntimeWarning,
+        stacklevel=5,
+    )

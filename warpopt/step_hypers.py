@@ -8,6 +8,7 @@ deduplicated: consecutive steps with the same values share one object), and the 
 uses the values of step k (θ_K: those the next step would use, i.e. the groups at the task's
 end). Nothing here touches the recorded tensors (``warpopt.points``).
 """
+
 from __future__ import annotations
 
 import math
@@ -46,19 +47,23 @@ def _plain(value: Any) -> Any:
     return None
 
 
-def capture(optimizer: torch.optim.Optimizer, clip: tuple[float, float] | None,
-            previous: StepHypers | None = None) -> StepHypers:
+def capture(
+    optimizer: torch.optim.Optimizer, clip: tuple[float, float] | None, previous: StepHypers | None = None
+) -> StepHypers:
     """The optimizer's numeric group hyper-parameters now, with ``clip``; ``previous`` is
     returned instead of an equal new object (consecutive steps usually agree)."""
-    groups = tuple(tuple((k, v) for k, v in ((k, _plain(v)) for k, v in g.items() if k != "params")
-                         if v is not None) for g in optimizer.param_groups)
+    groups = tuple(
+        tuple((k, v) for k, v in ((k, _plain(v)) for k, v in g.items() if k != "params") if v is not None)
+        for g in optimizer.param_groups
+    )
     if previous is not None and previous.groups == groups and previous.clip == clip:
         return previous
     return StepHypers(groups, clip)
 
 
-def hypers_at(base: Sequence[Mapping[str, Any]], group_index: Sequence[int], recorded: StepHypers,
-              learned: Mapping[str, Any]) -> list[dict[str, Any]]:
+def hypers_at(
+    base: Sequence[Mapping[str, Any]], group_index: Sequence[int], recorded: StepHypers, learned: Mapping[str, Any]
+) -> list[dict[str, Any]]:
     """Per adapt parameter, its param group's hyper-parameters at the recorded step: the live
     group (``base``, for keys that are not numbers) updated with the recorded values, then the
     learned hyper-parameters (tensors: the exact objective differentiates through them)."""
@@ -74,8 +79,10 @@ def to_plain(h: StepHypers | None) -> dict[str, Any] | None:
     """Lists, dicts and numbers only (a checkpoint loads it without unpickling objects)."""
     if h is None:
         return None
-    return {"groups": [[[k, list(v) if isinstance(v, tuple) else v] for k, v in g] for g in h.groups],
-            "clip": None if h.clip is None else list(h.clip)}
+    return {
+        "groups": [[[k, list(v) if isinstance(v, tuple) else v] for k, v in g] for g in h.groups],
+        "clip": None if h.clip is None else list(h.clip),
+    }
 
 
 def from_plain(d: Mapping[str, Any] | None) -> StepHypers | None:

@@ -18,16 +18,18 @@ whole task's points or none of them, so a buffer can commit a task atomically.
   ``clear()`` starts a fresh subdirectory;
 * a vanished subdirectory gives a ``FileNotFoundError`` saying what to do (``clear()``).
 """
+
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import os
 import shutil
 import tempfile
 import weakref
+from collections.abc import Iterable
 from dataclasses import replace
-from typing import Iterable, Optional
 
 import torch
 
@@ -54,10 +56,8 @@ class Storage:
                 stored.append(self.put(point))
         except BaseException:
             for point in reversed(stored):
-                try:
+                with contextlib.suppress(Exception):
                     self.release(point)
-                except Exception:  # noqa: BLE001 - keep the original error; a leftover is removed by clear()
-                    pass
             raise
         return stored
 
@@ -121,11 +121,11 @@ class DiskStorage(Storage):
     ``put``). See the module docstring for the guarantees.
     """
 
-    def __init__(self, directory: Optional[str] = None, fsync: bool = False) -> None:
+    def __init__(self, directory: str | None = None, fsync: bool = False) -> None:
         self.parent = os.path.abspath(directory if directory is not None else tempfile.gettempdir())
         self.fsync = fsync
-        self.directory: Optional[str] = None
-        self._finalizer: Optional[weakref.finalize] = None
+        self.directory: str | None = None
+        self._finalizer: weakref.finalize | None = None
         self._count = 0
         self._open()
 
@@ -138,9 +138,12 @@ class DiskStorage(Storage):
 
     def _vanished(self, directory: str) -> FileNotFoundError:
         return FileNotFoundError(
-            errno.ENOENT, f"the replay directory vanished (deleted while the buffer held points stored "
-            f"there); those points are lost: call clear() on the replay buffer (or on its storage) "
-            f"to drop them and start a fresh directory", directory)
+            errno.ENOENT,
+            "the replay directory vanished (deleted while the buffer held points stored "
+            "there); those points are lost: call clear() on the replay buffer (or on its storage) "
+            "to drop them and start a fresh directory",
+            directory,
+        )
 
     def put(self, point: Point) -> Point:
         directory = self.directory or self._open()
@@ -155,8 +158,12 @@ class DiskStorage(Storage):
         try:
             fd = os.open(tmp, _CREATE, 0o600)  # O_EXCL: fails on any existing file or symlink
         except FileExistsError as e:
-            raise FileExistsError(e.errno, "refusing to overwrite or follow a file that appeared in the "
-                                  "private replay directory (something else writes there)", tmp) from None
+            raise FileExistsError(
+                e.errno,
+                "refusing to overwrite or follow a file that appeared in the "
+                "private replay directory (something else writes there)",
+                tmp,
+            ) from None
         except FileNotFoundError:
             raise self._vanished(directory) from None
         try:
@@ -179,24 +186,36 @@ class DiskStorage(Storage):
             fd = os.open(point.path, _READ)  # O_NOFOLLOW: a symlink put in place of the file is refused
         except OSError as e:
             if e.errno != errno.ENOENT:
-                raise OSError(e.errno, f"cannot open replay point file ({e.strerror}); call clear() on "
-                              f"the replay buffer to drop its points", point.path) from None
+                raise OSError(
+                    e.errno,
+                    f"cannot open replay point file ({e.strerror}); call clear() on "
+                    f"the replay buffer to drop its points",
+                    point.path,
+                ) from None
             directory = os.path.dirname(point.path)
             if not os.path.isdir(directory):
                 raise self._vanished(directory) from None
-            raise FileNotFoundError(errno.ENOENT, "replay point file deleted while the buffer held it; "
-                                    "call clear() on the replay buffer to drop its points", point.path) from None
+            raise FileNotFoundError(
+                errno.ENOENT,
+                "replay point file deleted while the buffer held it; "
+                "call clear() on the replay buffer to drop its points",
+                point.path,
+            ) from None
         try:
             with os.fdopen(fd, "rb") as f:
                 vectors = torch.load(f, weights_only=True)
         except Exception as e:  # truncated or overwritten by something else
             first = (str(e).splitlines() or [""])[0][:120]
-            raise ValueError(f"{point.path}: unreadable replay point file ({type(e).__name__}: {first}); "
-                             f"call clear() on the replay buffer to drop its points") from e
+            raise ValueError(
+                f"{point.path}: unreadable replay point file ({type(e).__name__}: {first}); "
+                f"call clear() on the replay buffer to drop its points"
+            ) from e
         expected = [(v.dtype, v.shape) for v in point.vectors]
         if not isinstance(vectors, list) or [(v.dtype, v.shape) for v in vectors] != expected:
-            raise ValueError(f"{point.path}: replay point file was changed after it was written "
-                             f"(expected tensors {expected}); call clear() on the replay buffer")
+            raise ValueError(
+                f"{point.path}: replay point file was changed after it was written "
+                f"(expected tensors {expected}); call clear() on the replay buffer"
+            )
         return replace(point, vectors=tuple(vectors), path=None)
 
     def release(self, point: Point) -> None:
@@ -212,7 +231,7 @@ class DiskStorage(Storage):
 
 def _write_all(fd: int, data: memoryview) -> None:
     while data:
-        data = data[os.write(fd, data):]
+        data = data[os.write(fd, data) :]
 
 
 def _publish(tmp: str, path: str) -> None:
@@ -220,19 +239,24 @@ def _publish(tmp: str, path: str) -> None:
     try:
         os.link(tmp, path)  # unlike rename, link fails if the final name exists
     except FileExistsError:
-        raise FileExistsError(errno.EEXIST, "refusing to overwrite a file that appeared in the private "
-                              "replay directory (something else writes there)", path) from None
+        raise FileExistsError(
+            errno.EEXIST,
+            "refusing to overwrite a file that appeared in the private replay directory (something else writes there)",
+            path,
+        ) from None
     except OSError as e:  # no hard links here (some FUSE / FAT filesystems): check, then rename
         if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.EXDEV):
             raise
         if os.path.lexists(path):
-            raise FileExistsError(errno.EEXIST, "refusing to overwrite a file that appeared in the "
-                                  "private replay directory (something else writes there)", path) from None
+            raise FileExistsError(
+                errno.EEXIST,
+                "refusing to overwrite a file that appeared in the "
+                "private replay directory (something else writes there)",
+                path,
+            ) from None
         os.rename(tmp, path)
 
 
 def _unlink(path: str) -> None:
-    try:
+    with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
-    except FileNotFoundError:
-        pass

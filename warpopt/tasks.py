@@ -14,11 +14,12 @@ A *batch loss* is a callable ``(forward, batch) -> scalar tensor`` where ``forwa
 runs the model with the parameters under evaluation (the live ones, or replayed θ_k). For
 supervised data, ``supervised(criterion)`` builds one from a criterion ``(output, target)``.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from collections.abc import Iterator as IteratorABC
-from collections.abc import Sequence
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any
 
 import torch
 
@@ -68,8 +69,9 @@ def cycle(data: Any) -> Callable[[int], Any]:
 
 def _check_data(data: Any) -> None:
     if not (_is_callable_source(data) or hasattr(data, "__iter__")):
-        raise TypeError(f"task data must be an iterable of batches or a callable returning a batch, "
-                        f"got {type(data).__name__}")
+        raise TypeError(
+            f"task data must be an iterable of batches or a callable returning a batch, got {type(data).__name__}"
+        )
 
 
 class _Pass:
@@ -82,7 +84,7 @@ class _Pass:
     def __init__(self, data: Any) -> None:
         _check_data(data)
         self.data, self.drawn, self.skip = data, 0, 0
-        self.it: Optional[Iterator[Any]] = None
+        self.it: Iterator[Any] | None = None
 
     def draw(self, k: int) -> Any:
         for _ in range(2):
@@ -111,7 +113,7 @@ class _Pass:
 class _Tape:
     """The batches a one-shot iterator has produced, in order (references, no copies)."""
 
-    def __init__(self, iterator: Optional[Iterator[Any]]) -> None:
+    def __init__(self, iterator: Iterator[Any] | None) -> None:
         self.iterator = iterator
         self.batches: list[Any] = []
 
@@ -144,9 +146,11 @@ class _TapeDraws:
         if (not batches or (not self.shared and self.cursor >= len(batches))) and self.tape.pull():
             batches = self.tape.batches
         if not batches:
-            raise ValueError("task data is empty: the one-shot iterator (a generator or iterator) yielded no batch "
-                             "to the task. Iterate the task in the loop (`for x, y in task`) so that its batches are "
-                             "kept for the replay, or pass a list of batches or a callable k -> batch")
+            raise ValueError(
+                "task data is empty: the one-shot iterator (a generator or iterator) yielded no batch "
+                "to the task. Iterate the task in the loop (`for x, y in task`) so that its batches are "
+                "kept for the replay, or pass a list of batches or a callable k -> batch"
+            )
         batch = batches[self.cursor % len(batches)]
         self.cursor += 1
         return batch
@@ -171,8 +175,10 @@ class _Calls:
 
 class _NoData:
     def draw(self, k: int) -> Any:
-        raise ValueError("this task has no data (data=None): such a task only receives the batches a "
-                         "checkpoint saved for it (WarpGradMetaOptimizer.load_state_dict(..., tasks=...))")
+        raise ValueError(
+            "this task has no data (data=None): such a task only receives the batches a "
+            "checkpoint saved for it (WarpGradMetaOptimizer.load_state_dict(..., tasks=...))"
+        )
 
     def state(self) -> dict[str, Any]:
         return {}
@@ -225,12 +231,12 @@ class Task:
     def __init__(
         self,
         data: Iterable[Any] | Callable[..., Any] | None,
-        loss_fn: Optional[Callable[[Any, Any], torch.Tensor]] = None,
+        loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
         *,
-        batch_loss: Optional[BatchLoss] = None,
-        meta_data: Optional[Iterable[Any] | Callable[..., Any]] = None,
-        meta_loss: Optional[BatchLoss] = None,
-        name: Optional[str] = None,
+        batch_loss: BatchLoss | None = None,
+        meta_data: Iterable[Any] | Callable[..., Any] | None = None,
+        meta_loss: BatchLoss | None = None,
+        name: str | None = None,
     ) -> None:
         if (loss_fn is None) == (batch_loss is None):
             raise ValueError(
@@ -254,7 +260,7 @@ class Task:
         self.name = name
 
     @staticmethod
-    def _source(data: Any, tape: Optional[_Tape], shared: bool) -> Any:
+    def _source(data: Any, tape: _Tape | None, shared: bool) -> Any:
         kind = _kind(data)
         if kind == "none":
             return _NoData()
@@ -283,8 +289,10 @@ class Task:
         if self._data is None and self._tape is None:
             raise TypeError("this task has no data (data=None) to iterate")
         if _is_callable_source(self._data):
-            raise TypeError("this task's data is a callable k -> batch: loop over range(K) and call it "
-                            "(or task.task_batch(k)) instead of iterating the task")
+            raise TypeError(
+                "this task's data is a callable k -> batch: loop over range(K) and call it "
+                "(or task.task_batch(k)) instead of iterating the task"
+            )
         if self._tape is None:
             for batch in self._data:  # type: ignore[union-attr]
                 self._seen.append(batch)
@@ -323,7 +331,8 @@ class Task:
         raise ValueError(
             f"the batch of step {k} is unknown: the loop's batches of a one-shot iterable are only seen "
             "when the loop iterates the task itself (`with opt.task(data, loss_fn) as task: for x, y in "
-            "task: ...`); or pass a list of batches or a callable k -> batch")
+            "task: ...`); or pass a list of batches or a callable k -> batch"
+        )
 
     def task_loss(self, forward: Forward, batch: Any) -> torch.Tensor:
         return self.batch_loss(forward, batch)
@@ -337,11 +346,14 @@ class Task:
         sources (the batches themselves: tensors are saved, not the iterator) and the draw
         positions. Callables, iterators and loss functions are not saved: re-attach them."""
         meta_tape = getattr(self._meta_source, "tape", None)
-        return {"name": self.name, "kind": self.kind,
-                "tape": None if self._tape is None else list(self._tape.batches),
-                "meta_tape": None if meta_tape is None or meta_tape is self._tape else list(meta_tape.batches),
-                "task_source": self._task_source.state(),
-                "meta_source": None if self._meta_source is self._task_source else self._meta_source.state()}
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "tape": None if self._tape is None else list(self._tape.batches),
+            "meta_tape": None if meta_tape is None or meta_tape is self._tape else list(meta_tape.batches),
+            "task_source": self._task_source.state(),
+            "meta_source": None if self._meta_source is self._task_source else self._meta_source.state(),
+        }
 
     def check_state(self, state: Any) -> None:
         """Raise ``ValueError`` if ``state`` (from ``state_dict``) cannot be loaded into this task."""
@@ -349,11 +361,15 @@ class Task:
             raise ValueError("not a Task state_dict")
         label = repr(self.name or state.get("name") or "")
         if state["kind"] in ("callable", "iterable") and self.kind != state["kind"]:
-            raise ValueError(f"task {label} was saved with {state['kind']} data: re-attach the same data "
-                             f"(this task's data is {self.kind})")
+            raise ValueError(
+                f"task {label} was saved with {state['kind']} data: re-attach the same data "
+                f"(this task's data is {self.kind})"
+            )
         if (state["meta_source"] is None) != (self._meta_source is self._task_source):
-            raise ValueError(f"task {label} was saved {'without' if state['meta_source'] is None else 'with'} "
-                             "meta_data: re-attach it the same way")
+            raise ValueError(
+                f"task {label} was saved {'without' if state['meta_source'] is None else 'with'} "
+                "meta_data: re-attach it the same way"
+            )
         if state["meta_tape"] is None and state["meta_source"] is not None and isinstance(self._meta_source, _NoData):
             raise ValueError(f"task {label} was saved with callable or re-iterable meta_data: re-attach it")
 

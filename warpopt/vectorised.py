@@ -44,11 +44,13 @@ Policies:
 - **Randomness** (dropout) inside the objective: ``randomness="different"`` by default
   (independent draws per sample, as the loop); it cannot reproduce the loop's exact draws.
 """
+
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -75,8 +77,10 @@ def _batch_signature(batch: Any) -> Any:
     leaves, spec = pytree.tree_flatten(batch)
     for leaf in leaves:
         if not isinstance(leaf, torch.Tensor):
-            raise TypeError(f"vectorised replay needs batches made of tensors, got a leaf of type "
-                            f"{type(leaf).__name__}; use the per-sample gradient (the default) instead")
+            raise TypeError(
+                f"vectorised replay needs batches made of tensors, got a leaf of type "
+                f"{type(leaf).__name__}; use the per-sample gradient (the default) instead"
+            )
     return spec, tuple((tuple(t.shape), t.dtype, t.device) for t in leaves)
 
 
@@ -90,22 +94,27 @@ def _stack(trees: Sequence[Any]) -> Any:
 
 def _group_key(sample: Sample, task_batch: Any, meta_batch: Any) -> Any:
     task = sample.task
-    return (_loss_key(task.batch_loss), _loss_key(task.meta_batch_loss),
-            tuple(tuple(s.keys()) for s in sample.states),
-            _batch_signature(task_batch), _batch_signature(meta_batch),
-            sample.hypers)  # recorded per-step lr/clipping are Python numbers: one vmap call per value
+    return (
+        _loss_key(task.batch_loss),
+        _loss_key(task.meta_batch_loss),
+        tuple(tuple(s.keys()) for s in sample.states),
+        _batch_signature(task_batch),
+        _batch_signature(meta_batch),
+        sample.hypers,
+    )  # recorded per-step lr/clipping are Python numbers: one vmap call per value
 
 
 def _describe(key: Any) -> str:
     loss, meta_loss, states, (_, task_shapes), (_, meta_shapes), hypers = key
-    return (f"task batch {[s for s, *_ in task_shapes]}, meta batch {[s for s, *_ in meta_shapes]}, "
-            f"step hyper-parameters {hypers}, "
-            f"state keys {states}, losses ({getattr(loss, '__name__', loss)}, "
-            f"{getattr(meta_loss, '__name__', meta_loss)})")
+    return (
+        f"task batch {[s for s, *_ in task_shapes]}, meta batch {[s for s, *_ in meta_shapes]}, "
+        f"step hyper-parameters {hypers}, "
+        f"state keys {states}, losses ({getattr(loss, '__name__', loss)}, "
+        f"{getattr(meta_loss, '__name__', meta_loss)})"
+    )
 
 
-def _batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1,
-                eps=1e-5):
+def _batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5):
     """``F.batch_norm`` from elementary ops (same values, same running-stat updates).
 
     torch 2.13's vmap batching rule of the fused batch-norm kernel gives wrong second-order
@@ -113,7 +122,7 @@ def _batch_norm(input, running_mean, running_var, weight=None, bias=None, traini
     meta-gradient through a BatchNorm followed by further warped layers differed from the
     loop's. Elementary ops differentiate correctly under vmap, so replay uses this.
     """
-    dims = [0] + list(range(2, input.dim()))
+    dims = [0, *list(range(2, input.dim()))]
     shape = [1, -1] + [1] * (input.dim() - 2)
     if training or running_mean is None:
         mean = input.mean(dims)
@@ -169,25 +178,39 @@ def _per_sample_fn(objective: Objective, context: ReplayContext, first: Sample) 
     """
 
     def fn(params, states, buffers, task_batch, meta_batch):
-        sample = replace(first, params=list(params), states=list(states), buffers=list(buffers),
-                         task_batch=task_batch, meta_batch=meta_batch)
+        sample = replace(
+            first,
+            params=list(params),
+            states=list(states),
+            buffers=list(buffers),
+            task_batch=task_batch,
+            meta_batch=meta_batch,
+        )
         with _DecomposedNorms():
             return objective(context, sample)
 
     return fn
 
 
-def vectorised_meta_gradient(objective: Objective, context: ReplayContext, samples: Sequence[Sample],
-                             meta_params: Sequence[torch.Tensor], *, chunk_size: Optional[int] = None,
-                             fallback: bool = True, strict: bool = False,
-                             randomness: str = "different") -> tuple[list[torch.Tensor], torch.Tensor]:
+def vectorised_meta_gradient(
+    objective: Objective,
+    context: ReplayContext,
+    samples: Sequence[Sample],
+    meta_params: Sequence[torch.Tensor],
+    *,
+    chunk_size: int | None = None,
+    fallback: bool = True,
+    strict: bool = False,
+    randomness: str = "different",
+) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Drop-in replacement for ``warpopt.objectives.meta_gradient`` (see the module docstring)."""
     reason = unvectorisable(context.model)  # recurrent layers (warpopt/kernels.py)
     if reason is not None:
         if fallback:
             return meta_gradient(objective, context, samples, meta_params)
-        raise TypeError(f"vectorised replay cannot map this model: {reason}; pass fallback=True to use the "
-                        "per-sample loop")
+        raise TypeError(
+            f"vectorised replay cannot map this model: {reason}; pass fallback=True to use the per-sample loop"
+        )
     n = len(samples)
     if n == 0:
         raise ValueError("vectorised replay got an empty mini-batch")
@@ -197,10 +220,12 @@ def vectorised_meta_gradient(objective: Objective, context: ReplayContext, sampl
         groups.setdefault(_group_key(sample, sample.task_batch, sample.meta_batch), []).append(sample)
     if strict and len(groups) > 1:
         keys = list(groups)
-        raise ValueError("vectorised replay (strict=True) needs equal batch shapes, optimizer-state keys, "
-                         f"losses and step hyper-parameters (lr, clipping) across the mini-batch; got {len(keys)} "
-                         f"kinds, e.g. {_describe(keys[0])} vs "
-                         f"{_describe(keys[1])}")
+        raise ValueError(
+            "vectorised replay (strict=True) needs equal batch shapes, optimizer-state keys, "
+            f"losses and step hyper-parameters (lr, clipping) across the mini-batch; got {len(keys)} "
+            f"kinds, e.g. {_describe(keys[0])} vs "
+            f"{_describe(keys[1])}"
+        )
 
     meta_params = list(meta_params)
     grads = [torch.zeros_like(p) for p in meta_params]
@@ -211,15 +236,20 @@ def vectorised_meta_gradient(objective: Objective, context: ReplayContext, sampl
             step = chunk_size or len(members)
             for start in range(0, len(members), step):  # one graph per chunk: memory ∝ chunk_size
                 try:
-                    loss = fn(*_stacked(members[start:start + step])).sum() / n
+                    loss = fn(*_stacked(members[start : start + step])).sum() / n
                 except Exception as error:  # an objective vmap cannot map: say why, or loop
                     if not fallback:
-                        raise TypeError(f"cannot vectorise the objective {getattr(objective, '__name__', objective)!r}"
-                                        f" with torch.func.vmap: {type(error).__name__}: {error}. Use the "
-                                        "per-sample gradient or pass fallback=True") from error
-                    warnings.warn(f"vectorised replay fell back to the per-sample loop: vmap failed on "
-                                  f"{getattr(objective, '__name__', objective)!r} ({type(error).__name__}: {error})",
-                                  RuntimeWarning, stacklevel=2)
+                        raise TypeError(
+                            f"cannot vectorise the objective {getattr(objective, '__name__', objective)!r}"
+                            f" with torch.func.vmap: {type(error).__name__}: {error}. Use the "
+                            "per-sample gradient or pass fallback=True"
+                        ) from error
+                    warnings.warn(
+                        f"vectorised replay fell back to the per-sample loop: vmap failed on "
+                        f"{getattr(objective, '__name__', objective)!r} ({type(error).__name__}: {error})",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
                     return meta_gradient(objective, context, samples, meta_params)
                 accumulate_gradient(loss, meta_params, grads)
                 total = total + loss.detach()
@@ -231,13 +261,16 @@ def _stacked(members: Sequence[Sample]) -> tuple[Any, ...]:
     first = members[0]
     params = tuple(torch.stack([p.detach() for p in column]) for column in zip(*(m.params for m in members)))
     buffers = tuple(torch.stack([b.detach() for b in column]) for column in zip(*(m.buffers for m in members)))
-    states = tuple({key: torch.stack([m.states[i][key].detach() for m in members]) for key in first.states[i]}
-                   for i in range(len(first.states)))
+    states = tuple(
+        {key: torch.stack([m.states[i][key].detach() for m in members]) for key in first.states[i]}
+        for i in range(len(first.states))
+    )
     return params, states, buffers, _stack([m.task_batch for m in members]), _stack([m.meta_batch for m in members])
 
 
-def vectorised(chunk_size: Optional[int] = None, *, fallback: bool = True, strict: bool = False,
-               randomness: str = "different") -> GradientFn:
+def vectorised(
+    chunk_size: int | None = None, *, fallback: bool = True, strict: bool = False, randomness: str = "different"
+) -> GradientFn:
     """A ``gradient=`` function for ``warpopt.offline`` that replays a mini-batch with vmap.
 
     Args:
@@ -252,10 +285,19 @@ def vectorised(chunk_size: Optional[int] = None, *, fallback: bool = True, stric
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive number of samples or None, got {chunk_size}")
 
-    def gradient(objective: Any, context: ReplayContext, samples: Sequence[Sample],
-                 meta_params: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
-        return vectorised_meta_gradient(objective, context, samples, meta_params, chunk_size=chunk_size,
-                                        fallback=fallback, strict=strict, randomness=randomness)
+    def gradient(
+        objective: Any, context: ReplayContext, samples: Sequence[Sample], meta_params: Sequence[torch.Tensor]
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        return vectorised_meta_gradient(
+            objective,
+            context,
+            samples,
+            meta_params,
+            chunk_size=chunk_size,
+            fallback=fallback,
+            strict=strict,
+            randomness=randomness,
+        )
 
     gradient.chunk_size = chunk_size  # type: ignore[attr-defined]
     return gradient

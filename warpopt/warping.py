@@ -360,8 +360,10 @@ def warp(
         raise TypeError(f"layer must be a factory (channels, spatial_dims) -> nn.Module, got {layer!r}")
     default = where is None and designate is None
     if example_input is not None and not default:
-        raise ValueError("example_input only locates the output layer for the default selection; with where= "
-                         "or designate= you choose the modules yourself: drop example_input")
+        raise ValueError(
+            "example_input only locates the output layer for the default selection; with where= "
+            "or designate= you choose the modules yourself: drop example_input"
+        )
 
     # Validate everything and build every layer before the model is touched.
     if where is not None:
@@ -373,8 +375,10 @@ def warp(
         targets = default_targets(model, example_input, exclude)
     else:
         if exclude is not None:
-            raise ValueError("exclude filters insertion (where= or the default selection); with designate= "
-                             "alone nothing is inserted: drop exclude")
+            raise ValueError(
+                "exclude filters insertion (where= or the default selection); with designate= "
+                "alone nothing is inserted: drop exclude"
+            )
         targets = []
     designated = select(model, designate, "designate") if designate is not None else []
     counts = collections.Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))

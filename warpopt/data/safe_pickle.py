@@ -94,6 +94,7 @@ def load_pickle(path: str | Path, fmt: str) -> Any:
         raise UnsafePickleError(
             f"{path}: refused to load: the pickle references {e}, which is not a data type of this "
             f"format (allowed: numpy arrays, dtypes and scalars, builtin containers). Loading data "
-            f"never runs code; if you trust the file, re-save it as {fmt}") from None
+            f"never runs code; if you trust the file, re-save it as {fmt}"
+        ) from None
     except Exception as e:  # any other unpickling failure means a malformed file
         raise ValueError(f"{path}: malformed pickle ({type(e).__name__}: {e}); expected {fmt}") from e

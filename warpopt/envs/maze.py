@@ -39,9 +39,7 @@ try:
     from gymnasium.vector import VectorEnv
     from gymnasium.vector.utils import batch_space
 except ImportError as exc:  # pragma: no cover - exercised only without gymnasium
-    raise ImportError(
-        "warpopt.envs requires gymnasium>=1.0; install it with `pip install warpopt[examples]`"
-    ) from exc
+    raise ImportError("warpopt.envs requires gymnasium>=1.0; install it with `pip install warpopt[examples]`") from exc
 
 # gymnasium >= 1.1 names the autoreset modes with an enum; 1.0 used the plain string.
 _NEXT_STEP: Any = getattr(getattr(gym.vector, "AutoresetMode", None), "NEXT_STEP", "NextStep")
@@ -174,7 +172,8 @@ def _integers(value: Any, shape: tuple[int, ...]) -> np.ndarray | None:
     if arr.shape != shape or not np.issubdtype(arr.dtype, np.integer):
         return None
     if isinstance(value, (list, tuple)) and any(  # [True, 2] becomes an int array
-            isinstance(v, (bool, np.bool_)) for v in np.asarray(value, dtype=object).reshape(-1)):
+        isinstance(v, (bool, np.bool_)) for v in np.asarray(value, dtype=object).reshape(-1)
+    ):
         return None
     return arr.astype(np.int64)  # a copy: the caller's array may change later
 
@@ -185,8 +184,9 @@ def _check_cell(geo: _Geometry, pos: Any, what: str) -> np.ndarray:
         raise ValueError(f"{what} must be two integers (row, col), got {pos!r}")
     n = geo.layout.shape[0]
     if not (0 <= cell[0] < n and 0 <= cell[1] < n):
-        raise ValueError(f"{what} {tuple(int(v) for v in cell)} is outside the {n}x{n} maze (rows and "
-                         f"columns 0..{n - 1})")
+        raise ValueError(
+            f"{what} {tuple(int(v) for v in cell)} is outside the {n}x{n} maze (rows and columns 0..{n - 1})"
+        )
     if geo.layout[cell[0], cell[1]]:
         raise ValueError(f"{what} {tuple(int(v) for v in cell)} is a wall; choose a free cell (see free_cells)")
     return cell
@@ -255,8 +255,10 @@ class MazeEnv(_MazeConfig, gym.Env):
             raise RuntimeError("the episode is over (truncated); call reset() before step()")
         checked = _integers(action, ())
         if checked is None or not 0 <= checked < 4:
-            raise ValueError(f"invalid action {action!r}: expected an integer in the action space "
-                             f"{self.action_space} (0 up, 1 down, 2 left, 3 right)")
+            raise ValueError(
+                f"invalid action {action!r}: expected an integer in the action space "
+                f"{self.action_space} (0 up, 1 down, 2 left, 3 right)"
+            )
         a = int(checked)
         target = agent + ACTION_DELTAS[a]
         if self._geo.layout[target[0], target[1]]:
@@ -384,19 +386,20 @@ class MazeVectorEnv(_MazeConfig, VectorEnv):
             if len(seeds) != self.num_envs:
                 raise ValueError(f"expected {self.num_envs} seeds, got {len(seeds)}")
         previous: list[np.random.Generator | None] = list(self._rngs) or [None] * self.num_envs
-        self._rngs = [rng if s is None and rng is not None else seeding.np_random(s)[0]
-                      for s, rng in zip(seeds, previous)]
+        self._rngs = [
+            rng if s is None and rng is not None else seeding.np_random(s)[0] for s, rng in zip(seeds, previous)
+        ]
         self._reset_state()
         return self._observation(), self._info()
 
-    def step(
-        self, actions: Any
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+    def step(self, actions: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
         pos, goal = self._require_reset(self._pos)
         acts = _integers(actions, (self.num_envs,))
         if acts is None or acts.min() < 0 or acts.max() > 3:
-            raise ValueError(f"invalid actions {actions!r}: expected an integer array of shape ({self.num_envs},), "
-                             f"each in the action space {self.single_action_space} (0 up, 1 down, 2 left, 3 right)")
+            raise ValueError(
+                f"invalid actions {actions!r}: expected an integer array of shape ({self.num_envs},), "
+                f"each in the action space {self.single_action_space} (0 up, 1 down, 2 left, 3 right)"
+            )
         done = np.zeros(self.num_envs, dtype=bool)
         if self._needs_reset:
             self._reset_state()
@@ -430,8 +433,10 @@ class MazeVectorEnv(_MazeConfig, VectorEnv):
         pos = current_pos if agent_pos is None else _integers(agent_pos, shape)
         goal = current_goal if goal_pos is None else _integers(goal_pos, shape)
         if pos is None or goal is None:
-            raise ValueError(f"positions must be integer (row, col) arrays of shape {shape}, got "
-                             f"agent_pos={agent_pos!r}, goal_pos={goal_pos!r}")
+            raise ValueError(
+                f"positions must be integer (row, col) arrays of shape {shape}, got "
+                f"agent_pos={agent_pos!r}, goal_pos={goal_pos!r}"
+            )
         for p, g in zip(pos, goal):
             _check_cell(self._geo, p, "agent_pos")
             _check_cell(self._geo, g, "goal_pos")
