@@ -56,7 +56,7 @@ class Accumulator(NamedTuple):
     """A running sum of gradients and the number of terms in it (immutable: see ``accumulate``)."""
 
     total: tuple[torch.Tensor, ...] | None = None
-    count: int = 0
+    count: int = 0  # type: ignore[assignment]  # shadows tuple.count(value); meta_optimizer.py reads .count too
 
 
 def accumulate(acc: Accumulator, grads: Sequence[torch.Tensor], count: int = 1) -> Accumulator:

@@ -185,7 +185,7 @@ def _check_optimizer_state(field: str, saved: Any, live: torch.optim.Optimizer |
                 )
 
 
-def _check_tensors(field: str, saved: Any, live: list[torch.Tensor]) -> None:
+def _check_tensors(field: str, saved: Any, live: Sequence[torch.Tensor]) -> None:
     if not isinstance(saved, (list, tuple)) or len(saved) != len(live):
         raise ValueError(
             f"state_dict field {field!r}: expected {len(live)} tensors, got "

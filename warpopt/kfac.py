@@ -55,6 +55,8 @@ __all__ = ["KFAC"]
 
 FISHER_TYPES = ("empirical", "categorical", "gaussian")
 
+_Layer = nn.Linear | nn.Conv2d  # the layers KFAC preconditions
+
 
 def _supported(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, nn.Conv2d)) and module.weight.requires_grad
@@ -79,6 +81,7 @@ def _check_conv(name: str, module: nn.Conv2d) -> None:
 def _activations(module: nn.Module, x: Tensor) -> Tensor:
     """Layer inputs a as rows ``(N·|T|, in)`` (conv: the patch at every output location t)."""
     if isinstance(module, nn.Conv2d):
+        assert not isinstance(module.padding, str)  # _check_conv rejected string padding
         patches = F.unfold(
             x, module.kernel_size, dilation=module.dilation, padding=module.padding, stride=module.stride
         )  # (N, in·kh·kw, |T|)
@@ -165,6 +168,7 @@ class KFAC(torch.optim.Optimizer):
             raise ValueError(f"kl_clip must be positive or None, got {kl_clip}")
         names = {m: n for n, m in model.named_modules()}
         layers = [m for m in model.modules() if _supported(m)] if modules is None else list(modules)
+        checked: list[_Layer] = []
         for m in layers:
             if m not in names:
                 raise ValueError(f"modules: {type(m).__name__} is not a submodule of the model")
@@ -174,6 +178,7 @@ class KFAC(torch.optim.Optimizer):
                 )
             if isinstance(m, nn.Conv2d):
                 _check_conv(names[m], m)
+            checked.append(m)
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ValueError("KFAC: the model has no trainable parameters")
@@ -190,15 +195,15 @@ class KFAC(torch.optim.Optimizer):
         )
         super().__init__(params, defaults)
         self.fisher, self.batch_averaged, self.generator = fisher, batch_averaged, generator
-        self.layers = layers
-        self._fresh: dict[nn.Module, dict[str, Tensor]] = {}  # statistics of the current step
-        self._outputs: dict[nn.Module, Tensor] = {}  # layer outputs awaiting a sampled backward
+        self.layers = checked
+        self._fresh: dict[_Layer, dict[str, Tensor]] = {}  # statistics of the current step
+        self._outputs: dict[_Layer, Tensor] = {}  # layer outputs awaiting a sampled backward
         # Hooks are closures, not bound methods: ``copy.deepcopy(model)`` then shares them instead of
         # deep-copying this optimizer, and they ignore modules that are not this optimizer's.
-        self._layer_ids = {id(m) for m in layers}
+        self._layers_by_id = {id(m): m for m in checked}
         self._model_id = id(model)
         self._handles = [
-            m.register_forward_hook(lambda mod, i, o: self._forward_hook(mod, i, o), prepend=True) for m in layers
+            m.register_forward_hook(lambda mod, i, o: self._forward_hook(mod, i, o), prepend=True) for m in checked
         ]
         if fisher != "empirical":
             self._handles.append(model.register_forward_hook(lambda mod, i, o: self._sample_hook(mod, i, o)))
@@ -208,8 +213,9 @@ class KFAC(torch.optim.Optimizer):
         g = self.param_groups[0]
         return module.training and torch.is_grad_enabled() and g["step"] % g["factor_interval"] == 0
 
-    def _forward_hook(self, module: nn.Module, inputs, output: Tensor) -> None:
-        if id(module) not in self._layer_ids or not self._collecting(module) or not output.requires_grad:
+    def _forward_hook(self, hooked: nn.Module, inputs, output: Tensor) -> None:
+        module = self._layers_by_id.get(id(hooked))  # the layer itself: the optimizer keeps it (and its id) alive
+        if module is None or not self._collecting(module) or not output.requires_grad:
             return
         x = inputs[0].detach()
         a = _activations(module, x).to(module.weight.dtype)
@@ -220,7 +226,7 @@ class KFAC(torch.optim.Optimizer):
         else:
             self._outputs[module] = output
 
-    def _record_g(self, module: nn.Module, grad: Tensor) -> None:
+    def _record_g(self, module: _Layer, grad: Tensor) -> None:
         stats = self._fresh.get(module)
         if stats is None:
             return
@@ -258,7 +264,7 @@ class KFAC(torch.optim.Optimizer):
                 self._record_g(m, g)
 
     # ------------------------------------------------------------------ step
-    def _update_factors(self, module: nn.Module, group: dict) -> None:
+    def _update_factors(self, module: _Layer, group: dict) -> None:
         fresh = self._fresh.get(module)
         if fresh is None or "G" not in fresh:
             return
@@ -277,8 +283,9 @@ class KFAC(torch.optim.Optimizer):
         d, q = torch.linalg.eigh(m)
         return d.clamp_min(0.0), q
 
-    def _grad_matrix(self, module: nn.Module, group: dict) -> Tensor:
+    def _grad_matrix(self, module: _Layer, group: dict) -> Tensor:
         w, b = module.weight, module.bias
+        assert w.grad is not None  # step() skips layers without a weight gradient
         gw = w.grad.reshape(w.shape[0], -1)
         if group["weight_decay"]:
             gw = gw + group["weight_decay"] * w.detach().reshape(w.shape[0], -1)
@@ -289,8 +296,10 @@ class KFAC(torch.optim.Optimizer):
             gb = gb + group["weight_decay"] * b.detach()
         return torch.cat([gw, gb[:, None]], 1)
 
+    # torch's stub overloads step on the closure (None -> None, callable -> float); this one
+    # signature is the same contract, as in torch.optim's own (unannotated) optimizers.
     @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         """One preconditioned step (``closure`` re-evaluates the loss, as in ``torch.optim``)."""
         loss = None
         if closure is not None:

@@ -199,22 +199,22 @@ def meta_update(
                         applied[s.task_id] = applied.get(s.task_id, 0.0) + 1.0 / points[s.task_id]
                 meta.apply_theta0(share)
     elif not isinstance(algorithm, Offline):
-        grads, state = algorithm.flush(state)
-        if grads is not None and meta.phi:
-            updates += meta.apply_phi(grads)
+        flushed, state = algorithm.flush(state)
+        if flushed is not None and meta.phi:
+            updates += meta.apply_phi(flushed)
     if meta.init_optimizer is not None and contributions.total.count:
         if per_batch:  # what the replayed mini-batches did not apply (tasks without points, max_updates)
             rest = [torch.zeros_like(t) for t in meta.theta0]
-            for task_id, grads in contributions.by_task:
+            for task_id, task_grads in contributions.by_task:
                 left = 1.0 - applied.get(task_id, 0.0)
                 if left > 1e-9:
-                    torch._foreach_add_(rest, list(grads), alpha=left / contributions.total.count)
+                    torch._foreach_add_(rest, list(task_grads), alpha=left / contributions.total.count)
             if any(task_id not in applied or applied[task_id] < 1 - 1e-9 for task_id, _ in contributions.by_task):
                 meta.apply_theta0(rest)
         else:
             meta.apply_theta0(mean(contributions.total))  # type: ignore[arg-type]
-    loss = torch.stack(losses).mean().item() if losses else float("nan")
-    return {"warp_updates": updates, "meta_loss": loss}, state
+    meta_loss = torch.stack(losses).mean().item() if losses else float("nan")
+    return {"warp_updates": updates, "meta_loss": meta_loss}, state
 
 
 @contextlib.contextmanager

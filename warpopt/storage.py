@@ -182,6 +182,10 @@ class DiskStorage(Storage):
         return replace(point, vectors=tuple(v.to("meta") for v in payload), path=path)
 
     def get(self, point: Point) -> Point:
+        if point.path is None:
+            raise ValueError(
+                "DiskStorage.get: the point is not on disk (path is None); pass a point its put() returned"
+            )
         try:
             fd = os.open(point.path, _READ)  # O_NOFOLLOW: a symlink put in place of the file is refused
         except OSError as e:

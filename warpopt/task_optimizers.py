@@ -250,7 +250,7 @@ def adamw_step(params, grads, states, hypers):
 
 
 def _rmsprop_keys(h: Mapping[str, Any]) -> tuple[str, ...]:
-    keys = ("step", "square_avg")
+    keys: tuple[str, ...] = ("step", "square_avg")
     if not _is_zero(h.get("momentum", 0.0)):
         keys += ("momentum_buffer",)
     if h.get("centered", False):
