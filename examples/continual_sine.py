@@ -19,7 +19,9 @@ losses of sub-tasks < t, which is the whole point here.
 
 Outputs (``--out``): config.json, results.json (per-sub-task loss curves over the 100 steps
 for the meta-training order and the random order [1, 3, 4, 2, 0]; final loss on the earlier
-sub-tasks, WarpGrad vs plain SGD from the same θ0), curves.png (Fig. 10 style), meta_loss.png.
+sub-tasks, WarpGrad vs plain SGD from the same θ0), curves.png (Fig. 10 style), meta_loss.png,
+fig11.png (Fig. 11: one held-out sequence's ground truth and predictions before adaptation and
+after each sub-task, in the meta-training order and in the random order).
 
     python examples/continual_sine.py --quick          # 100 meta-batches, 20 warp updates each, meta-lr 3e-3
     python examples/continual_sine.py --device cuda    # the paper's length (20 000 meta-batches)
@@ -276,9 +278,15 @@ def main(argv=None):
     out = {"headline": headline, "eval_sequences": args.eval_sequences, "meta_train_seconds": train_time,
            "meta_train_cpu_seconds": train_cpu,
            "meta_loss_history": history, "learners": results}
+    fig11 = {o: {name: subtask_predictions(m, th, seqs[0], order, lr, args,
+                                           torch.Generator().manual_seed(args.seed + 30_000), device).tolist()
+                 for name, (m, th, lr) in list(learners.items())[:2]}
+             for o, order in (("meta-training order", list(range(T))), ("random order", RANDOM_ORDER))}
+    out["fig11"] = {"sequence": seqs[0].tolist(), "x": FIG11_X.tolist(), "predictions": fig11}
     harness.write_json(args.out, "results.json", out)
     if not args.no_plots:
         plot(curves, args, history)
+        plot_fig11(out["fig11"], args)
     for o, h in headline.items():
         print(f"{o}: final loss on earlier sub-tasks WarpGrad {h['warpgrad_final_loss_earlier']:.3f} vs "
               f"plain SGD {h['sgd_final_loss_earlier']:.3f}")
@@ -291,6 +299,64 @@ def main(argv=None):
         print("the paper's length (20 000 meta-batches of 5 sequences; GPU): python examples/continual_sine.py "
               f"--device cuda --meta-steps 20000 --seed {args.seed}")
     return out
+
+
+# ----------------------------------------------------------------------------- Fig. 11
+FIG11_X = torch.linspace(-5, 5, 200)
+
+
+def subtask_predictions(model, theta0: dict, p: torch.Tensor, order, lr, args, generator, device) -> torch.Tensor:
+    """Predictions on ``FIG11_X`` for one sequence ``p``: before adaptation and after each sub-task
+    (the same SGD steps as ``run_sequences``, for one sequence): ``[T + 1, len(FIG11_X)]``."""
+    n = args.steps_per_task
+    params = {k: v.detach().to(device).clone() for k, v in theta0.items()}
+    xs = FIG11_X[:, None].to(device)
+
+    def loss(prm, x, y):
+        return 0.5 * (functional_call(model, prm, (x,), strict=False) - y).pow(2).mean()
+
+    def predict(prm):
+        with torch.no_grad():
+            return functional_call(model, prm, (xs,), strict=False)[:, 0].cpu()
+
+    step_grad, preds = grad(loss), [predict(params)]
+    for k in range(T * n):
+        x = sample_x(order[k // n], (args.batch, 1), generator)
+        g = step_grad(params, x.to(device), target(p, x).to(device))
+        params = {name: params[name] - lr * g[name] for name in params}
+        if (k + 1) % n == 0:
+            preds.append(predict(params))
+    return torch.stack(preds)
+
+
+def plot_fig11(fig11: dict, args) -> None:
+    """Fig. 11: rows = sub-tasks in presentation order; ground truth (black), before adaptation
+    (dashed green), after training on the sub-tasks up to this one (red; plain SGD dotted grey)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = torch.tensor(fig11["x"])
+    truth = target(torch.tensor(fig11["sequence"]), x)
+    orders = {"meta-training order": list(range(T)), "random order": RANDOM_ORDER}
+    fig, axes = plt.subplots(T, 2, figsize=(9, 2.0 * T), sharex=True, sharey=True)
+    for col, (name, order) in enumerate(orders.items()):
+        preds = fig11["predictions"][name]
+        warp, sgd = (torch.tensor(v) for v in preds.values())
+        for row, sub in enumerate(order):
+            ax = axes[row, col]
+            ax.axvspan(-5 + 2 * sub, -3 + 2 * sub, color="C0", alpha=0.12)
+            ax.plot(x, truth, color="black", lw=1.5, label="ground truth")
+            ax.plot(x, warp[0], "--", color="green", lw=1, label="before adaptation")
+            ax.plot(x, sgd[row + 1], ":", color="grey", lw=1, label=f"after ({list(preds)[1]})")
+            ax.plot(x, warp[row + 1], color="red", lw=1.2, label="after (WarpGrad)")
+            ax.set_title(f"{name} {order}: after sub-task {sub} (#{row + 1})", fontsize=8)
+    axes[0, 0].legend(fontsize=6, loc="upper left")
+    for ax in axes[-1]:
+        ax.set_xlabel("x")
+    fig.tight_layout()
+    fig.savefig(os.path.join(args.out, "fig11.png"), dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -28,9 +28,10 @@ import torch.nn.functional as F
 
 import harness
 import warpopt
-from fewshot_models import MAMLBaseline, backbone, load_warp_state, warp_convnet, warp_state
+from fewshot_models import backbone, load_warp_state, warp_convnet, warp_state
 from warpopt.data import EpisodeSampler, load_miniimagenet, load_omniglot, load_tieredimagenet, vinyals_split
 
+from fewshot_report import fig8
 
 def parser():
     p = harness.ExampleParser("fewshot", __doc__, data="--dataset",
@@ -76,6 +77,11 @@ def parser():
                    help="meta-validate every N meta-steps for early stopping, 0: never (default: 1000; multishot "
                         "100; --quick: 0)")
     p.add_argument("--val-episodes", type=int, default=100, help="validation episodes")
+    p.add_argument("--curve-every", type=int, default=None,
+                   help="Fig. 8 learning curves: query accuracy every N task steps (default: 0, off; multishot 10)")
+    p.add_argument("--curve-episodes", type=int, default=None,
+                   help="Fig. 8 meta-training curve: meta-test episodes evaluated at every --val-every "
+                        "(default: 0; multishot 20)")
     p.add_argument("--equal-time", action=argparse.BooleanOptionalAction, default=None,
                    help="also evaluate the other meta-learners at the first warp-* learner's meta-training CPU "
                         "time (default: on with --quick, off otherwise)")
@@ -138,6 +144,8 @@ def resolve(args) -> dict:
     put("eval_steps", args.eval_steps, cfg["inner_steps"], "= inner steps (ours)")
     put("val_every", args.val_every, 0 if args.quick else (100 if multi else 1000), "ours (early stopping, Appendix H)")
     put("val_episodes", args.val_episodes, 100, "ours")
+    put("curve_every", args.curve_every, 10 if multi else 0, "ours (Fig. 8 learning curves)")
+    put("curve_episodes", args.curve_episodes, 20 if multi else 0, "ours (Fig. 8 meta-training curve)")
     put("equal_time", args.equal_time, bool(args.quick), "ours: fair comparison at equal training time (issue 17)")
     for key in ("dataset", "protocol", "seed", "device", "quick", "threads", "no_progress", "out", "cache_dir",
                 "data_root"):
@@ -177,20 +185,21 @@ class Learner:
         net = backbone(channels, cfg["filters"], ways, cfg["image_size"]).to(device)
         self.momentum = cfg["momentum"]
         self.gen = torch.Generator().manual_seed(cfg["seed"] + 1)  # multi-shot support batches
+        task_kwargs = {"momentum": self.momentum} if self.momentum else {}
         if kind in ("warp-maml", "warp-leap"):
             self.model = warp_convnet(net, cfg["warp_after"])
-            task_kwargs = {"momentum": self.momentum} if self.momentum else {}
             self.opt = warpopt.WarpGradMetaOptimizer(
                 self.model, lr=cfg["lr"], meta_lr=cfg["meta_lr"], init_lr=cfg["init_lr"],
                 objective=warpopt.exact if cfg["objective"] == "exact" else warpopt.approx,
                 algorithm=warpopt.online(),
                 initialisation=warpopt.maml() if kind == "warp-maml" else warpopt.leap(), **task_kwargs)
             self.names = [n for n, _ in self.model.named_adapt_parameters()]
-        else:
+        else:  # MAML / FOMAML: θ0-only meta-learning of the plain net through the same optimizer
             self.model = net
-            self.baseline = MAMLBaseline(net, cfg["lr"], cfg["meta_lr"], cfg["inner_steps"],
-                                         first_order=kind == "fomaml", momentum=self.momentum)
-            self.names = self.baseline.adapt_names()
+            self.opt = warpopt.WarpGradMetaOptimizer(
+                net, lr=cfg["lr"], meta_lr=cfg["meta_lr"], init_lr=cfg["meta_lr"], algorithm=warpopt.online(),
+                initialisation=warpopt.maml() if kind == "maml" else warpopt.fomaml(), **task_kwargs)
+            self.names = [n for n, _ in net.named_parameters()]
         self.model.train()
 
     def _support(self, ep, gen=None):
@@ -205,8 +214,6 @@ class Learner:
 
     def train_step(self, episodes) -> float:
         episodes = [ep.to(self.device) for ep in episodes]
-        if not self.kind.startswith("warp"):
-            return self.baseline.meta_step([(self._support(ep), (ep.query_x, ep.query_y)) for ep in episodes])
         losses = []
         for ep in episodes:
             support = self._support(ep)
@@ -226,29 +233,42 @@ class Learner:
         return float(np.mean(losses))
 
     def theta0(self):
-        if self.kind.startswith("warp"):
-            return list(self.opt.theta0)
-        return [p for _, p in self.model.named_parameters()]
+        return list(self.opt.theta0)
 
-    def evaluate(self, sampler, seed, desc="test") -> dict:
-        """Mean query accuracy (%) over the sampler's episodes with its 95 % CI (``harness.evaluate``)."""
+    def evaluate(self, sampler, seed, desc="test", curve_every=None) -> dict:
+        """Mean query accuracy (%) over the sampler's episodes with its 95 % CI (``harness.evaluate``).
+
+        ``curve_every``: also the query accuracy after steps e, 2e, ... (mean over episodes) as
+        ``curve`` (Fig. 8 learning curves).
+        """
         gen = torch.Generator().manual_seed(seed)  # multi-shot support batches
         episodes = ((self._support(ep, gen), (ep.query_x, ep.query_y)) for ep in (e.to(self.device) for e in sampler))
         theta0 = {n: t.detach() for n, t in zip(self.names, self.theta0())}
+        curves: list[list[float]] = []
+
+        def on_step(model, query, k):
+            if k % curve_every == 0:
+                if k == curve_every:  # a new episode
+                    curves.append([])
+                with torch.no_grad():
+                    curves[-1].append((model(query[0]).argmax(-1) == query[1]).float().mean().item() * 100.0)
+
         out = harness.evaluate(self.model, theta0, episodes, steps=self.cfg["eval_steps"], lr=self.cfg["lr"],
-                               momentum=self.momentum, total=len(sampler), desc=desc)
+                               momentum=self.momentum, total=len(sampler), desc=desc,
+                               on_step=on_step if curve_every else None)
         acc = [100.0 * a for a in out["accuracy"]]
         mean, ci = harness.mean_ci95(acc)
-        return {"accuracy": mean, "ci95": ci, "episodes": len(acc), "per_episode": acc}
+        res = {"accuracy": mean, "ci95": ci, "episodes": len(acc), "per_episode": acc}
+        if curve_every:
+            res["curve"] = {"steps": list(range(curve_every, self.cfg["eval_steps"] + 1, curve_every)),
+                            "accuracy": np.asarray(curves).mean(0).tolist()}
+        return res
 
     def state(self):
-        return warp_state(self.model, self.opt) if self.kind.startswith("warp") else self.baseline.state()
+        return warp_state(self.model, self.opt)
 
     def load(self, state):
-        if self.kind.startswith("warp"):
-            load_warp_state(self.model, self.opt, state)
-        else:
-            self.baseline.load(state)
+        load_warp_state(self.model, self.opt, state)
 
     def counts(self) -> dict:
         if self.kind.startswith("warp"):
@@ -272,6 +292,10 @@ def run_one(kind, ways, cfg, pools, device, budget=None) -> dict:
     test = EpisodeSampler(pools["test"], ways, cfg["shots"], cfg["queries"], seed=20_000 + cfg["seed"],
                           num_episodes=cfg["eval_episodes"])
     curve, val_curve, best = [], [], {"accuracy": -1.0, "state": None, "step": 0}
+    test_curve, curve_test = [], None  # Fig. 8 (bottom): meta-test accuracy during meta-training
+    if cfg["curve_episodes"]:
+        curve_test = EpisodeSampler(pools["test"], ways, cfg["shots"], cfg["queries"], seed=30_000 + cfg["seed"],
+                                    num_episodes=cfg["curve_episodes"])
     mb, steps = cfg["meta_batch"], cfg["meta_steps"]
     extra = round(steps * 2.8) if budget is not None else 0  # MAML runs ≈ 3.8x the steps in Warp-MAML's time
     bar = harness.bar(total=steps + extra, desc=f"{kind} {ways}-way {cfg['shots']}-shot", unit="meta-step")
@@ -284,6 +308,8 @@ def run_one(kind, ways, cfg, pools, device, budget=None) -> dict:
         if cfg["val_every"] and (n + 1) % cfg["val_every"] == 0 and n < steps:  # early stopping (equal steps)
             acc = learner.evaluate(val, seed=1, desc="validation")["accuracy"]
             val_curve.append((n + 1, acc))
+            if curve_test is not None:
+                test_curve.append((n + 1, learner.evaluate(curve_test, seed=3, desc="meta-test curve")["accuracy"]))
             if acc > best["accuracy"]:
                 best.update(accuracy=acc, state=learner.state(), step=n + 1)
 
@@ -298,9 +324,10 @@ def run_one(kind, ways, cfg, pools, device, budget=None) -> dict:
     watch = harness.Stopwatch()
     with watch:
         learner.load(best["state"] if best["state"] is not None else points["equal_steps"].state)
-        res = learner.evaluate(test, seed=2)
+        res = learner.evaluate(test, seed=2, curve_every=cfg["curve_every"] or None)
     out.update(accuracy=res["accuracy"], ci95=res["ci95"], test_episodes=res["episodes"],
-               per_episode=res["per_episode"], eval_seconds=round(watch.wall, 1))
+               per_episode=res["per_episode"], eval_seconds=round(watch.wall, 1), protocol=cfg["protocol"],
+               learning_curve=res.get("curve"), test_curve=test_curve)
     if points["equal_time"] is not None:
         point = points["equal_time"]
         learner.load(point.state)
@@ -352,6 +379,7 @@ def summarize(dirs, out: Path) -> list:
     harness.write_json(out, "results.json", {"runs": [str(d) for d in dirs], "results": results})
     episodes = sorted({r["test_episodes"] for r in results})
     plot(results, out, {"dataset": "/".join(sorted(datasets)), "eval_episodes": "/".join(map(str, episodes))})
+    fig8(results, out)
     for r in results:
         print(describe(r))
     return results
@@ -394,6 +422,7 @@ def main(argv=None) -> list:
             harness.write_json(out, "results.json", {"results": summary, "per_episode": {
                 f"{x['meta_learner']}/{x['ways']}": x["per_episode"] for x in results}})
     plot(results, out, cfg)
+    fig8(results, out)
     return results
 
 

@@ -1,5 +1,6 @@
-"""Helpers of ``examples/fewshot.py``: the Warp-MAML partition of the task learner and the
-MAML/FOMAML baselines (WarpGrad Appendix H). Evaluation is ``harness.evaluate``.
+"""Helpers of ``examples/fewshot.py``: the Warp-MAML partition of the task learner (WarpGrad
+Appendix H). The MAML/FOMAML baselines are the library's θ0-only meta-learning of the plain net
+(``WarpGradMetaOptimizer(net, initialisation=warpopt.maml())``). Evaluation is ``harness.evaluate``.
 
 Task learner (``harness.ConvNet``): blocks of 3x3 conv (stride 1, padding 1) -> BatchNorm with
 learned scale/offset -> ReLU -> 2x2 max-pool, then a linear head. BatchNorm always normalises
@@ -49,11 +50,13 @@ def warp_convnet(net: ConvNet, after: str = "conv") -> nn.Module:
 
 # ---------------------------------------------------------------------------- functional helpers
 def sgd_adapt(model: nn.Module, params: dict[str, torch.Tensor], batches: Callable[[int], tuple],
-              steps: int, lr: float, momentum: float = 0.0, create_graph: bool = False) -> dict[str, torch.Tensor]:
+              steps: int, lr: float, momentum: float = 0.0, create_graph: bool = False,
+              on_step: Optional[Callable[[int, dict], None]] = None) -> dict[str, torch.Tensor]:
     """``steps`` SGD (heavy-ball) steps on ``params`` (the adapted ones; others stay live).
 
     ``create_graph``: keep the graph through the steps (second-order MAML); otherwise the
     gradients are detached (first order when ``params`` require grad; plain adaptation else).
+    ``on_step(k, params)`` is called after step k = 1..steps (learning curves, Fig. 8).
     """
     names = list(params)
     theta = [params[n] for n in names]
@@ -73,58 +76,23 @@ def sgd_adapt(model: nn.Module, params: dict[str, torch.Tensor], batches: Callab
         theta = [t - lr * g for t, g in zip(theta, grads)]
         if not create_graph and not any(p.requires_grad for p in params.values()):
             theta = [t.detach() for t in theta]
+        if on_step is not None:
+            on_step(k + 1, dict(zip(names, theta)))
     return dict(zip(names, theta))
 
 
-class MAMLBaseline:
-    """MAML (Finn et al., 2017) and first-order MAML on the plain backbone, with torch.func.
-
-    ``WarpGradMetaOptimizer`` needs at least one warp parameter, so the baselines have their
-    own loop: θ0 = every parameter of ``net``; K SGD steps on the support set (the full set
-    each step); L_meta on the query set; Adam on the mean query loss over the meta-batch.
-    ``first_order``: the K-step graph is not kept (FOMAML).
-    """
-
-    def __init__(self, net: nn.Module, lr: float, meta_lr: float, steps: int, first_order: bool = False,
-                 momentum: float = 0.0) -> None:
-        self.net, self.lr, self.steps, self.first_order, self.momentum = net, lr, steps, first_order, momentum
-        self.meta_optimizer = torch.optim.Adam(net.parameters(), lr=meta_lr)
-
-    def adapt_names(self) -> list[str]:
-        return [n for n, _ in self.net.named_parameters()]
-
-    def theta0(self) -> dict[str, torch.Tensor]:
-        return dict(self.net.named_parameters())
-
-    def meta_step(self, tasks: Iterable[tuple[Callable[[int], tuple], tuple]]) -> float:
-        self.meta_optimizer.zero_grad()
-        losses = []
-        tasks = list(tasks)
-        for support, (qx, qy) in tasks:
-            theta = sgd_adapt(self.net, self.theta0(), support, self.steps, self.lr, self.momentum,
-                              create_graph=not self.first_order)
-            loss = F.cross_entropy(functional_call(self.net, theta, (qx,)), qy) / len(tasks)
-            loss.backward()
-            losses.append(loss.item())
-        self.meta_optimizer.step()
-        return float(sum(losses))
-
-    def state(self) -> dict:
-        return {k: v.detach().clone() for k, v in self.net.state_dict().items()}
-
-    def load(self, state: dict) -> None:
-        self.net.load_state_dict(state)
+def _warps(model: nn.Module) -> list[torch.Tensor]:
+    return list(model.warp_parameters()) if warpopt.is_warped(model) else []  # MAML/FOMAML: none
 
 
 def warp_state(model: nn.Module, opt: "warpopt.WarpGradMetaOptimizer") -> dict:
-    """θ0 and φ of a Warp-MAML learner (for early stopping)."""
-    return {"theta0": [t.detach().clone() for t in opt.theta0],
-            "warp": [p.detach().clone() for p in model.warp_parameters()]}
+    """θ0 and φ of a learner (for early stopping)."""
+    return {"theta0": [t.detach().clone() for t in opt.theta0], "warp": [p.detach().clone() for p in _warps(model)]}
 
 
 def load_warp_state(model: nn.Module, opt: "warpopt.WarpGradMetaOptimizer", state: dict) -> None:
     with torch.no_grad():
         for t, s in zip(opt.theta0, state["theta0"]):
             t.copy_(s)
-        for p, s in zip(model.warp_parameters(), state["warp"]):
+        for p, s in zip(_warps(model), state["warp"]):
             p.copy_(s)

@@ -474,14 +474,16 @@ Batches = Callable[[int], tuple]  # k -> (x, y), the task's k-th training batch
 
 
 def evaluate(model: nn.Module, theta0: Mapping[str, torch.Tensor], tasks: Iterable[tuple[Batches, tuple]], *,
-             steps: int, lr: float, momentum: float = 0.0, total: Optional[int] = None, desc: str = "evaluate") -> dict:
+             steps: int, lr: float, momentum: float = 0.0, total: Optional[int] = None, desc: str = "evaluate",
+             make_optimizer: Optional[Callable] = None, on_step: Optional[Callable] = None) -> dict:
     """Adapt a copy of ``model`` from θ0 by SGD on each task, then score it on the task's held-out data.
 
     ``theta0`` maps the names of the parameters that adapt to their start values; every other
     parameter (warps, meta-learned blocks) stays fixed. ``tasks`` yields ``(batches, (x_test,
     y_test))``. BatchNorm uses batch statistics throughout (train mode). The same code for every
     method. Returns per-task test ``accuracy`` (fractions) and ``train_curves`` (training-batch
-    accuracy at each of the ``steps`` steps).
+    accuracy at each of the ``steps`` steps). ``make_optimizer(model, params, lr)`` replaces SGD
+    (e.g. KFAC); ``on_step(model, (x_test, y_test), k)`` runs after step k (1-based).
     """
     accuracy, curves = [], []
     for batches, (x_test, y_test) in bar(tasks, total=total, desc=desc, unit="task"):
@@ -492,7 +494,9 @@ def evaluate(model: nn.Module, theta0: Mapping[str, torch.Tensor], tasks: Iterab
                 params[name].copy_(value)
         for name, p in params.items():
             p.requires_grad_(name in theta0)
-        opt = torch.optim.SGD([params[n] for n in theta0], lr=lr, momentum=momentum)
+        trainable = [params[n] for n in theta0]
+        opt = (make_optimizer(m, trainable, lr) if make_optimizer is not None
+               else torch.optim.SGD(trainable, lr=lr, momentum=momentum))
         m.train()
         curve = []
         for k in range(steps):
@@ -502,6 +506,8 @@ def evaluate(model: nn.Module, theta0: Mapping[str, torch.Tensor], tasks: Iterab
             F.cross_entropy(out, y).backward()
             opt.step()
             curve.append((out.argmax(1) == y).float().mean())
+            if on_step is not None:
+                on_step(m, (x_test, y_test), k + 1)
         with torch.no_grad():
             accuracy.append((m(x_test).argmax(1) == y_test).float().mean().item())
         curves.append(torch.stack(curve).tolist() if curve else [])

@@ -17,10 +17,11 @@ Choices (all recorded in config.json with their source):
 - Fairness: the classifier head is reset to zero at the start of every task for every method
   (meta-training and held-out tasks alike); the original re-randomised it for the baselines only.
 - Leap / Reptile / FOMAML run through the same WarpGradMetaOptimizer loop with their θ0 learner
-  (``warpopt.leap()/reptile()/fomaml()``) on a model whose warps are identity ``ScaleWarp``s that
-  are never updated (algorithm ``FrozenWarp``); multi-headed fine-tuning trains the body with one
+  (``warpopt.leap()/reptile()/fomaml()``) on the same model with parameter-free identity warps
+  (``nn.Identity``: no warp parameters, so the optimizer meta-learns θ0 only); multi-headed fine-tuning trains the body with one
   head per meta-training alphabet for as many SGD steps as meta-training's task steps; ``sgd`` is
-  no meta-training (random body, 10x batch size and learning rate).
+  no meta-training (random body, 10x batch size and learning rate), ``kfac`` the same
+  with ``warpopt.KFAC`` as the task optimizer (KFAC‡).
 - Meta optimizer: SGD, lr 0.1 for θ0 and φ (original implementation; online: 0.001, paper).
 - Evaluation (identical for all methods, ``harness.evaluate``): plain SGD from θ0 for 100 steps on
   the held-out alphabet, warps fixed; BatchNorm in train mode (batch statistics) also on the 100
@@ -47,10 +48,10 @@ from torch import nn
 import harness
 import warpopt
 from harness import ConvBlock, ConvNet, no_progress
-from warpopt.algorithms import Algorithm
 from warpopt.data.omniglot import load_omniglot, multishot_split
 
-METHODS = ("warp-leap", "leap", "reptile", "fomaml", "finetune", "sgd")
+METHODS = ("warp-leap", "leap", "reptile", "fomaml", "finetune", "sgd", "kfac")
+NO_META_TRAINING = ("sgd", "kfac")  # random initialisation, 10x batch and learning rate (‡)
 OPT_METHODS = {"warp-leap": warpopt.leap, "leap": warpopt.leap, "reptile": warpopt.reptile,
                "fomaml": warpopt.fomaml}
 #: methods that can be given Warp-Leap's training time (they meta-train in the same loop, for less per step)
@@ -72,20 +73,13 @@ WARP_LAYERS = {
     "residual": warpopt.ResidualWarp,                                          # conv+BN+Res+ReLU
     "two-layer-residual": warpopt.TwoLayerResidualWarp,
     "two-layer-residual-ta": lambda c, d: warpopt.TwoLayerResidualWarp(c, d, task_film=True),
-    "none": warpopt.ScaleWarp,  # baselines: an identity warp that is never meta-trained
+    "none": lambda c, d: nn.Identity(),  # baselines: no warp parameters (θ0-only meta-learning)
 }
 
 
 def Learner(classes: int = 20, filters: int = 64, blocks: int = 4) -> ConvNet:
     """Four conv blocks (3x3 conv -> 2x2 max-pool -> BN -> ReLU; 28x28 -> 1x1xfilters) and a linear head."""
     return ConvNet(1, [filters] * blocks, classes, 28, pool="conv")
-
-
-class FrozenWarp(Algorithm):
-    """Plain θ0 meta-learning (Leap, Reptile, FOMAML): tasks reset to θ0, warps never updated."""
-
-    def meta_step(self, opt):
-        return {"warp_updates": 0}
 
 
 def build_model(args, warp_layer: str, seed: int):
@@ -115,13 +109,14 @@ def meta_optimizer_factory(name: str):
     return {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}[name]
 
 
-def meta_train(method, args, train_tasks, gen, timer, progress=no_progress, budget=None):
+def meta_train(method, args, train_tasks, gen, timer, progress=no_progress, budget=None, initialisation=None):
     """Meta-train θ0 (and φ for Warp-Leap) with WarpGradMetaOptimizer.
 
     Returns ``(model, checkpoints)``: ``harness.train_for_comparison``'s ``"equal_steps"`` state
     (after ``args.meta_steps``) and, given a ``budget`` (CPU seconds, see there), ``"equal_time"``;
     each state is ``{"theta0": [...], "warp": [...]}`` with the head of θ0 zeroed. ``progress(1)``
-    is called after every meta-step.
+    is called after every meta-step. ``initialisation`` replaces the method's θ0 learner factory
+    (``warpopt.none``: warps only, from a fixed random θ0; Appendix G).
     """
     warp_layer = args.warp_layer if method == "warp-leap" else "none"
     net, model = build_model(args, warp_layer, args.run_seed)
@@ -130,11 +125,11 @@ def meta_train(method, args, train_tasks, gen, timer, progress=no_progress, budg
         algorithm = (warpopt.offline(batch_size=args.replay_batch, max_updates=args.max_updates)
                      if args.algorithm == "offline" else warpopt.online())
     else:
-        objective, algorithm = warpopt.exact, FrozenWarp()
+        objective, algorithm = warpopt.exact, warpopt.offline()  # no warp parameters: nothing is recorded
     replay = warpopt.ReplayBuffer(generator=torch.Generator().manual_seed(args.run_seed))
     opt = warpopt.WarpGradMetaOptimizer(
         model, lr=args.inner_lr, meta_lr=args.meta_lr, init_lr=args.init_lr, objective=objective,
-        algorithm=algorithm, initialisation=OPT_METHODS[method](), replay=replay,
+        algorithm=algorithm, initialisation=(initialisation or OPT_METHODS[method])(), replay=replay,
         meta_optimizer=meta_optimizer_factory(args.meta_optimizer))
     heads = head_slots(model, net)
     meta_batch = min(args.meta_batch, len(train_tasks))
@@ -207,8 +202,14 @@ def multihead_pretrain(args, train_tasks, gen, timer, progress=no_progress):
     return model, {"equal_steps": harness.Checkpoint(state, args.meta_steps, watch.cpu, watch.wall), "equal_time": None}
 
 
-def evaluate(model, state, tasks, batch_size, lr, steps, gen):
+def evaluate(model, state, tasks, batch_size, lr, steps, gen, optimizer=None, on_step=None):
     """``harness.evaluate`` on held-out alphabets from a checkpoint ``state`` (θ0 and φ); same for every method.
+
+    ``optimizer(model, params, lr)`` replaces plain SGD (KFAC‡); ``on_step(model, test_batch, k)``
+    is called after every step (Fig. 7's statistics).
+
+    ``optimizer(model, params, lr)`` builds the task optimizer instead of SGD (KFAC‡);
+    ``on_step(model, task, k)`` is called after every step (k = 1..steps; analyses, e.g. Fig. 7).
 
     Returns per-task test accuracy after ``steps`` and per-step training-batch accuracy.
     """
@@ -218,7 +219,8 @@ def evaluate(model, state, tasks, batch_size, lr, steps, gen):
             p.copy_(w)
     theta0 = dict(zip((n for n, _ in model.named_adapt_parameters()), state["theta0"]))
     out = harness.evaluate(model, theta0, [(task_source(t, batch_size, gen), (t.test_images, t.test_labels))
-                                           for t in tasks], steps=steps, lr=lr, desc="held-out alphabets")
+                                           for t in tasks], steps=steps, lr=lr, desc="held-out alphabets",
+                           make_optimizer=optimizer, on_step=on_step)
     return out["accuracy"], out["train_curves"]
 
 
@@ -265,7 +267,7 @@ def run(method, args, data, progress=no_progress):
                                                           "warp": []}, 0, 0.0, 0.0), "equal_time": None}
     if method == "warp-leap":
         harness.write_json(board.parent, board.name, {"cpu_s": checkpoints["equal_steps"].cpu_s})
-    scale = args.sgd_scale if method == "sgd" else 1
+    scale = args.sgd_scale if method in NO_META_TRAINING else 1
     t0 = time.perf_counter()
     evaluated = {}
     for name, point in checkpoints.items():
@@ -273,7 +275,7 @@ def run(method, args, data, progress=no_progress):
             continue
         eval_gen = torch.Generator().manual_seed(10_000 + args.run_seed)  # same batches for every method
         acc, curves = evaluate(model, point.state, test_tasks, args.batch_size * scale, args.inner_lr * scale,
-                               args.eval_steps, eval_gen)
+                               args.eval_steps, eval_gen, optimizer=kfac_factory(args) if method == "kfac" else None)
         evaluated[name] = (acc, curves)
     eval_s = time.perf_counter() - t0
     progress(1)
@@ -282,6 +284,7 @@ def run(method, args, data, progress=no_progress):
         "method": method, "seed": args.run_seed, "num_pretrain": args.num_pretrain,
         "warp_layer": args.warp_layer if method == "warp-leap" else None,
         "algorithm": args.algorithm if method == "warp-leap" else None,
+        "kfac": kfac_settings(args) if method == "kfac" else None,
         "objective": args.objective if method == "warp-leap" else None,
         **_scores(acc, curves), "test_acc_per_task": dict(zip([t.name for t in test_tasks], acc)),
         "meta_steps": checkpoints["equal_steps"].steps, "quick": args.quick,
@@ -298,12 +301,27 @@ def run(method, args, data, progress=no_progress):
 
 #: relative cost of a run (Warp-Leap's meta-step ≈ 2.4x Leap's, measured in quick mode), so that the
 #: slowest start first when runs go in parallel and progress totals include the equal-time extension
-COST = {"warp-leap": 2.4, "leap": 1, "reptile": 1, "fomaml": 1, "finetune": 1, "sgd": 0}
+COST = {"warp-leap": 2.4, "leap": 1, "reptile": 1, "fomaml": 1, "finetune": 1, "kfac": 0.5, "sgd": 0}
+
+
+#: KFAC‡ settings (warpopt.KFAC): the paper does not state them
+KFAC_DEFAULTS = dict(damping=1.0, fisher="categorical", factor_interval=1, inverse_interval=5)
+
+
+def kfac_settings(args) -> dict:
+    return {k: getattr(args, f"kfac_{k}") for k in KFAC_DEFAULTS}
+
+
+def kfac_factory(args):
+    """``(model, params, lr) -> warpopt.KFAC`` for ``evaluate`` (params: the model's trainable ones)."""
+    settings = kfac_settings(args)
+    gen = torch.Generator().manual_seed(20_000 + args.run_seed)  # sampled labels of the true Fisher
+    return lambda model, params, lr: warpopt.KFAC(model, lr=lr, generator=gen, **settings)
 
 
 def job_units(method: str, args) -> int:
     """Progress units of one run: its meta-steps (none without meta-training) and the evaluation."""
-    steps = args.meta_steps if method != "sgd" and args.num_pretrain > 0 else 0
+    steps = args.meta_steps if method not in NO_META_TRAINING and args.num_pretrain > 0 else 0
     if args.equal_time and method in EQUAL_TIME and "warp-leap" in args.meta_learner:
         steps = round(steps * COST["warp-leap"] / COST[method])
     return steps + 1
@@ -343,7 +361,10 @@ NOTES = {
     "init_lr": "original (0.1, θ0)", "replay_batch": "paper (η = 1)",
     "max_updates": "paper (up to 2000 = all points; None)", "objective": "paper (exact, Eq. 7)",
     "algorithm": "paper (offline, Algorithm 2)", "warp_layer": "paper (3x3 conv)",
-    "sgd_scale": "paper (10x batch and lr for no meta-training)", "num_eval_tasks": "paper (10)",
+    "sgd_scale": "paper (10x batch and lr for no meta-training: SGD‡, KFAC‡)", "num_eval_tasks": "paper (10)",
+    "kfac_damping": "ours (unstated in the paper; chosen on meta-training alphabets, see README)",
+    "kfac_fisher": "Martens & Grosse (true Fisher, one sampled label per example)",
+    "kfac_factor_interval": "ours (unstated)", "kfac_inverse_interval": "ours (unstated)",
     "num_pretrain": "paper (Table 2 rows 1-25; ablations 25)", "seeds": "paper (10; ablations 4)",
     "channels_last": "ours: memory format only (speed), not a protocol choice",
     "equal_time": "ours: fair comparison at equal training time (issue 17)",
@@ -378,6 +399,13 @@ def parser():
     p.add_argument("--replay-batch", type=int, default=1, help="η, points per warp update (offline)")
     p.add_argument("--max-updates", type=int, default=None, help="warp updates per meta-step (None: a full pass)")
     p.add_argument("--sgd-scale", type=int, default=10, help="batch and lr factor of the no-meta-training SGD baseline")
+    p.add_argument("--kfac-damping", type=float, default=KFAC_DEFAULTS["damping"], help="KFAC‡: λ in (G ⊗ A + λI)⁻¹")
+    p.add_argument("--kfac-fisher", default=KFAC_DEFAULTS["fisher"], choices=["categorical", "empirical"],
+                   help="KFAC‡: true Fisher (sampled labels) or empirical")
+    p.add_argument("--kfac-factor-interval", type=int, default=KFAC_DEFAULTS["factor_interval"],
+                   help="KFAC‡: steps between factor updates")
+    p.add_argument("--kfac-inverse-interval", type=int, default=KFAC_DEFAULTS["inverse_interval"],
+                   help="KFAC‡: steps between inverses")
     p.add_argument("--num-eval-tasks", type=int, default=10, help="held-out alphabets evaluated")
     p.add_argument("--equal-time", action=argparse.BooleanOptionalAction, default=False,
                    help="also give Leap/Reptile/FOMAML Warp-Leap's meta-training CPU time (same seed) and "

@@ -137,3 +137,31 @@ def test_continual_sine_quick_path_writes_outputs(cs, tmp_path):
         assert len(r["mean_curve_by_subtask"]["0"]) == 21
         assert math.isfinite(saved["headline"][order]["warpgrad_final_loss_earlier"])
     assert (out / "curves.png").stat().st_size > 0
+    assert (out / "fig11.png").stat().st_size > 0
+    fig11 = saved["fig11"]["predictions"]
+    assert set(fig11) == {"meta-training order", "random order"}
+    assert all(len(v) == 6 and len(v[0]) == 200 for preds in fig11.values() for v in preds.values())
+
+
+def test_fig11_predictions_follow_the_subtasks(cs):
+    """Before adaptation = θ0's prediction; after sub-task s the fit on s's interval has improved;
+    with identity warps the warped model predicts as the plain net."""
+    torch.manual_seed(0)
+    args = cs.parse_args(["--quick"])
+    net = cs.build_net(40)
+    baseline = copy.deepcopy(net)
+    model = warpopt.warp(net, layer=functools.partial(warpopt.MLPResidualWarp, hidden=8))
+    p = cs.sample_sequences(1, torch.Generator().manual_seed(3))[0]
+    theta = {k: v.detach().clone() for k, v in model.named_adapt_parameters()}
+    preds = cs.subtask_predictions(model, theta, p, cs.RANDOM_ORDER, 0.01, args, torch.Generator().manual_seed(4), "cpu")
+    plain = cs.subtask_predictions(baseline, dict(baseline.named_parameters()), p, cs.RANDOM_ORDER, 0.01, args,
+                                   torch.Generator().manual_seed(4), "cpu")
+    assert preds.shape == (6, 200)
+    torch.testing.assert_close(preds, plain, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(preds[0], baseline(cs.FIG11_X[:, None])[:, 0])
+    x, truth = cs.FIG11_X, cs.target(p, cs.FIG11_X)
+    for row, sub in enumerate(cs.RANDOM_ORDER):
+        inside = (x >= -5 + 2 * sub) & (x <= -3 + 2 * sub)
+        err = lambda pred: (pred[inside] - truth[inside]).pow(2).mean()  # noqa: E731
+        assert err(preds[row + 1]) < err(preds[row])

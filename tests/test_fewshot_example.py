@@ -10,7 +10,9 @@ import torch.nn.functional as F
 
 import fewshot
 import harness
-from fewshot_models import MAMLBaseline, backbone, sgd_adapt, warp_convnet
+from fewshot_models import backbone, sgd_adapt, warp_convnet
+
+import warpopt
 
 OMNIGLOT = harness.data_root("omniglot")
 TINY = ["--filters", "4", "4", "4", "4", "--meta-steps", "2", "--eval-episodes", "2", "--no-progress",
@@ -37,21 +39,36 @@ def test_warp_maml_partition_matches_appendix_h():
     assert model.features[3].conv.warp.weight.shape == (8, 8, 3, 3)
 
 
-def test_maml_is_second_order_and_fomaml_is_not():
+def test_maml_baselines_run_through_the_library_and_maml_is_second_order():
+    """The baselines are WarpGradMetaOptimizer(net, initialisation=maml()/fomaml()) on the plain
+    net: MAML's θ0 step equals a hand-written second-order MAML gradient (float64), FOMAML's not."""
     torch.manual_seed(0)
-    x, y = torch.randn(4, 1, 28, 28), torch.tensor([0, 1, 0, 1])
-    qx, qy = torch.randn(6, 1, 28, 28), torch.tensor([0, 1, 0, 1, 0, 1])
-    grads = {}
-    for first_order in (False, True):
-        net = ConvNet(1, [4, 4, 4, 4], 2, 28)
+    x, y = torch.randn(4, 1, 28, 28, dtype=torch.float64), torch.tensor([0, 1, 0, 1])
+    qx, qy = torch.randn(6, 1, 28, 28, dtype=torch.float64), torch.tensor([0, 1, 0, 1, 0, 1])
+    steps = {}
+    for kind in ("maml", "fomaml"):
         torch.manual_seed(1)
-        net.load_state_dict(ConvNet(1, [4, 4, 4, 4], 2, 28).state_dict())
-        base = MAMLBaseline(net, lr=0.4, meta_lr=1e-3, steps=2, first_order=first_order)
-        theta = sgd_adapt(net, base.theta0(), lambda k: (x, y), 2, 0.4, create_graph=not first_order)
-        loss = F.cross_entropy(torch.func.functional_call(net, theta, (qx,)), qy)
-        grads[first_order] = torch.autograd.grad(loss, net.features[0].conv.weight)[0]
-    # FOMAML's gradient equals the query gradient at θ_K; MAML's carries the Hessian terms.
-    assert not torch.allclose(grads[False], grads[True], atol=1e-7)
+        net = ConvNet(1, [4, 4, 4, 4], 2, 28).double()
+        theta0 = [p.detach().clone() for p in net.parameters()]
+        opt = warpopt.WarpGradMetaOptimizer(net, lr=0.4, meta_optimizer=torch.optim.SGD, meta_lr=1.0,
+                                            algorithm=warpopt.online(), initialisation=getattr(warpopt, kind)())
+        with opt.task(lambda k: (x, y), F.cross_entropy, meta_data=lambda k: (qx, qy)):
+            for _ in range(2):
+                opt.zero_grad()
+                F.cross_entropy(net(x), y).backward()
+                opt.step()
+        opt.meta_step()
+        steps[kind] = [a - b for a, b in zip(theta0, opt.theta0)]
+    torch.manual_seed(1)
+    net = ConvNet(1, [4, 4, 4, 4], 2, 28).double()
+    params = {n: p.detach().clone().requires_grad_(True) for n, p in net.named_parameters()}
+    theta = sgd_adapt(net, params, lambda k: (x, y), 2, 0.4, create_graph=True)
+    loss = F.cross_entropy(torch.func.functional_call(net, theta, (qx,)), qy)
+    expected = torch.autograd.grad(loss, list(params.values()))
+    for got, want in zip(steps["maml"], expected):
+        torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10)
+    # FOMAML's gradient is the query gradient at θ_K; MAML's carries the Hessian terms.
+    assert not torch.allclose(steps["maml"][0], steps["fomaml"][0], atol=1e-7)
 
 
 def _check_run(out: Path, kinds):
@@ -140,6 +157,59 @@ def test_two_episode_warp_maml_on_omniglot(tmp_path):
     fewshot.main(["--dataset", "omniglot", "--ways", "5", "--shots", "1", "--meta-learner", "warp-maml",
                   "--out", str(out), "--cache-dir", str(harness.ROOT / "runs" / "cache")] + TINY)
     _check_run(out, ["warp-maml"])
+
+
+def _make_tiered(root: Path, classes=3, per_class=8, size=32):
+    import io
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for split in ("train", "val", "test"):
+        labels = np.repeat(np.arange(classes), per_class)
+        images = rng.integers(0, 256, size=(len(labels), size, size, 3), dtype=np.uint8)
+        encoded = []
+        for a in images:
+            buf = io.BytesIO()
+            Image.fromarray(a).save(buf, format="PNG")
+            encoded.append(buf.getvalue())
+        with open(root / f"{split}_images_png.pkl", "wb") as f:
+            pickle.dump(encoded, f)
+        with open(root / f"{split}_labels.pkl", "wb") as f:
+            pickle.dump({"label_specific": labels, "label_general": labels // 2,
+                         "label_specific_str": [f"c{i}" for i in range(classes)],
+                         "label_general_str": ["g0", "g1"]}, f)
+
+
+def test_fig8_from_a_small_generated_multishot_run(tmp_path):
+    """A multishot run records learning curves (every step) and the meta-test curve during
+    meta-training; the report draws Fig. 8 from the results files of two runs."""
+    import fewshot_report
+    _make_tiered(tmp_path)
+    runs = []
+    for seed in (0, 1):
+        out = tmp_path / f"run{seed}"
+        fewshot.main(["--dataset", "tieredimagenet", "--protocol", "multishot", "--data-root", str(tmp_path),
+                      "--ways", "2", "--shots", "4", "--queries", "2", "--image-size", "32",
+                      "--filters", "4", "4", "4", "4", "4", "4", "--meta-steps", "2", "--inner-steps", "3",
+                      "--inner-batch", "4", "--meta-batch", "1", "--val-every", "1", "--val-episodes", "1",
+                      "--curve-every", "1", "--curve-episodes", "2", "--eval-episodes", "2", "--seed", str(seed),
+                      "--no-progress", "--threads", "1", "--no-equal-time", "--out", str(out)])
+        runs.append(out)
+        r = json.loads((out / "results.json").read_text())["results"][0]
+        assert r["meta_learner"] == "warp-leap" and r["protocol"] == "multishot"
+        assert r["learning_curve"]["steps"] == [1, 2, 3]
+        assert all(0 <= a <= 100 for a in r["learning_curve"]["accuracy"])
+        assert [s for s, _ in r["test_curve"]] == [1, 2]
+        # the curve's last point is the final test accuracy (same episodes, same batches)
+        assert r["learning_curve"]["accuracy"][-1] == pytest.approx(r["accuracy"])
+        assert (out / "fig8.png").stat().st_size > 0
+    path = fewshot_report.main([str(d) for d in runs] + ["--out", str(tmp_path / "report")])
+    assert path == tmp_path / "report" / "fig8.png" and path.stat().st_size > 0
+
+
+def test_fig8_is_skipped_without_learning_curves(tmp_path):
+    import fewshot_report
+    assert fewshot_report.fig8([{"meta_learner": "maml", "ways": 5, "shots": 1}], tmp_path) is None
+    assert not (tmp_path / "fig8.png").exists()
 
 
 def test_equal_time_trains_maml_on_to_warp_mamls_cpu_time(tmp_path):

@@ -426,6 +426,18 @@ def test_vector_seed_list_and_none():
     assert not np.array_equal(goals(0), goals(1))
 
 
+def test_vector_reset_with_a_bad_seed_changes_no_generator():
+    """A seed list gymnasium rejects part-way raises before any sub-episode's generator is
+    replaced: the next reset(seed=None) continues the generators of the last good reset."""
+    venv, twin = MazeVectorEnv(3, size=5), MazeVectorEnv(3, size=5)
+    venv.reset(seed=[5, 6, 7])
+    twin.reset(seed=[5, 6, 7])
+    with pytest.raises(gym.error.Error, match="Seed must be"):
+        venv.reset(seed=[1, -1, 2])  # the first seed is valid, the second is not
+    for _ in range(3):
+        np.testing.assert_array_equal(venv.reset()[1]["goal_pos"], twin.reset()[1]["goal_pos"])
+
+
 def test_vector_synchronised_truncation_and_autoreset():
     venv = MazeVectorEnv(5, episode_length=10)
     venv.reset(seed=0)

@@ -18,7 +18,7 @@ def _args(tmp_path, *extra):
                                "--threads", "1", "--out", str(tmp_path), *extra])
 
 
-@pytest.mark.parametrize("name", sorted(example.WARP_LAYERS))
+@pytest.mark.parametrize("name", sorted(k for k in example.WARP_LAYERS if k != "none"))
 def test_every_warp_variant_inserts_four_identity_warps(name):
     torch.manual_seed(0)
     plain = example.Learner().eval()
@@ -30,6 +30,16 @@ def test_every_warp_variant_inserts_four_identity_warps(name):
     assert len(example.warpopt.warping.warp_layers(model)) == 4
     assert torch.allclose(model(x), expected, atol=1e-5)
     assert list(model.warp_parameters())
+
+
+def test_baselines_are_the_same_function_with_no_warp_parameters():
+    torch.manual_seed(0)
+    plain = example.Learner().eval()
+    x = torch.rand(4, 1, 28, 28)
+    net = example.Learner()
+    net.load_state_dict(plain.state_dict())
+    model = example.warpopt.warp(net, where=example.ConvBlock, layer=example.WARP_LAYERS["none"]).eval()
+    assert torch.equal(model(x), plain(x)) and not list(model.warp_parameters())
 
 
 def test_quick_settings_apply_but_explicit_flags_win():
@@ -115,6 +125,23 @@ def test_parallel_workers_give_the_same_results_as_one_process(tmp_path):
 
 
 @needs_data
+def test_kfac_baseline_is_a_random_init_large_batch_kfac_run_in_the_report(tmp_path):
+    example.main(["--meta-learner", "kfac", "sgd", "--kfac-damping", "0.3", *_args_list(tmp_path)])
+    rows = {r["method"]: r for r in json.loads((tmp_path / "results.json").read_text())["runs"]}
+    assert set(rows) == {"kfac", "sgd"}
+    assert rows["kfac"]["kfac"]["damping"] == 0.3 and rows["sgd"]["kfac"] is None
+    assert rows["kfac"]["task_steps"] == 0 == rows["sgd"]["task_steps"]   # no meta-training
+    # same init, same batches: a different optimizer gives a different learning curve
+    assert rows["kfac"]["train_curve"] != rows["sgd"]["train_curve"]
+    table = (tmp_path / "table.md").read_text()
+    assert "KFAC‡" in table and "KFAC‡ 56.0" in table
+    args = example.parse_args(_args_list(tmp_path))
+    args.run_seed = 0
+    _, model = example.build_model(args, "none", 0)
+    opt = example.kfac_factory(args)(model, list(model.adapt_parameters()), 1.0)
+    assert isinstance(opt, example.warpopt.KFAC) and len(opt.layers) == 5   # 4 convs + the head
+
+
 def test_equal_time_gives_leap_warp_leaps_training_time(tmp_path):
     """Leap is trained on past its equal-steps point until its CPU time reaches Warp-Leap's (same seed)."""
     args = ["--meta-learner", "warp-leap", "leap", "--equal-time", *_args_list(tmp_path)]

@@ -1,4 +1,6 @@
 """Vectorised replay (warpopt.vectorised) gives the per-sample loop's meta-gradient (float64)."""
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -26,9 +28,13 @@ def _convnet():
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 2))
 
 
+def _layernorm_mlp():  # a LayerNorm after a warp (the warp goes after the Tanh), as in transformer blocks
+    return nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.LayerNorm(6), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 2))
+
+
 def _warped(kind, seed=0):
     torch.manual_seed(seed)
-    model = warpopt.warp(_mlp() if kind == "mlp" else _convnet())
+    model = warpopt.warp({"mlp": _mlp, "layernorm": _layernorm_mlp, "conv": _convnet}[kind]())
     with torch.no_grad():  # non-identity warps, so second-order terms are not trivial
         for p in model.warp_parameters():
             p.add_(0.2 * torch.randn_like(p))
@@ -38,9 +44,9 @@ def _warped(kind, seed=0):
 def _task_data(kind, seed):
     """A deterministic batch source k -> batch (so loop and vmap see the same batches)."""
     g = torch.Generator().manual_seed(seed)
-    shape = (5, 3) if kind == "mlp" else (4, 1, 5, 5)
+    shape = (4, 1, 5, 5) if kind == "conv" else (5, 3)
     xs = [torch.randn(*shape, generator=g) for _ in range(4)]
-    if kind == "mlp":
+    if kind != "conv":
         ys = [torch.randn(5, 2, generator=g) for _ in range(4)]
         return (lambda k: (xs[k % 4], ys[k % 4])), nn.functional.mse_loss
     ys = [torch.randint(0, 2, (4,), generator=g) for _ in range(4)]
@@ -80,7 +86,7 @@ def _both(opt, samples, **kwargs):
     return loop, loop_loss, vec, vec_loss
 
 
-@pytest.mark.parametrize("kind", ["mlp", "conv"])
+@pytest.mark.parametrize("kind", ["mlp", "layernorm", "conv"])
 @pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
 @pytest.mark.parametrize("objective", [warpopt.exact, warpopt.approx], ids=["exact", "approx"])
 def test_same_meta_gradient_as_loop(kind, optimizer, objective):
@@ -135,20 +141,33 @@ def test_unequal_batches_grouped_or_rejected():
         _both(opt, samples, strict=True)
 
 
-def test_custom_objective_falls_back_or_raises():
+def test_custom_objective_is_vectorised_or_says_why_not():
+    """One definition per objective: a custom one is vmapped like exact/approx; one vmap cannot
+    map falls back to the loop with a warning, or raises TypeError giving vmap's reason."""
     opt, samples = _filled("mlp", "sgd", warpopt.exact, tasks=1)
 
     def custom(context, sample):
-        return warpopt.approx(context, sample) * 2
+        return warpopt.approx(context, sample) * 2 + warpopt.exact(context, sample)
+
+    def not_vmappable(context, sample):
+        loss = warpopt.approx(context, sample)
+        return loss * 2 if loss.item() > 0 else loss  # data-dependent control flow
 
     context, params = opt.replay_context(), opt.meta_parameters()
-    with opt.warp_trainable():
-        loop, _ = meta_gradient(custom, context, samples, params)
-        vec, _ = vectorised()(custom, context, samples, params)
-        for a, b in zip(vec, loop):
-            torch.testing.assert_close(a, b)
-        with pytest.raises(TypeError, match="exact and warpopt.approx"):
-            vectorised(fallback=False)(custom, context, samples, params)
+    loop, loop_loss = meta_gradient(custom, context, samples, params)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback: really vectorised
+        vec, vec_loss = vectorised()(custom, context, samples, params)
+    torch.testing.assert_close(vec_loss, loop_loss, rtol=1e-10, atol=1e-12)
+    for a, b in zip(vec, loop):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+    loop, _ = meta_gradient(not_vmappable, context, samples, params)
+    with pytest.warns(RuntimeWarning, match="fell back to the per-sample loop"):
+        vec, _ = vectorised()(not_vmappable, context, samples, params)
+    for a, b in zip(vec, loop):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(TypeError, match="cannot vectorise the objective 'not_vmappable'"):
+        vectorised(fallback=False)(not_vmappable, context, samples, params)
 
 
 def test_offline_meta_step_matches_loop():

@@ -32,16 +32,26 @@ tasks a multiple of the world size, equal steps per task):
 
 Results agree with a single process up to floating-point summation order.
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence, TypeVar
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["is_distributed", "rank", "world_size", "rank_tasks", "all_reduce_mean", "broadcast_parameters",
-           "broadcast_tensors", "backend_for"]
+__all__ = [
+    "is_distributed",
+    "rank",
+    "world_size",
+    "rank_tasks",
+    "all_reduce_mean",
+    "broadcast_parameters",
+    "broadcast_tensors",
+    "backend_for",
+]
 
 T = TypeVar("T")
 
@@ -51,11 +61,11 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def rank(group: Optional[Any] = None) -> int:
+def rank(group: Any | None = None) -> int:
     return dist.get_rank(group) if is_distributed() else 0
 
 
-def world_size(group: Optional[Any] = None) -> int:
+def world_size(group: Any | None = None) -> int:
     return dist.get_world_size(group) if is_distributed() else 1
 
 
@@ -64,7 +74,7 @@ def backend_for(device: torch.device | str) -> str:
     return "nccl" if torch.device(device).type == "cuda" else "gloo"
 
 
-def rank_tasks(tasks: Sequence[T], *, group: Optional[Any] = None, strict: bool = True) -> list[T]:
+def rank_tasks(tasks: Sequence[T], *, group: Any | None = None, strict: bool = True) -> list[T]:
     """This rank's share of a meta-batch: tasks ``rank, rank + W, rank + 2W, ...``.
 
     Every rank must pass the same sequence. With ``strict`` (default) the number of tasks must
@@ -75,14 +85,16 @@ def rank_tasks(tasks: Sequence[T], *, group: Optional[Any] = None, strict: bool 
     tasks = list(tasks)
     r, w = rank(group), world_size(group)
     if strict and len(tasks) % w:
-        raise ValueError(f"{len(tasks)} tasks cannot be split equally across {w} ranks; use a multiple of "
-                         f"{w} (or strict=False for uneven shares, which weights tasks unequally)")
+        raise ValueError(
+            f"{len(tasks)} tasks cannot be split equally across {w} ranks; use a multiple of "
+            f"{w} (or strict=False for uneven shares, which weights tasks unequally)"
+        )
     if len(tasks) < w:
         raise ValueError(f"{len(tasks)} tasks for {w} ranks: every rank needs at least one task")
     return tasks[r::w]
 
 
-def all_reduce_mean(group: Optional[Any] = None) -> Callable[[list[torch.Tensor]], list[torch.Tensor]]:
+def all_reduce_mean(group: Any | None = None) -> Callable[[list[torch.Tensor]], list[torch.Tensor]]:
     """A ``reduce=`` function for ``WarpGradMetaOptimizer``: the mean of each gradient across ranks.
 
     The gradients are packed into one flat buffer per dtype, so a meta-step costs one
@@ -93,7 +105,7 @@ def all_reduce_mean(group: Optional[Any] = None) -> Callable[[list[torch.Tensor]
         if not is_distributed() or not grads:
             return grads
         w = dist.get_world_size(group)
-        out: list[Optional[torch.Tensor]] = [None] * len(grads)
+        out: list[torch.Tensor | None] = [None] * len(grads)
         by_dtype: dict[tuple[torch.dtype, torch.device], list[int]] = {}
         for i, g in enumerate(grads):
             by_dtype.setdefault((g.dtype, g.device), []).append(i)
@@ -105,14 +117,14 @@ def all_reduce_mean(group: Optional[Any] = None) -> Callable[[list[torch.Tensor]
             offset = 0
             for i in idx:
                 n = grads[i].numel()
-                out[i] = flat[offset:offset + n].view_as(grads[i])
+                out[i] = flat[offset : offset + n].view_as(grads[i])
                 offset += n
         return out  # type: ignore[return-value]
 
     return reduce
 
 
-def broadcast_tensors(tensors: Sequence[torch.Tensor], src: int = 0, group: Optional[Any] = None) -> None:
+def broadcast_tensors(tensors: Sequence[torch.Tensor], src: int = 0, group: Any | None = None) -> None:
     """Overwrite ``tensors`` in place with rank ``src``'s values (one broadcast per tensor)."""
     if not is_distributed():
         return
@@ -127,7 +139,7 @@ def broadcast_tensors(tensors: Sequence[torch.Tensor], src: int = 0, group: Opti
                 data.copy_(tmp)
 
 
-def broadcast_parameters(target: Any, src: int = 0, group: Optional[Any] = None) -> None:
+def broadcast_parameters(target: Any, src: int = 0, group: Any | None = None) -> None:
     """Make every rank start from rank ``src``'s state.
 
     ``target`` is a ``WarpGradMetaOptimizer`` (broadcasts the model's parameters and buffers,
@@ -139,8 +151,9 @@ def broadcast_parameters(target: Any, src: int = 0, group: Optional[Any] = None)
         return
     model = getattr(target, "model", None)
     if model is None or not hasattr(target, "theta0"):
-        raise TypeError(f"broadcast_parameters needs a WarpGradMetaOptimizer or an nn.Module, got "
-                        f"{type(target).__name__}")
+        raise TypeError(
+            f"broadcast_parameters needs a WarpGradMetaOptimizer or an nn.Module, got {type(target).__name__}"
+        )
     tensors = list(model.parameters()) + list(model.buffers()) + list(target.theta0)
     tensors += list(target.initial_buffers) + list(target.learned.values())
     broadcast_tensors(tensors, src, group)

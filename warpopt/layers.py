@@ -25,12 +25,14 @@ value  input shape           typical host
 ====== ===================== ==============================
 
 Layers without BatchNorm (``ConvWarp``, ``LinearWarp``, ``ScaleWarp``,
-``MLPResidualWarp``) also accept ``(..., C)`` when ``spatial_dims=0``.
+``MLPResidualWarp``) also accept ``(..., C)`` when ``spatial_dims=0``; this is how they warp
+the output sequence ``(N, L, C)`` of a recurrent host. ``LSTMWarp`` acts on sequences only.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
+from itertools import pairwise
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +48,7 @@ __all__ = [
     "ResidualWarp",
     "TwoLayerResidualWarp",
     "MLPResidualWarp",
+    "LSTMWarp",
     "default_warp_layer",
 ]
 
@@ -94,7 +97,7 @@ def _conv_module(c_in: int, c_out: int, spatial_dims: int, kernel_size: int, bia
     return conv(c_in, c_out, kernel_size, padding=kernel_size // 2, bias=bias)
 
 
-def _batch_norm(channels: int, spatial_dims: int, eps: float = 1e-5) -> nn.Module:
+def _batch_norm(channels: int, spatial_dims: int, eps: float = 1e-5) -> nn.modules.batchnorm._BatchNorm:
     norm = (nn.BatchNorm1d, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)[spatial_dims]
     return norm(channels, eps=eps)
 
@@ -247,8 +250,10 @@ class ConvBNWarp(nn.Module):
         self.relu = relu
         self.conv = ConvWarp(channels, spatial_dims, kernel_size, bias=False)
         self.bn = _batch_norm(channels, spatial_dims, eps=_EXACT_BN_EPS)
+        running_var = self.bn.running_var
+        assert running_var is not None  # _batch_norm tracks running statistics
         with torch.no_grad():
-            self.bn.running_var.fill_(1.0 - _EXACT_BN_EPS)
+            running_var.fill_(1.0 - _EXACT_BN_EPS)
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.bn(self.conv(x))
@@ -354,17 +359,54 @@ class MLPResidualWarp(nn.Module):
         self.spatial_dims = spatial_dims
         widths = [channels] + [hidden] * (depth - 1) + [channels]
         layers: list[nn.Module] = []
-        for i, (c_in, c_out) in enumerate(zip(widths[:-1], widths[1:])):
+        for i, (c_in, c_out) in enumerate(pairwise(widths)):
             if i > 0:
                 layers.append(activation())
-            layers.append(nn.Linear(c_in, c_out))
+            linear = nn.Linear(c_in, c_out)
+            layers.append(linear)
         self.net = nn.Sequential(*layers)
-        last = self.net[-1]
-        nn.init.zeros_(last.weight)
-        nn.init.zeros_(last.bias)
+        nn.init.zeros_(linear.weight)  # the last Linear (depth >= 1, checked above)
+        nn.init.zeros_(linear.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         return x + _per_position(self.net, x, self.spatial_dims)
+
+
+class LSTMWarp(nn.Module):
+    """Recurrent warp layer ``omega(h)_t = h_t + P z_t``, ``z = LSTM(h)`` (Fig. 4c, Appendix A).
+
+    Inserted after a task RNN/LSTM/GRU (``warp(model, layer=LSTMWarp)``), task and warp
+    LSTMs interleave: "for recurrent networks, we can use stacked LSTMs to interleave warped
+    layers" (Appendix A), our reading of the Warp-LSTM of Fig. 4c. Unlike a per-position warp,
+    it mixes time steps: the task gradient at step t is preconditioned by what the warp LSTM
+    carries from earlier steps. The projection ``P`` (``C x hidden``, with bias) is
+    zero-initialised, so the layer is exactly the identity for any input at construction; the
+    warp LSTM's own weights get meta-gradients once ``P`` has moved.
+
+    Shapes: ``(N, L, C)`` -> same (batch first, as :func:`warpopt.warp` hands a recurrent
+    host's output sequence to its warp). Submodules: ``lstm`` (``nn.LSTM``), ``proj``.
+    """
+
+    def __init__(self, channels: int, spatial_dims: int = 0, hidden: int | None = None, num_layers: int = 1) -> None:
+        super().__init__()
+        _check_dims(channels, spatial_dims)
+        if spatial_dims != 0:
+            raise ValueError(f"LSTMWarp warps feature sequences (spatial_dims=0), got spatial_dims={spatial_dims}")
+        hidden = channels if hidden is None else hidden
+        _check_dims(hidden, 0)
+        self.lstm = nn.LSTM(channels, hidden, num_layers=num_layers, batch_first=True)
+        self.proj = nn.Linear(hidden, channels)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 3:
+            raise ValueError(
+                f"LSTMWarp warps sequences of shape (batch, time, channels), got shape {tuple(x.shape)}; "
+                "insert it after an nn.RNN/LSTM/GRU"
+            )
+        z, _ = self.lstm(x)
+        return x + self.proj(z)
 
 
 def default_warp_layer(channels: int, spatial_dims: int) -> nn.Module:

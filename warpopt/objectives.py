@@ -9,21 +9,30 @@ through ∇L_task (a Hessian-vector product: second order); the approximate one 
 updated parameters as given and keeps only the direct dependence of L_meta on φ. L_task and
 L_meta are evaluated on two different fresh batches of the task's data (Appendix E).
 
-An objective is a callable ``(context, sample) -> scalar tensor``; anything with that
-signature can be passed to ``WarpGradMetaOptimizer(objective=...)``.
+An objective is ONE per-sample function ``(context, sample) -> scalar tensor``. It is pure in
+the sample's tensors and batches (``sample.task_batch``/``sample.meta_batch``, drawn by
+``with_batches`` before the call) and uses ``torch.func.grad`` for inner gradients, so the
+same definition serves the per-sample loop here and ``torch.func.vmap`` in
+``warpopt.vectorised`` (which only stacks samples). Adding an objective is one function.
 """
+
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 from torch import nn
-from torch.func import functional_call
+from torch.func import functional_call, grad
 
+from .clipping import clip_gradients
+from .kernels import replay_kernels
+from .step_hypers import StepHypers, hypers_at
 from .trajectory import Sample
 
-__all__ = ["ReplayContext", "Objective", "exact", "approx", "meta_gradient"]
+__all__ = ["ReplayContext", "Objective", "exact", "approx", "meta_gradient", "with_batches", "trainable"]
 
 
 @dataclass
@@ -37,6 +46,9 @@ class ReplayContext:
         step: the task optimizer's differentiable update U (``warpopt.task_optimizers``).
         hypers: per adapt parameter, its param-group hyper-parameters (learned lr/momentum
             appear as tensors so the exact objective differentiates through them).
+        groups: per adapt parameter, the index of its param group (to apply a sample's
+            recorded per-step hyper-parameters, ``Sample.hypers``).
+        learned: the learned hyper-parameters (tensors), which override recorded values.
     """
 
     model: nn.Module
@@ -44,76 +56,140 @@ class ReplayContext:
     buffer_names: Sequence[str]
     step: Callable[..., tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]]
     hypers: Sequence[Mapping[str, Any]]
+    groups: Sequence[int] = ()
+    learned: Mapping[str, Any] = field(default_factory=dict)
 
     def forward_at(self, params: Sequence[torch.Tensor], buffers: Sequence[torch.Tensor]) -> Callable[..., Any]:
-        """``forward(*inputs)`` of the model at θ = ``params`` (φ live).
+        """``forward(*inputs)`` of the model at θ = ``params`` (φ live); a pure function.
 
         Buffers are cloned: a BatchNorm in train mode updates its running statistics in
-        place, and those must not leak into the recorded point or the live model.
+        place, and those must not leak into the recorded point or the live model. That holds
+        for the warp layers' own buffers (a warp with BatchNorm) too, which the live model
+        keeps: a replay reads them and never writes them (writing a captured tensor inside
+        ``torch.func.grad`` is an error anyway).
         """
         mapping = dict(zip(self.param_names, params))
         mapping.update(zip(self.buffer_names, (b.clone() for b in buffers)))
         model = self.model
+        for name, b in model.named_buffers():
+            if name not in mapping:
+                mapping[name] = b.clone()
 
         def forward(*args: Any, **kwargs: Any) -> Any:
-            return functional_call(model, mapping, args, kwargs, strict=False)
+            with replay_kernels(model):  # twice-differentiable kernels (warpopt/kernels.py)
+                return functional_call(model, mapping, args, kwargs, strict=False)
 
         return forward
 
-    def task_gradient(self, sample: Sample, params: Sequence[torch.Tensor], create_graph: bool) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-        """L_task(θ_k; φ) on a fresh batch and its gradient with respect to θ."""
-        loss = sample.task.task_loss(self.forward_at(params, sample.buffers), sample.task.task_batch(sample.step))
-        grads = torch.autograd.grad(loss, params, create_graph=create_graph)
-        return loss, grads
+    def task_loss_at(self, sample: Sample, params: Sequence[torch.Tensor]) -> torch.Tensor:
+        """L_task(θ; φ) on the sample's task batch."""
+        return sample.task.task_loss(self.forward_at(params, sample.buffers), sample.task_batch)
 
     def meta_loss_at(self, sample: Sample, params: Sequence[torch.Tensor]) -> torch.Tensor:
-        """L_meta(θ; φ) on a fresh meta batch."""
-        return sample.task.meta_loss(self.forward_at(params, sample.buffers), sample.task.meta_batch(sample.step))
+        """L_meta(θ; φ) on the sample's meta batch."""
+        return sample.task.meta_loss(self.forward_at(params, sample.buffers), sample.meta_batch)
+
+    def task_gradient(
+        self, sample: Sample, params: Sequence[torch.Tensor], create_graph: bool
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """L_task(θ_k; φ) on the sample's task batch (drawn if absent) and its θ-gradient."""
+        sample = with_batches(sample)
+        loss = self.task_loss_at(sample, params)
+        return loss, torch.autograd.grad(loss, params, create_graph=create_graph)
+
+    def hypers_at(self, recorded: StepHypers | None) -> Sequence[Mapping[str, Any]]:
+        """Per adapt parameter, the hyper-parameters of a step that recorded ``recorded``
+        (None: the param groups as they are now)."""
+        if recorded is None:
+            return self.hypers
+        return hypers_at(self.hypers, self.groups, recorded, self.learned)
+
+    def apply_step(
+        self,
+        theta: Sequence[torch.Tensor],
+        grads: Sequence[torch.Tensor],
+        states: Sequence[Any],
+        recorded: StepHypers | None,
+    ) -> tuple[list[torch.Tensor], list[Any]]:
+        """U as the recorded step took it: clip the gradients as it did (``warpopt.clipping``,
+        differentiable), then the task optimizer's update with that step's hyper-parameters."""
+        if recorded is not None and recorded.clip is not None:
+            grads = clip_gradients(grads, *recorded.clip)
+        return self.step(list(theta), list(grads), states, self.hypers_at(recorded))
+
+    def update(self, sample: Sample, theta: list[torch.Tensor]) -> list[torch.Tensor]:
+        """U(θ_k, ∇L_task(θ_k; φ)): one replayed task-optimizer step, differentiable in θ, φ
+        and tensor hyper-parameters (``torch.func.grad``: also valid under ``vmap``), with the
+        hyper-parameters and clipping of the step taken from θ_k (``sample.hypers``)."""
+        grads = grad(lambda t: self.task_loss_at(sample, t))(theta)
+        updated, _ = self.apply_step(theta, grads, sample.states, sample.hypers)
+        return updated
 
 
 Objective = Callable[[ReplayContext, Sample], torch.Tensor]
 
 
-def _leaves(sample: Sample) -> list[torch.Tensor]:
-    return [p.detach().requires_grad_(True) for p in sample.params]
+def with_batches(sample: Sample) -> Sample:
+    """The sample with its task and meta batches drawn (task first, then meta: the draw order
+    every replay path keeps, so stateful data sources see the same sequence)."""
+    if sample.task_batch is not None and sample.meta_batch is not None:
+        return sample
+    task_batch = sample.task.task_batch(sample.step) if sample.task_batch is None else sample.task_batch
+    meta_batch = sample.task.meta_batch(sample.step) if sample.meta_batch is None else sample.meta_batch
+    return replace(sample, task_batch=task_batch, meta_batch=meta_batch)
 
 
 def exact(context: ReplayContext, sample: Sample) -> torch.Tensor:
     """Eq. 7: L_meta after one *differentiable* task-optimizer step from θ_k."""
-    theta = _leaves(sample)
-    _, grads = context.task_gradient(sample, theta, create_graph=True)
-    updated, _ = context.step(theta, grads, sample.states, context.hypers)
-    return context.meta_loss_at(sample, updated)
+    sample = with_batches(sample)
+    return context.meta_loss_at(sample, context.update(sample, list(sample.params)))
 
 
 def approx(context: ReplayContext, sample: Sample) -> torch.Tensor:
     """Eq. 8: L_meta after a stop-gradient task-optimizer step from θ_k (first order)."""
-    theta = _leaves(sample)
-    _, grads = context.task_gradient(sample, theta, create_graph=False)
-    with torch.no_grad():
-        updated, _ = context.step(theta, grads, sample.states, context.hypers)
+    sample = with_batches(sample)
+    with torch.no_grad():  # sg[U(θ_k, ∇L_task)]: torch.func.grad still works under no_grad
+        updated = context.update(sample, list(sample.params))
     return context.meta_loss_at(sample, [u.detach() for u in updated])
+
+
+@contextlib.contextmanager
+def trainable(params: Sequence[torch.Tensor]) -> Iterator[None]:
+    """Temporarily let ``params`` require gradients (φ is frozen while tasks adapt)."""
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
 
 
 def accumulate_gradient(loss: torch.Tensor, params: Sequence[torch.Tensor], into: Sequence[torch.Tensor]) -> None:
     """``into += ∂loss/∂params``; parameters the loss does not reach are left as they are."""
+    if not loss.requires_grad:
+        return
     for g, part in zip(into, torch.autograd.grad(loss, params, allow_unused=True)):
         if part is not None:
             g.add_(part)
 
 
-def meta_gradient(objective: Objective, context: ReplayContext, samples: Sequence[Sample],
-                  meta_params: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
+def meta_gradient(
+    objective: Objective, context: ReplayContext, samples: Sequence[Sample], meta_params: Sequence[torch.Tensor]
+) -> tuple[list[torch.Tensor], torch.Tensor]:
     """∇ of the mean objective over ``samples`` w.r.t. ``meta_params``, and the mean loss.
 
     Samples are differentiated one at a time so only one replay graph is alive at once.
-    Parameters the objective does not reach get a zero gradient.
+    Parameters the objective does not reach get a zero gradient. Note the *mean*: Algorithm 2
+    sums over a mini-batch; with η fixed the two differ by the constant η (absorbed in β).
     """
     grads = [torch.zeros_like(p) for p in meta_params]
     total = torch.zeros((), device=grads[0].device if grads else None)
     n = len(samples)
-    for sample in samples:
-        loss = objective(context, sample) / n
-        accumulate_gradient(loss, meta_params, grads)
-        total = total + loss.detach()
+    with trainable(meta_params):
+        for sample in samples:
+            loss = objective(context, with_batches(sample)) / n
+            accumulate_gradient(loss, meta_params, grads)
+            total = total + loss.detach()
     return grads, total

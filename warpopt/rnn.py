@@ -18,6 +18,7 @@ P (weight and bias) zero-initialised, so U = I exactly at initialisation (the Wa
 the plain RNN: WarpGrad's identity-initialised warp layers), and U ranges over (0, 2) as P is
 meta-learned. ``gate="paper"`` gives the paper's diag(tanh(P z_t)) with PyTorch's default init.
 """
+
 from __future__ import annotations
 
 import math

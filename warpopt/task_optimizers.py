@@ -21,19 +21,29 @@ Every functional step follows the :class:`FunctionalStep` protocol::
 
 Notation: α learning rate, μ momentum, τ dampening, λ weight decay, g gradient.
 """
+
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping, Sequence
-from typing import Any, Callable, Protocol
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
 __all__ = [
-    "State", "FunctionalStep", "sgd_step", "adam_step", "adamw_step", "rmsprop_step",
-    "register_functional_step", "functional_step_for", "supported_optimizers", "state_keys_for",
-    "optimizer_states", "load_optimizer_states",
+    "State",
+    "FunctionalStep",
+    "sgd_step",
+    "adam_step",
+    "adamw_step",
+    "rmsprop_step",
+    "register_functional_step",
+    "functional_step_for",
+    "supported_optimizers",
+    "state_keys_for",
+    "optimizer_states",
+    "load_optimizer_states",
 ]
 
 State = dict[str, Tensor]
@@ -44,9 +54,13 @@ class FunctionalStep(Protocol):
 
     state_keys: tuple[str, ...]
 
-    def __call__(self, params: Sequence[Tensor], grads: Sequence[Tensor],
-                 states: Sequence[Mapping[str, Tensor]],
-                 hypers: Sequence[Mapping[str, Any]]) -> tuple[list[Tensor], list[State]]: ...
+    def __call__(
+        self,
+        params: Sequence[Tensor],
+        grads: Sequence[Tensor],
+        states: Sequence[Mapping[str, Tensor]],
+        hypers: Sequence[Mapping[str, Any]],
+    ) -> tuple[list[Tensor], list[State]]: ...
 
 
 # --------------------------------------------------------------------------- helpers
@@ -70,8 +84,10 @@ def _apply(one, params, grads, states, hypers) -> tuple[list[Tensor], list[State
     params, grads, states = list(params), list(grads), list(states)
     hypers = [hypers] * len(params) if isinstance(hypers, Mapping) else list(hypers)
     if not (len(grads) == len(states) == len(hypers) == len(params)):
-        raise ValueError("params, grads, states and hypers must have equal lengths, got "
-                         f"{len(params)}, {len(grads)}, {len(states)}, {len(hypers)}")
+        raise ValueError(
+            "params, grads, states and hypers must have equal lengths, got "
+            f"{len(params)}, {len(grads)}, {len(states)}, {len(hypers)}"
+        )
     new_params: list[Tensor] = []
     new_states: list[State] = []
     for i, (p, g, st, h) in enumerate(zip(params, grads, states, hypers)):
@@ -115,9 +131,11 @@ def _buf(state: Mapping[str, Tensor], key: str, ref: Tensor) -> Tensor:
 
 def _functional_step(state_keys: tuple[str, ...], keys_for: Callable[[Mapping[str, Any]], tuple[str, ...]]):
     """Attach ``state_keys`` (all keys ever used) and ``keys_for(hyper)`` to a step function."""
+
     def deco(fn):
         fn.state_keys, fn.keys_for = state_keys, keys_for
         return fn
+
     return deco
 
 
@@ -169,7 +187,7 @@ def _sgd_one(p, g, st, h):
 
 def _adam_keys(h: Mapping[str, Any]) -> tuple[str, ...]:
     base = ("step", "exp_avg", "exp_avg_sq")
-    return base + ("max_exp_avg_sq",) if h.get("amsgrad", False) else base
+    return (*base, "max_exp_avg_sq") if h.get("amsgrad", False) else base
 
 
 def _adam_one(p, g, st, h, decoupled: bool):
@@ -210,8 +228,10 @@ def adam_step(params, grads, states, hypers):
     State: ``step`` (0-dim float), ``exp_avg``, ``exp_avg_sq`` [, ``max_exp_avg_sq``]
     of shape ``S_i``.  Complex params use real views, as torch does.
     """
+
     def one(p, g, st, h):
         return _adam_one(p, g, st, h, bool(h.get("decoupled_weight_decay", False)))
+
     return _apply(one, params, grads, states, hypers)
 
 
@@ -303,8 +323,12 @@ def supported_optimizers() -> list[str]:
     return sorted(f"{c.__module__}.{c.__qualname__}" for c in _REGISTRY)
 
 
-_REQUIRED_KEYS = {sgd_step: ("lr",), adam_step: ("lr", "betas"), adamw_step: ("lr", "betas"),
-                  rmsprop_step: ("lr", "alpha")}
+_REQUIRED_KEYS = {
+    sgd_step: ("lr",),
+    adam_step: ("lr", "betas"),
+    adamw_step: ("lr", "betas"),
+    rmsprop_step: ("lr", "alpha"),
+}
 
 
 def functional_step_for(optimizer: torch.optim.Optimizer) -> FunctionalStep:
@@ -321,10 +345,13 @@ def functional_step_for(optimizer: torch.optim.Optimizer) -> FunctionalStep:
             if base in _REGISTRY:
                 step = _REGISTRY[base]
                 if getattr(cls, "step", None) is not getattr(base, "step", None):
-                    warnings.warn(f"{cls.__qualname__} overrides step() but inherits the functional step "
-                                  f"registered for {base.__qualname__}; register its own with "
-                                  "warpopt.task_optimizers.register_functional_step if the update "
-                                  "differs.", stacklevel=2)
+                    warnings.warn(
+                        f"{cls.__qualname__} overrides step() but inherits the functional step "
+                        f"registered for {base.__qualname__}; register its own with "
+                        "warpopt.task_optimizers.register_functional_step if the update "
+                        "differs.",
+                        stacklevel=2,
+                    )
                 break
     if step is None:
         raise TypeError(
@@ -337,9 +364,12 @@ def functional_step_for(optimizer: torch.optim.Optimizer) -> FunctionalStep:
         missing = [k for k in _REQUIRED_KEYS.get(step, ()) if k not in group]
         if missing:
             raise ValueError(f"param group {gi} of {cls.__qualname__} lacks {missing}, needed by its step")
-        if step is sgd_step and group.get("nesterov", False):
-            if _is_zero(group.get("momentum", 0.0)) or not _is_zero(group.get("dampening", 0.0)):
-                raise ValueError("SGD with nesterov=True requires momentum > 0 and dampening = 0")
+        if (
+            step is sgd_step
+            and group.get("nesterov", False)
+            and (_is_zero(group.get("momentum", 0.0)) or not _is_zero(group.get("dampening", 0.0)))
+        ):
+            raise ValueError("SGD with nesterov=True requires momentum > 0 and dampening = 0")
     return step
 
 
@@ -352,8 +382,7 @@ register_functional_step(torch.optim.RMSprop, rmsprop_step)
 # --------------------------------------------------------------------------- state I/O
 
 
-def optimizer_states(optimizer: torch.optim.Optimizer, params: Sequence[Tensor],
-                     copy: bool = False) -> list[State]:
+def optimizer_states(optimizer: torch.optim.Optimizer, params: Sequence[Tensor], copy: bool = False) -> list[State]:
     """Read ``optimizer.state[p]`` for each ``p`` in ``params`` (``{}`` if fresh).
 
     Tensors are returned as-is (they are the optimizer's *live* buffers, mutated by
@@ -379,8 +408,9 @@ def optimizer_states(optimizer: torch.optim.Optimizer, params: Sequence[Tensor],
     return out
 
 
-def load_optimizer_states(optimizer: torch.optim.Optimizer, params: Sequence[Tensor],
-                          states: Sequence[Mapping[str, Tensor]]) -> None:
+def load_optimizer_states(
+    optimizer: torch.optim.Optimizer, params: Sequence[Tensor], states: Sequence[Mapping[str, Tensor]]
+) -> None:
     """Write ``states`` into ``optimizer.state`` for ``params`` (inverse of :func:`optimizer_states`).
 
     Tensors are detached and copied (the optimizer mutates its state in place), moved

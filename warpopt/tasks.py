@@ -4,13 +4,22 @@ A task τ = (h, L_task, L_meta). WarpGrad evaluates L_task and L_meta on *differ
 batches of the task's data (Appendix E), so a task keeps its data source: the meta-objectives
 draw batches from it long after the user's training loop has moved on.
 
+Where the draws come from depends on the kind of source (``Task`` documents the policy):
+a callable ``k -> batch`` is called; a re-iterable (a list, a ``DataLoader``) is re-iterated by
+an iterator of the task's own, so the loop's iteration is never touched; a one-shot iterator
+(a generator, a ``DataLoader`` iterator) can be read only once, so the task reads it for the
+loop and keeps the batches on a *tape* that the draws cycle over.
+
 A *batch loss* is a callable ``(forward, batch) -> scalar tensor`` where ``forward(*inputs)``
 runs the model with the parameters under evaluation (the live ones, or replayed θ_k). For
 supervised data, ``supervised(criterion)`` builds one from a criterion ``(output, target)``.
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Iterator, Optional
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterator as IteratorABC
+from typing import Any
 
 import torch
 
@@ -31,6 +40,20 @@ def supervised(criterion: Callable[[Any, Any], torch.Tensor]) -> BatchLoss:
     return batch_loss
 
 
+def _is_callable_source(data: Any) -> bool:
+    return callable(data) and not hasattr(data, "__iter__")
+
+
+def _callable_source(data: Callable[..., Any]) -> Callable[[int], Any]:
+    try:
+        import inspect
+
+        takes_k = len(inspect.signature(data).parameters) >= 1
+    except (TypeError, ValueError):
+        takes_k = True
+    return data if takes_k else (lambda k: data())
+
+
 def cycle(data: Any) -> Callable[[int], Any]:
     """A batch source ``k -> batch`` over ``data``.
 
@@ -38,59 +61,182 @@ def cycle(data: Any) -> Callable[[int], Any]:
     iterable (a DataLoader, a list of batches, an infinite generator) that is re-iterated
     whenever it runs out, so a finite loader yields fresh batches forever.
     """
-    if callable(data) and not hasattr(data, "__iter__"):
-        try:
-            import inspect
+    if _is_callable_source(data):
+        return _callable_source(data)
+    source = _Pass(data)
+    return source.draw
 
-            takes_k = len(inspect.signature(data).parameters) >= 1
-        except (TypeError, ValueError):
-            takes_k = True
-        return data if takes_k else (lambda k: data())
-    if not hasattr(data, "__iter__"):
+
+def _check_data(data: Any) -> None:
+    if not (_is_callable_source(data) or hasattr(data, "__iter__")):
         raise TypeError(
-            f"task data must be an iterable of batches or a callable returning a batch, "
-            f"got {type(data).__name__}"
+            f"task data must be an iterable of batches or a callable returning a batch, got {type(data).__name__}"
         )
-    state: dict[str, Optional[Iterator[Any]]] = {"it": None}
 
-    def next_batch(k: int) -> Any:
+
+class _Pass:
+    """Draws from a re-iterable source by an iterator of its own, re-iterated when it runs out.
+
+    ``drawn`` counts the batches taken in the current pass: a checkpoint saves it and a resumed
+    task skips that many batches of a fresh pass (exact for deterministic sources such as lists;
+    a shuffling ``DataLoader`` reshuffles)."""
+
+    def __init__(self, data: Any) -> None:
+        _check_data(data)
+        self.data, self.drawn, self.skip = data, 0, 0
+        self.it: Iterator[Any] | None = None
+
+    def draw(self, k: int) -> Any:
         for _ in range(2):
-            if state["it"] is None:
-                state["it"] = iter(data)
+            if self.it is None:
+                it = iter(self.data)
+                self.it, self.drawn = it, 0
+                for _ in range(self.skip):  # a resumed position (state_dict)
+                    next(it, None)
+                    self.drawn += 1
+                self.skip = 0
             try:
-                return next(state["it"])  # type: ignore[arg-type]
+                batch = next(self.it)
+                self.drawn += 1
+                return batch
             except StopIteration:
-                state["it"] = None
+                self.it = None
         raise ValueError("task data is empty: it yielded no batch")
 
-    return next_batch
+    def state(self) -> dict[str, Any]:
+        return {"drawn": self.drawn if self.it is not None else self.skip}
+
+    def load(self, state: dict[str, Any]) -> None:
+        self.it, self.drawn, self.skip = None, 0, int(state["drawn"])
+
+
+class _Tape:
+    """The batches a one-shot iterator has produced, in order (references, no copies)."""
+
+    def __init__(self, iterator: Iterator[Any] | None) -> None:
+        self.iterator = iterator
+        self.batches: list[Any] = []
+
+    def pull(self) -> bool:
+        """Read one more batch from the iterator onto the tape; False when it is exhausted."""
+        if self.iterator is None:
+            return False
+        try:
+            self.batches.append(next(self.iterator))
+            return True
+        except StopIteration:
+            self.iterator = None
+            return False
+
+
+class _TapeDraws:
+    """Draws from a one-shot source through its tape, cycling with a cursor.
+
+    ``shared`` (the loop's own ``data``): batches are pulled from the iterator only while the
+    tape is empty (for a draw before the loop's first batch, e.g. a probe; the loop still gets
+    that batch from the tape), else the draws cycle over the batches the loop produced, so no
+    draw takes a batch the loop would see. Not shared (a one-shot ``meta_data``, which only the
+    draws read): each draw takes the next batch while the iterator has one, then they cycle."""
+
+    def __init__(self, tape: _Tape, shared: bool) -> None:
+        self.tape, self.shared, self.cursor = tape, shared, 0
+
+    def draw(self, k: int) -> Any:
+        batches = self.tape.batches
+        if (not batches or (not self.shared and self.cursor >= len(batches))) and self.tape.pull():
+            batches = self.tape.batches
+        if not batches:
+            raise ValueError(
+                "task data is empty: the one-shot iterator (a generator or iterator) yielded no batch "
+                "to the task. Iterate the task in the loop (`for x, y in task`) so that its batches are "
+                "kept for the replay, or pass a list of batches or a callable k -> batch"
+            )
+        batch = batches[self.cursor % len(batches)]
+        self.cursor += 1
+        return batch
+
+    def state(self) -> dict[str, Any]:
+        return {"cursor": self.cursor}
+
+    def load(self, state: dict[str, Any]) -> None:
+        self.cursor = int(state["cursor"])
+
+
+class _Calls:
+    def __init__(self, data: Callable[..., Any]) -> None:
+        self.draw = _callable_source(data)
+
+    def state(self) -> dict[str, Any]:
+        return {}
+
+    def load(self, state: dict[str, Any]) -> None:
+        pass
+
+
+class _NoData:
+    def draw(self, k: int) -> Any:
+        raise ValueError(
+            "this task has no data (data=None): such a task only receives the batches a "
+            "checkpoint saved for it (WarpGradMetaOptimizer.load_state_dict(..., tasks=...))"
+        )
+
+    def state(self) -> dict[str, Any]:
+        return {}
+
+    def load(self, state: dict[str, Any]) -> None:
+        pass
+
+
+def _kind(data: Any) -> str:
+    if data is None:
+        return "none"
+    if _is_callable_source(data):
+        return "callable"
+    return "one-shot" if isinstance(data, IteratorABC) else "iterable"
 
 
 class Task:
     """One task τ: where its batches come from and how its losses are computed.
 
     Args:
-        data: the task's training data (iterable of batches or callable, see ``cycle``);
-            L_task is evaluated on fresh batches from it.
+        data: the task's training data (iterable of batches or callable, see below);
+            L_task is evaluated on batches drawn from it. ``None`` only for a task restored
+            from a checkpoint (its draws come from the saved batches).
         loss_fn: criterion ``(output, target) -> loss`` for supervised batches ``(x, y)``.
         batch_loss: general batch loss ``(forward, batch) -> loss`` instead of ``loss_fn``.
-        meta_data: data for L_meta (default: fresh batches of ``data``, as in the paper).
+        meta_data: data for L_meta (default: batches drawn from ``data``, as in the paper).
         meta_loss: batch loss for L_meta (default: the task's batch loss).
         name: for messages.
 
-    ``task_batch(k)``/``meta_batch(k)`` receive the step index k of the replayed θ_k, so a
-    task can make L_meta depend on where in the trajectory θ_k lies (continual learning, Eq. 19).
+    ``task_batch(k)``/``meta_batch(k)`` are the draws for the meta-objectives and θ0 learners;
+    they receive the step index k of the replayed θ_k, so a task can make L_meta depend on
+    where in the trajectory θ_k lies (continual learning, Eq. 19). What a draw returns:
+
+    - a callable ``data(k)`` (or ``data()``): its result;
+    - a re-iterable (list, ``DataLoader``): the next batch of an iterator of the task's own,
+      re-iterated when it runs out (fresh batches; the loop's own iteration is untouched);
+    - a one-shot iterator (generator, ``iter(loader)``): the loop must read it through the task
+      (``for x, y in task``); every batch it produces is kept on a tape (references to K
+      batches, held until the replay buffer drops the task at ``meta_step()``) and the draws
+      cycle over the tape. A draw before the loop's first batch reads that batch ahead onto the
+      tape; the loop still gets it. Draws never consume a batch the loop would see, and an
+      exhausted generator is never re-iterated.
+
+    ``loop_batch(k)`` is the batch the training loop itself used at step k (what MAML
+    differentiates through): the batches of ``for batch in task`` (iterating the task yields
+    its data once and keeps a reference to each batch: K batches per task, no copies), else
+    ``data(k)`` for a callable source or ``data[k % len(data)]`` for a sequence.
     """
 
     def __init__(
         self,
-        data: Iterable[Any] | Callable[..., Any],
-        loss_fn: Optional[Callable[[Any, Any], torch.Tensor]] = None,
+        data: Iterable[Any] | Callable[..., Any] | None,
+        loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
         *,
-        batch_loss: Optional[BatchLoss] = None,
-        meta_data: Optional[Iterable[Any] | Callable[..., Any]] = None,
-        meta_loss: Optional[BatchLoss] = None,
-        name: Optional[str] = None,
+        batch_loss: BatchLoss | None = None,
+        meta_data: Iterable[Any] | Callable[..., Any] | None = None,
+        meta_loss: BatchLoss | None = None,
+        name: str | None = None,
     ) -> None:
         if (loss_fn is None) == (batch_loss is None):
             raise ValueError(
@@ -99,25 +245,153 @@ class Task:
             )
         if loss_fn is not None and not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+        if data is not None:
+            _check_data(data)
+        if meta_data is not None:
+            _check_data(meta_data)
         self.batch_loss: BatchLoss = batch_loss if batch_loss is not None else supervised(loss_fn)  # type: ignore[arg-type]
         self.meta_batch_loss: BatchLoss = meta_loss if meta_loss is not None else self.batch_loss
-        self._task_source = cycle(data)
-        self._meta_source = cycle(meta_data) if meta_data is not None else self._task_source
+        self._data = data
+        self._seen: list[Any] = []
+        self._loop = 0  # one-shot data: how far the loop has read the tape
+        self._tape = _Tape(data) if _kind(data) == "one-shot" else None  # type: ignore[arg-type]
+        self._task_source = self._source(data, self._tape, shared=True)
+        self._meta_source = self._task_source if meta_data is None else self._source(meta_data, None, shared=False)
         self.name = name
 
+    @staticmethod
+    def _source(data: Any, tape: _Tape | None, shared: bool) -> Any:
+        kind = _kind(data)
+        if kind == "none":
+            return _NoData()
+        if kind == "callable":
+            return _Calls(data)
+        if kind == "one-shot":
+            return _TapeDraws(tape if tape is not None else _Tape(data), shared)
+        return _Pass(data)
+
+    @property
+    def kind(self) -> str:
+        """The kind of the loop's data: ``"callable"``, ``"iterable"``, ``"one-shot"`` or ``"none"``."""
+        return _kind(self._data) if self._tape is None else "one-shot"
+
     def task_batch(self, k: int = 0) -> Any:
-        """A fresh batch for L_task at step k."""
-        return self._task_source(k)
+        """A batch for L_task at step k (see the class docstring for where it comes from)."""
+        return self._task_source.draw(k)
 
     def meta_batch(self, k: int = 0) -> Any:
-        """A fresh batch for L_meta at step k (a different draw from ``task_batch``)."""
-        return self._meta_source(k)
+        """A batch for L_meta at step k (the next draw: a different batch from ``task_batch``)."""
+        return self._meta_source.draw(k)
+
+    def __iter__(self) -> Iterator[Any]:
+        """The task's data, once, each batch kept for ``loop_batch`` (use as ``for x, y in task``;
+        several passes over a re-iterable append: epochs; a one-shot iterator is read once)."""
+        if self._data is None and self._tape is None:
+            raise TypeError("this task has no data (data=None) to iterate")
+        if _is_callable_source(self._data):
+            raise TypeError(
+                "this task's data is a callable k -> batch: loop over range(K) and call it "
+                "(or task.task_batch(k)) instead of iterating the task"
+            )
+        if self._tape is None:
+            for batch in self._data:  # type: ignore[union-attr]
+                self._seen.append(batch)
+                yield batch
+            return
+        tape = self._tape
+        while self._loop < len(tape.batches) or tape.pull():  # batches read ahead by a draw come first
+            batch = tape.batches[self._loop]
+            self._loop += 1
+            self._seen.append(batch)
+            yield batch
+
+    def start_loop(self) -> None:
+        """Forget the batches seen so far (a new adaptation of this task starts at step 0)."""
+        self._seen = []
+
+    def batches_seen(self) -> int:
+        """How many batches the loop has taken from the task in this adaptation."""
+        return len(self._seen)
+
+    def read_ahead(self) -> int:
+        """Batches of a one-shot source read onto the tape by draws, before the loop took them.
+
+        Nonzero at the loop's first step means the loop does not iterate the task: those batches
+        will never reach it (iterate the task: ``for x, y in task``)."""
+        return 0 if self._tape is None else len(self._tape.batches) - self._loop
+
+    def loop_batch(self, k: int) -> Any:
+        """The batch the training loop used at step k (see the class docstring)."""
+        if k < len(self._seen):
+            return self._seen[k]
+        if _is_callable_source(self._data):
+            return self._task_source.draw(k)
+        if isinstance(self._data, Sequence) and len(self._data):
+            return self._data[k % len(self._data)]
+        raise ValueError(
+            f"the batch of step {k} is unknown: the loop's batches of a one-shot iterable are only seen "
+            "when the loop iterates the task itself (`with opt.task(data, loss_fn) as task: for x, y in "
+            "task: ...`); or pass a list of batches or a callable k -> batch"
+        )
 
     def task_loss(self, forward: Forward, batch: Any) -> torch.Tensor:
         return self.batch_loss(forward, batch)
 
     def meta_loss(self, forward: Forward, batch: Any) -> torch.Tensor:
         return self.meta_batch_loss(forward, batch)
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """Where the draws stand, for a checkpoint: the kind of each source, the tapes of one-shot
+        sources (the batches themselves: tensors are saved, not the iterator) and the draw
+        positions. Callables, iterators and loss functions are not saved: re-attach them."""
+        meta_tape = getattr(self._meta_source, "tape", None)
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "tape": None if self._tape is None else list(self._tape.batches),
+            "meta_tape": None if meta_tape is None or meta_tape is self._tape else list(meta_tape.batches),
+            "task_source": self._task_source.state(),
+            "meta_source": None if self._meta_source is self._task_source else self._meta_source.state(),
+        }
+
+    def check_state(self, state: Any) -> None:
+        """Raise ``ValueError`` if ``state`` (from ``state_dict``) cannot be loaded into this task."""
+        if not isinstance(state, dict) or not {"kind", "tape", "meta_tape", "task_source", "meta_source"} <= set(state):
+            raise ValueError("not a Task state_dict")
+        label = repr(self.name or state.get("name") or "")
+        if state["kind"] in ("callable", "iterable") and self.kind != state["kind"]:
+            raise ValueError(
+                f"task {label} was saved with {state['kind']} data: re-attach the same data "
+                f"(this task's data is {self.kind})"
+            )
+        if (state["meta_source"] is None) != (self._meta_source is self._task_source):
+            raise ValueError(
+                f"task {label} was saved {'without' if state['meta_source'] is None else 'with'} "
+                "meta_data: re-attach it the same way"
+            )
+        if state["meta_tape"] is None and state["meta_source"] is not None and isinstance(self._meta_source, _NoData):
+            raise ValueError(f"task {label} was saved with callable or re-iterable meta_data: re-attach it")
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume the draws of a task saved by ``state_dict`` (this task re-attaches its data and
+        losses). A saved tape replaces the one-shot source: the draws cycle over the saved batches."""
+        self.check_state(state)
+        if state["tape"] is not None:
+            self._tape = _Tape(None)
+            self._tape.batches = list(state["tape"])
+            self._loop = len(self._tape.batches)
+            shared = self._meta_source is self._task_source
+            self._task_source = _TapeDraws(self._tape, shared=True)
+            if shared:
+                self._meta_source = self._task_source
+        if state["meta_tape"] is not None:
+            tape = _Tape(None)
+            tape.batches = list(state["meta_tape"])
+            self._meta_source = _TapeDraws(tape, shared=False)
+        self._task_source.load(state["task_source"])
+        if state["meta_source"] is not None and self._meta_source is not self._task_source:
+            self._meta_source.load(state["meta_source"])
 
     def __repr__(self) -> str:
         return f"Task({self.name!r})" if self.name else "Task()"

@@ -4,74 +4,26 @@ K-step adaptation is a Monte-Carlo chain θ^τ = (θ_0, ..., θ_K) that samples 
 ``Trajectory`` records the points of one task as it adapts; at the end of the task it is
 committed to a ``ReplayBuffer`` that the offline algorithm draws mini-batches from.
 
-Each recorded point holds θ_k, the task optimizer's state at θ_k (momentum buffers, Adam
-moments and step counts, needed to replay the user's update rule exactly) and the adaptable
-buffers (BatchNorm statistics). A point is stored as one flat tensor per kind (a single copy
-per step, on the parameters' device, no host round trip); optionally in half precision, in
-pinned CPU memory or on disk. Step counts and integer buffers are never down-cast.
+Each recorded point (``warpopt.points``) holds θ_k, the task optimizer's state at θ_k and the
+adaptable buffers as one flat vector per dtype (a single copy per step, on the parameters'
+device, no host round trip); optionally in half precision. Where points live (device, pinned
+CPU memory, disk) is a ``Storage`` (``warpopt.storage``).
 """
 from __future__ import annotations
 
 import math
-import os
-import tempfile
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional, Sequence
 
 import torch
 
+from .points import Point, State, flatten_point, unflatten_point
+from .step_hypers import StepHypers, from_plain, to_plain
+from .storage import CPUStorage, DeviceStorage, DiskStorage, Storage
 from .tasks import Task
 
-__all__ = ["Point", "Sample", "Trajectory", "TaskRun", "ReplayBuffer", "Storage",
-           "DeviceStorage", "CPUStorage", "DiskStorage"]
-
-State = dict[str, torch.Tensor]
-
-
-FLOAT, EXACT, HOST = 0, 1, 2  # where a recorded tensor goes: see _kind
-
-
-def _kind(key: str, t: torch.Tensor) -> int:
-    # Step counts drive Adam's bias correction and integer buffers count batches: a
-    # half-precision copy of either would change the replayed update, so they are kept
-    # exactly. Step counts the optimizer keeps on the host (torch.optim's default) stay
-    # there as Python numbers: copying them to a GPU would synchronise at every step.
-    if key == "step" and t.device.type == "cpu" and t.numel() == 1:
-        return HOST
-    return EXACT if key == "step" or not t.is_floating_point() else FLOAT
-
-
-@dataclass(frozen=True)
-class _Layout:
-    """Where each tensor of a point lives: the ``flat`` or ``exact`` vector, or ``host``."""
-
-    state_keys: tuple[tuple[str, ...], ...]  # per parameter, the optimizer-state keys
-    entries: tuple[tuple[int, int, int, torch.Size, torch.dtype], ...]  # kind, offset, numel, shape, dtype
-
-    @staticmethod
-    def of(tensors: Sequence[tuple[str, torch.Tensor]], state_keys) -> "_Layout":
-        offsets = {FLOAT: 0, EXACT: 0, HOST: 0}
-        entries = []
-        for key, t in tensors:
-            kind = _kind(key, t)
-            entries.append((kind, offsets[kind], t.numel(), t.shape, t.dtype))
-            offsets[kind] += t.numel()
-        return _Layout(state_keys, tuple(entries))
-
-
-@dataclass
-class Point:
-    """A recorded θ_k: ``float`` and ``exact`` flat vectors, host-side step counts, their layout."""
-
-    step: int
-    flat: torch.Tensor
-    exact: torch.Tensor
-    layout: _Layout
-    path: Optional[str] = None  # set when the tensors live on disk
-    host: tuple[float, ...] = ()
-
-    def nbytes(self) -> int:
-        return self.flat.numel() * self.flat.element_size() + self.exact.numel() * self.exact.element_size()
+__all__ = ["Point", "Sample", "Trajectory", "ReplayBuffer", "Storage",
+           "DeviceStorage", "CPUStorage", "DiskStorage", "flatten_point", "unflatten_point"]
 
 
 @dataclass
@@ -79,7 +31,10 @@ class Sample:
     """A replayed (τ, θ_k): what the meta-objectives evaluate (Eq. 7/8).
 
     ``params[i]`` has the shape of the i-th adapt parameter; ``states[i]`` is the task
-    optimizer's state for it at θ_k (empty at θ_0); ``buffers`` are the adapt buffers.
+    optimizer's state for it at θ_k (empty at θ_0); ``buffers`` are the adapt buffers;
+    ``task_batch``/``meta_batch`` the batches L_task and L_meta are evaluated on; ``hypers``
+    the hyper-parameters and clipping of the step taken from θ_k (``warpopt.step_hypers``;
+    None: the task optimizer's current param groups).
     """
 
     task: Task
@@ -88,108 +43,9 @@ class Sample:
     params: list[torch.Tensor]
     states: list[State]
     buffers: list[torch.Tensor]
-
-
-def flatten_point(step: int, params: Sequence[torch.Tensor], states: Sequence[State],
-                  buffers: Sequence[torch.Tensor], dtype: Optional[torch.dtype] = None) -> Point:
-    """Copy θ_k, its optimizer state and buffers into one flat tensor per kind (one cat each).
-
-    Nothing here waits for the device: device tensors are concatenated on the device, and
-    host-side step counts are read on the host.
-    """
-    items: list[tuple[str, torch.Tensor]] = [("param", p) for p in params]
-    for s in states:
-        items.extend(s.items())
-    items.extend(("buffer", b) for b in buffers)
-    ref = params[0]
-    layout = _Layout.of(items, tuple(tuple(s.keys()) for s in states))
-    parts: dict[int, list[torch.Tensor]] = {FLOAT: [], EXACT: [], HOST: []}
-    for (key, t), (kind, *_rest) in zip(items, layout.entries):
-        parts[kind].append(t.detach().reshape(-1))
-    flat_dtype = dtype or ref.dtype
-    flat = (torch.cat([t.to(flat_dtype) for t in parts[FLOAT]]) if parts[FLOAT]
-            else ref.new_empty(0, dtype=flat_dtype))
-    exact_t = (torch.cat([t.to(torch.float64) for t in parts[EXACT]]) if parts[EXACT]
-               else ref.new_empty(0, dtype=torch.float64))
-    host = tuple(t.item() for t in parts[HOST])
-    return Point(step, flat, exact_t, layout, host=host)
-
-
-def unflatten_point(point: Point, device: torch.device) -> tuple[list[torch.Tensor], list[State], list[torch.Tensor]]:
-    """Inverse of ``flatten_point``: tensors on ``device`` in their recorded dtypes.
-
-    Host-side step counts come back as 0-dim CPU tensors, where the task optimizer kept them.
-    """
-    flat = point.flat.to(device, non_blocking=True)
-    exact = point.exact.to(device, non_blocking=True)
-    tensors = []
-    for kind, offset, numel, shape, dtype in point.layout.entries:
-        if kind == HOST:
-            tensors.append(torch.tensor(point.host[offset], dtype=dtype).view(shape))
-            continue
-        src = exact if kind == EXACT else flat
-        tensors.append(src[offset:offset + numel].view(shape).to(dtype))
-    n_params = len(point.layout.state_keys)
-    params, rest = tensors[:n_params], iter(tensors[n_params:])
-    states = [{key: next(rest) for key in keys} for keys in point.layout.state_keys]
-    return params, states, list(rest)
-
-
-class Storage:
-    """Where recorded points live. Subclasses override ``put`` (and ``get`` if they move data)."""
-
-    def put(self, point: Point) -> Point:
-        return point
-
-    def get(self, point: Point) -> Point:
-        return point
-
-    def release(self, point: Point) -> None:
-        pass
-
-
-class DeviceStorage(Storage):
-    """Keep points on the parameters' device (fastest replay; GPU memory K×|θ|)."""
-
-
-class CPUStorage(Storage):
-    """Keep points in CPU memory, optionally pinned so device copies are asynchronous."""
-
-    def __init__(self, pin_memory: bool = False) -> None:
-        self.pin_memory = pin_memory and torch.cuda.is_available()
-
-    def _to_cpu(self, t: torch.Tensor) -> torch.Tensor:
-        if t.device.type == "cpu":
-            return t
-        out = torch.empty(t.shape, dtype=t.dtype, pin_memory=self.pin_memory)
-        return out.copy_(t, non_blocking=self.pin_memory)
-
-    def put(self, point: Point) -> Point:
-        return replace(point, flat=self._to_cpu(point.flat), exact=self._to_cpu(point.exact))
-
-
-class DiskStorage(Storage):
-    """Write each point to a file under ``directory`` (a temporary one by default)."""
-
-    def __init__(self, directory: Optional[str] = None) -> None:
-        self.directory = directory or tempfile.mkdtemp(prefix="warpopt-replay-")
-        os.makedirs(self.directory, exist_ok=True)
-        self._count = 0
-
-    def put(self, point: Point) -> Point:
-        path = os.path.join(self.directory, f"point-{self._count:09d}.pt")
-        self._count += 1
-        torch.save({"flat": point.flat.cpu(), "exact": point.exact.cpu()}, path)
-        # The layout stays in memory; the tensors are replaced by the file's path.
-        return replace(point, flat=torch.empty(0), exact=torch.empty(0), path=path)
-
-    def get(self, point: Point) -> Point:
-        data = torch.load(point.path, weights_only=True)
-        return replace(point, flat=data["flat"], exact=data["exact"], path=None)
-
-    def release(self, point: Point) -> None:
-        if point.path and os.path.exists(point.path):
-            os.remove(point.path)
+    task_batch: Any = None  # drawn at replay time (``warpopt.objectives.with_batches``)
+    meta_batch: Any = None
+    hypers: Optional[StepHypers] = None
 
 
 @dataclass
@@ -197,17 +53,24 @@ class Trajectory:
     """The recorded points of one task, kept apart until the task ends cleanly.
 
     Points are added with ``record``; ``every`` keeps every k-th step (θ_0 always).
+    ``hypers[k]``: what the step from θ_k used (``note_hypers``; host-side, beside the points).
     """
 
     task: Task
     every: int = 1
     dtype: Optional[torch.dtype] = None
     points: list[Point] = field(default_factory=list)
+    hypers: dict[int, StepHypers] = field(default_factory=dict)
 
     def record(self, step: int, params: Sequence[torch.Tensor], states: Sequence[State],
                buffers: Sequence[torch.Tensor]) -> None:
         if step % self.every == 0:
             self.points.append(flatten_point(step, params, states, buffers, self.dtype))
+
+    def note_hypers(self, step: int, hypers: StepHypers) -> None:
+        """Keep what the step from θ_``step`` used (issue 14: the step replayed is the step taken)."""
+        if step % self.every == 0:
+            self.hypers[step] = hypers
 
     def __len__(self) -> int:
         return len(self.points)
@@ -239,28 +102,76 @@ class ReplayBuffer:
         self.generator = generator or torch.Generator().manual_seed(0)
         self._points: list[tuple[int, Point]] = []  # (task id, point)
         self._tasks: dict[int, Task] = {}
+        self._hypers: dict[int, dict[int, StepHypers]] = {}  # task id -> step -> what the step used
         self._offered = 0
+        self._next_id = 0
 
     def trajectory(self, task: Task) -> Trajectory:
         """A fresh trajectory for ``task`` recorded with this buffer's settings."""
         return Trajectory(task, self.every, self.dtype)
 
-    def commit(self, trajectory: Trajectory) -> None:
-        """Add a finished task's points (Algorithm 2, line 9)."""
-        task_id = max(self._tasks, default=-1) + 1
-        self._tasks[task_id] = trajectory.task
-        for point in trajectory.points:
-            self._offer(task_id, point)
+    def commit(self, trajectory: Trajectory, steps: int) -> int:
+        """Add a finished task's points (Algorithm 2, line 9); returns the task's id.
 
-    def _offer(self, task_id: int, point: Point) -> None:
-        self._offered += 1
-        if self.capacity is None or len(self._points) < self.capacity:
-            self._points.append((task_id, self.storage.put(point)))
-            return
-        j = int(torch.randint(self._offered, (1,), generator=self.generator))
-        if j < self.capacity:  # reservoir sampling: replace a uniformly chosen slot
-            self.storage.release(self._points[j][1])
-            self._points[j] = (task_id, self.storage.put(point))
+        ``steps`` is K, the number of task updates taken: θ_K (the point after the last
+        update) is kept only with ``include_final``. A meta-batch of |B| tasks × K steps
+        therefore holds (K + 1)·|B| points (K·|B| without θ_K). All or nothing: if storing a
+        point fails, the points already stored are released and the buffer, its counters and
+        its generator are as they were.
+        """
+        points = list(trajectory.points)
+        if not self.include_final and steps > 0 and points and points[-1].step == steps:
+            points.pop()
+        task_id = self.next_task_id()
+        generator_state, offered = self.generator.get_state(), self._offered
+        plan: list[tuple[int, Point]] = []  # (slot, point): a slot past the end appends
+        size = len(self._points)
+        for point in points:  # the reservoir draws first: nothing is stored yet
+            self._offered += 1
+            if self.capacity is None or size < self.capacity:
+                plan.append((size, point))
+                size += 1
+                continue
+            slot = int(torch.randint(self._offered, (1,), generator=self.generator))
+            if slot < self.capacity:  # reservoir sampling: replace a uniformly chosen slot
+                plan.append((slot, point))
+        try:
+            stored = self.storage.put_many([point for _, point in plan])
+        except BaseException:
+            self.generator.set_state(generator_state)
+            self._offered = offered
+            raise
+        entries, replaced = list(self._points), []
+        for (slot, _), kept in zip(plan, stored):
+            if slot == len(entries):
+                entries.append((task_id, kept))
+            else:
+                replaced.append(entries[slot][1])
+                entries[slot] = (task_id, kept)
+        self._points, self._tasks[task_id], self._next_id = entries, trajectory.task, task_id + 1
+        self._hypers[task_id] = dict(trajectory.hypers)
+        live = {id(p) for _, p in entries}
+        for old in replaced:  # only now: a failed commit must leave them in place
+            if id(old) not in live:
+                self.storage.release(old)
+        tasks = {i for i, _ in entries}
+        self._tasks = {i: t for i, t in self._tasks.items() if i in tasks}
+        self._hypers = {i: h for i, h in self._hypers.items() if i in tasks}
+        return task_id
+
+    def next_task_id(self) -> int:
+        """The id the next committed task gets (ids restart after ``clear``)."""
+        return self._next_id
+
+    def task_points(self) -> dict[int, int]:
+        """Task id -> number of its points in the buffer."""
+        counts: dict[int, int] = {}
+        for task_id, _ in self._points:
+            counts[task_id] = counts.get(task_id, 0) + 1
+        return counts
+
+    def task_of(self, index: int) -> int:
+        return self._points[index][0]
 
     def __len__(self) -> int:
         return len(self._points)
@@ -276,15 +187,20 @@ class ReplayBuffer:
     def sample(self, index: int, device: torch.device) -> Sample:
         task_id, point = self._points[index]
         params, states, buffers = unflatten_point(self.storage.get(point), device)
-        return Sample(self._tasks[task_id], task_id, point.step, params, states, buffers)
+        return Sample(self._tasks[task_id], task_id, point.step, params, states, buffers,
+                      hypers=self._hypers.get(task_id, {}).get(point.step))
 
-    def batches(self, batch_size: int, device: torch.device) -> Iterator[list[Sample]]:
-        """One pass over the buffer in mini-batches drawn without replacement (Alg. 2, l. 14)."""
+    def order(self, batch_size: int) -> list[list[int]]:
+        """One pass over the buffer: mini-batches of indices drawn without replacement (Alg. 2, l. 14)."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         order = torch.randperm(len(self._points), generator=self.generator).tolist()
-        for start in range(0, len(order), batch_size):
-            yield [self.sample(i, device) for i in order[start:start + batch_size]]
+        return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+
+    def batches(self, batch_size: int, device: torch.device) -> Iterator[list[Sample]]:
+        """The samples of ``order(batch_size)``, one mini-batch at a time."""
+        for indices in self.order(batch_size):
+            yield [self.sample(i, device) for i in indices]
 
     def num_batches(self, batch_size: int) -> int:
         return math.ceil(len(self._points) / batch_size)
@@ -292,42 +208,50 @@ class ReplayBuffer:
     def clear(self) -> None:
         for _, point in self._points:
             self.storage.release(point)
+        self.storage.clear()
         self._points.clear()
         self._tasks.clear()
+        self._hypers.clear()
         self._offered = 0
+        self._next_id = 0
 
     def state_dict(self) -> dict[str, Any]:
         return {"generator": self.generator.get_state(), "offered": self._offered}
 
+    # Checkpoints mid meta-batch (issue 14): the points themselves, as plain tensors on the CPU.
+    def contents(self) -> dict[str, Any]:
+        """The buffer's points in buffer order (task id, step, θ_k, optimizer state, buffers as
+        CPU tensors in their recorded dtypes), the ids of their tasks, what each step used
+        (``Sample.hypers``, as plain numbers) and the next task id. Costs one copy of the buffer."""
+        points = []
+        for task_id, point in self._points:
+            params, states, buffers = unflatten_point(self.storage.get(point), torch.device("cpu"))
+            points.append({"task": task_id, "step": point.step, "params": [p.clone() for p in params],
+                           "states": [{k: v.clone() for k, v in st.items()} for st in states],
+                           "buffers": [b.clone() for b in buffers]})
+        return {"points": points, "tasks": sorted(self._tasks), "next_id": self._next_id,
+                "hypers": {i: {k: to_plain(h) for k, h in steps.items()} for i, steps in self._hypers.items()}}
+
+    def restore(self, contents: dict[str, Any], tasks: dict[int, Task], device: torch.device) -> None:
+        """Replace the buffer's points by ``contents()`` (recorded again with this buffer's
+        settings, on ``device``), their tasks by ``tasks`` (id -> task): all or nothing. The
+        generator and the reservoir count are ``load_state_dict``'s."""
+        trajectories = []
+        for c in contents["points"]:  # recorded as a task's loop records them (warpopt.points)
+            trajectory = Trajectory(tasks[c["task"]], 1, self.dtype)
+            trajectory.record(int(c["step"]), [p.to(device) for p in c["params"]],
+                              [{k: v.to(device) if v.dim() else v for k, v in st.items()} for st in c["states"]],
+                              [b.to(device) for b in c["buffers"]])
+            trajectories.append(trajectory.points[0])
+        stored = self.storage.put_many(trajectories)  # all or nothing; the old points are still there
+        for _, point in self._points:
+            self.storage.release(point)
+        self._points = [(int(c["task"]), point) for c, point in zip(contents["points"], stored)]
+        self._tasks = {int(i): tasks[int(i)] for i in contents["tasks"]}
+        self._hypers = {int(i): {int(k): from_plain(h) for k, h in steps.items()}  # type: ignore[misc]
+                        for i, steps in contents["hypers"].items()}
+        self._next_id = int(contents["next_id"])
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.generator.set_state(state["generator"])
         self._offered = state["offered"]
-
-
-@dataclass
-class TaskRun:
-    """The live state of one task while it adapts (used by algorithms and θ0 meta-learners).
-
-    ``params``/``buffers`` are the model's live adapt tensors, ``theta0``/``start_buffers``
-    copies of where the task started, ``steps`` the number of task updates taken so far (k),
-    ``context`` the ``ReplayContext`` for functional evaluation at arbitrary θ.
-    """
-
-    task: Task
-    context: Any
-    params: list[torch.Tensor]
-    buffers: list[torch.Tensor]
-    theta0: list[torch.Tensor]
-    start_buffers: list[torch.Tensor]
-    trajectory: Optional[Trajectory] = None
-    learn: bool = True
-    steps: int = 0
-    finite: Optional[torch.Tensor] = None
-    meta_grads: Optional[list[torch.Tensor]] = None
-    meta_count: int = 0
-    extras: dict[str, Any] = field(default_factory=dict)
-
-    def sample(self, states: Sequence[State]) -> Sample:
-        """The live θ_k as a replay sample (for the online algorithms)."""
-        return Sample(self.task, -1, self.steps, [p.detach() for p in self.params], list(states),
-                      [b.detach() for b in self.buffers])

@@ -20,13 +20,16 @@ from __future__ import annotations
 import collections
 import collections.abc
 import dataclasses
-from typing import Callable, Iterable, Iterator, Union
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, SupportsIndex, TypeGuard, TypeVar, cast
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 from torch.utils.hooks import RemovableHandle
 
 from .layers import TaskAdaptable, default_warp_layer
+from .selection import Selector, default_targets, select, within
 
 __all__ = [
     "warp", "unwarp", "is_warped", "warp_layers", "WarpedModule", "WarpSpec", "InsertedWarp",
@@ -34,9 +37,8 @@ __all__ = [
     "named_adapt_buffers", "adapt_buffers", "named_warp_buffers", "warp_buffers",
 ]  # fmt: skip
 
-Predicate = Callable[[str, nn.Module], bool]
-Where = Union[None, type, tuple, Predicate]
-Designate = Union[None, str, Iterable[str], type, tuple, Predicate]
+Where = Selector | None
+Designate = Selector | None
 LayerFactory = Callable[[int, int], nn.Module]
 
 _WARP_ATTR = "warp"
@@ -56,8 +58,8 @@ _BLOCK_FOLLOWERS: tuple[type, ...] = _ACTIVATIONS + (
     nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._LPPoolNd,
     nn.FractionalMaxPool2d, nn.FractionalMaxPool3d, nn.modules.dropout._DropoutNd, nn.Identity,
 ) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())  # fmt: skip
-_DEFAULT_TARGETS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 _DUMMY_SPATIAL = {0: (), 1: (6,), 2: (6, 6), 3: (4, 4, 4)}
+_T = TypeVar("_T", bound=Tensor)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,8 +92,32 @@ class _ApplyWarp:
     def __init__(self, attr: str = _WARP_ATTR) -> None:
         self.attr = attr
 
-    def __call__(self, module: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
+    def __call__(self, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> Any:
+        # `Any`, as in torch's forward-hook type: the output is whatever the host returns.
         return getattr(module, self.attr)(output)
+
+
+class _ApplyWarpToSequence(_ApplyWarp):
+    """Forward hook of a recurrent host (``nn.RNN``/``LSTM``/``GRU``): warps the output
+    sequence, returns the hidden state untouched.
+
+    The warp layer always sees the sequence batch first, ``(N, L, C)``, whatever the host's
+    ``batch_first`` (an unbatched ``(L, C)`` gets N = 1; a ``PackedSequence`` is padded and
+    packed again), so per-position layers and sequence layers (``LSTMWarp``) both apply."""
+
+    def __call__(self, module: nn.Module, inputs: tuple[Any, ...], output: tuple[Any, ...]) -> tuple[Any, ...]:
+        sequence, rest = output[0], tuple(output[1:])
+        layer = getattr(module, self.attr)
+        if isinstance(sequence, PackedSequence):
+            padded, lengths = pad_packed_sequence(sequence, batch_first=True)
+            packed = pack_padded_sequence(layer(padded), lengths, batch_first=True, enforce_sorted=False)
+            return (packed, *rest)
+        if sequence.dim() == 2:  # unbatched (L, C)
+            return (layer(sequence.unsqueeze(0)).squeeze(0), *rest)
+        if module.batch_first:
+            return (layer(sequence), *rest)
+        warped = layer(sequence.transpose(0, 1)).transpose(0, 1)
+        return (warped.contiguous() if sequence.is_contiguous() else warped, *rest)
 
 
 def _join(prefix: str, name: str) -> str:
@@ -106,7 +132,15 @@ def _rebuild_warped(original_cls: type) -> nn.Module:
     return object.__new__(_warped_class(original_cls))
 
 
-class WarpedModule:
+# A type checker sees the mixin as an nn.Module (it only ever ends up in front of one in the
+# MRO of a `Warped<ClassName>`); at run time it is a plain mixin, so the MRO is unchanged.
+if TYPE_CHECKING:
+    _MixinBase = nn.Module
+else:
+    _MixinBase = object
+
+
+class WarpedModule(_MixinBase):
     """Mixin of the ``Warped<ClassName>`` classes :func:`warp` swaps models to; its
     methods are the module-level functions of the same names."""
 
@@ -139,13 +173,13 @@ class WarpedModule:
     def warp_buffers(self) -> Iterator[Tensor]:
         return warp_buffers(self)
 
-    def __reduce_ex__(self, protocol: int):
+    def __reduce_ex__(self, protocol: SupportsIndex) -> tuple[Any, ...]:
         # The dynamic class is not importable by name: rebuild it from the original one.
         return _rebuild_warped, (type(self)._warpopt_original_class,), self.__getstate__()
 
-    def __setstate__(self, state: dict) -> None:
-        super().__setstate__(state)  # type: ignore[misc]
-        _refresh_hook_ids(self)  # type: ignore[arg-type]
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        _refresh_hook_ids(self)
 
 
 _WARPED_CLASSES: dict[type, type] = {}
@@ -162,7 +196,9 @@ def _refresh_hook_ids(model: nn.Module) -> None:
     """Give unpickled warp hooks ids from this process's hook counter: hooks registered
     later in this process could otherwise reuse (and overwrite) the saved ids."""
     spec = model.__dict__.get(_SPEC_ATTR)
-    for i, entry in enumerate(spec.inserted if spec is not None else []):
+    if spec is None:
+        return
+    for i, entry in enumerate(spec.inserted):
         hooks = model.get_submodule(entry.host)._forward_hooks
         if isinstance(hooks.get(entry.hook_id), _ApplyWarp):
             new_id = RemovableHandle(collections.OrderedDict()).id
@@ -175,72 +211,6 @@ def _refresh_hook_ids(model: nn.Module) -> None:
 # ---------------------------------------------------------------------------- selection
 
 
-def _type_names(model: nn.Module) -> str:
-    return ", ".join(sorted({type(m).__name__ for m in model.modules()}))
-
-
-def _is_types(arg: object) -> bool:
-    return isinstance(arg, type) or (
-        isinstance(arg, tuple) and len(arg) > 0 and all(isinstance(t, type) for t in arg)
-    )
-
-
-def _submodules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(n, m) for n, m in model.named_modules() if n]  # the root is never selected
-
-
-def _select(model: nn.Module, arg: object, argname: str) -> list[str]:
-    if _is_types(arg):
-        names = [n for n, m in _submodules(model) if isinstance(m, arg)]  # type: ignore[arg-type]
-    elif callable(arg):
-        names = [n for n, m in _submodules(model) if arg(n, m)]
-    else:
-        raise TypeError(
-            f"{argname} must be a module type, a tuple of types or a predicate "
-            f"(qualified_name, module) -> bool, got {arg!r}"
-        )
-    if not names:
-        raise ValueError(
-            f"{argname}={arg!r} matched no submodule of {type(model).__name__}; "
-            f"the model has modules of types: {_type_names(model)}"
-        )
-    return names
-
-
-def _default_targets(model: nn.Module) -> list[str]:
-    # MultiheadAttention never calls its out_proj as a module, so a hook would never fire.
-    skip = nn.modules.linear.NonDynamicallyQuantizableLinear
-    names = [n for n, m in _submodules(model) if isinstance(m, _DEFAULT_TARGETS) and not isinstance(m, skip)]
-    if len(names) < 2:
-        raise ValueError(
-            f"{type(model).__name__} has no Conv1d/2d/3d or Linear module besides its output layer, "
-            f"so nothing is warped by default; pass `where` or `designate`. "
-            f"The model has modules of types: {_type_names(model)}"
-        )
-    return names[:-1]  # the last one is the output layer
-
-
-def _designated(model: nn.Module, designate: object) -> list[str]:
-    if _is_types(designate) or (callable(designate) and not isinstance(designate, str)):
-        return _select(model, designate, "designate")
-    names = [designate] if isinstance(designate, str) else designate
-    names = list(names) if isinstance(names, collections.abc.Iterable) else None
-    if names is None or not all(isinstance(n, str) for n in names):
-        raise TypeError(
-            "designate must be a qualified module name, an iterable of names, a module type, "
-            f"a tuple of types or a predicate (qualified_name, module) -> bool, got {designate!r}"
-        )
-    known = dict(_submodules(model))
-    missing = [n for n in names if n not in known]
-    if missing or not names:
-        raise ValueError(
-            f"designate={designate!r}: no submodule named {missing or names} in "
-            f"{type(model).__name__} (names are e.g. {list(known)[:12]}); "
-            f"the model has modules of types: {_type_names(model)}"
-        )
-    return list(dict.fromkeys(names))
-
-
 def _host_for(model: nn.Module, name: str, counts: collections.Counter) -> str:
     """Where the warp for selected module ``name`` goes: after the block's non-linearity,
     i.e. the last activation in the run of norm/pool/activation/dropout siblings that
@@ -248,6 +218,8 @@ def _host_for(model: nn.Module, name: str, counts: collections.Counter) -> str:
     selected ``nn.Sequential`` block is warped after its last (leaf) child."""
     parent_name, _, child = name.rpartition(".")
     parent, host = model.get_submodule(parent_name), name
+    if isinstance(model.get_submodule(name), nn.RNNBase):
+        return name  # its tuple output cannot feed an activation: warp the sequence itself
     if isinstance(parent, nn.Sequential):
         keys = list(parent._modules)
         for key in keys[keys.index(child) + 1 :]:
@@ -266,14 +238,17 @@ def _host_for(model: nn.Module, name: str, counts: collections.Counter) -> str:
 def _infer_shape(name: str, module: nn.Module) -> tuple[int, int]:
     """``(channels, spatial_dims)`` of a selected module's output, read off the module or,
     for a block, off the last conv / linear inside it."""
-    for m in [module] + list(module.modules())[::-1]:
+    for m in [module, *list(module.modules())[::-1]]:
+        if isinstance(m, nn.RNNBase):  # features of the output sequence
+            return (m.proj_size or m.hidden_size) * (2 if m.bidirectional else 1), 0
         if isinstance(m, nn.modules.conv._ConvNd):
             return m.out_channels, len(m.kernel_size)
-        if isinstance(getattr(m, "out_features", None), int):
-            return m.out_features, 0
+        out_features = getattr(m, "out_features", None)
+        if isinstance(out_features, int):
+            return out_features, 0
     raise ValueError(
         f"cannot infer the output channels of '{name}' ({type(module).__name__}): select "
-        f"Conv/Linear modules (out_channels / out_features) or blocks containing one"
+        f"Conv/Linear/RNN modules (out_channels / out_features / hidden_size) or blocks containing one"
     )
 
 
@@ -287,12 +262,14 @@ def _device_dtype(module: nn.Module) -> tuple[torch.device, torch.dtype]:
 def _build_layer(layer: LayerFactory, name: str, module: nn.Module) -> nn.Module:
     """Build the warp layer for selected module ``name`` and check it preserves shapes."""
     channels, spatial_dims = _infer_shape(name, module)
+    sequence = isinstance(module, nn.RNNBase)
     built = layer(channels, spatial_dims)
     if not isinstance(built, nn.Module):
         raise TypeError(f"warp layer factory {layer!r} returned {type(built).__name__} for '{name}', not an nn.Module")
     device, dtype = _device_dtype(module)
     built.to(device=device, dtype=dtype)
-    shape = (2, channels) + _DUMMY_SPATIAL[spatial_dims]
+    # A recurrent host's warp sees (N, L, C); L != C so a layer reading dim 1 as channels fails here.
+    shape = (2, channels + 1, channels) if sequence else (2, channels) + _DUMMY_SPATIAL[spatial_dims]
     # A private generator: checking must not consume the user's global RNG stream.
     dummy = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device, dtype)
     modes = [(m, m.training) for m in built.modules()]
@@ -300,7 +277,8 @@ def _build_layer(layer: LayerFactory, name: str, module: nn.Module) -> nn.Module
         with torch.no_grad():
             out = built.eval()(dummy)
     except Exception as err:
-        raise ValueError(f"warp layer for '{name}' failed on a dummy input of shape {shape}: {err}") from err
+        hint = " (a recurrent host's warp gets its output sequence as (batch, time, features))" if sequence else ""
+        raise ValueError(f"warp layer for '{name}' failed on a dummy input of shape {shape}{hint}: {err}") from err
     finally:
         for m, mode in modes:
             m.training = mode
@@ -322,23 +300,39 @@ def warp(
     layer: LayerFactory = default_warp_layer,
     *,
     designate: Designate = None,
+    example_input: Any = None,
+    exclude: Selector | None = None,
 ) -> nn.Module:
     """Warp ``model`` in place (Appendix A) and return it.
 
+    Selectors (``where``, ``designate``, ``exclude``) are a module type or tuple of types,
+    a predicate ``(qualified_name, module) -> bool``, a qualified module name, a glob
+    pattern over qualified names (``"blocks.*.fc1"``) or an iterable of names/patterns
+    (:mod:`warpopt.selection`). The root module is never selected.
+
     Args:
         model: any ``nn.Module``; modified in place, as by ``torch.nn.utils.parametrize``.
-        where: modules to insert a warp layer after (*model augmentation*): a predicate
-            ``(qualified_name, module) -> bool``, a module type or tuple of types, or
-            ``None``: every Conv1d/2d/3d and Linear but the output layer (the last one)
-            if ``designate`` is ``None``, no insertion otherwise. The root is never
-            selected. In an ``nn.Sequential`` the warp goes after the last activation of
-            the norm/pool/activation/dropout siblings following the module.
+        where: modules to insert a warp layer after (*model augmentation*), or ``None``:
+            every Conv1d/2d/3d, Linear and RNN/LSTM/GRU except the output layer(s) and
+            ``exclude`` if ``designate`` is ``None``, no insertion otherwise. The output
+            layers are found by one forward on ``example_input``, else, where the structure
+            fixes the call order (``nn.Sequential`` chains), they are the last such module,
+            else ``exclude`` must name them; otherwise ``ValueError`` says how to choose. In an
+            ``nn.Sequential`` the warp goes after the last activation of the
+            norm/pool/activation/dropout siblings following the module. On an RNN/LSTM/GRU
+            the warp acts on the output sequence (as ``(batch, time, features)``) and the
+            hidden state passes untouched.
         layer: warp layer factory ``layer(channels, spatial_dims) -> nn.Module``
             (:mod:`warpopt.layers`); ``channels`` is the module's ``out_channels`` /
-            ``out_features``, ``spatial_dims`` follows its type (Linear 0, ConvNd N).
-            Layers are built on the module's device and dtype.
-        designate: existing submodules to make warp layers (*model partitioning*):
-            qualified name(s), a module type / tuple of types, or a predicate.
+            ``out_features`` / RNN output features, ``spatial_dims`` follows its type
+            (Linear and RNN 0, ConvNd N). Layers are built on the module's device and dtype.
+        designate: existing submodules to make warp layers (*model partitioning*).
+        example_input: a batch for one traced forward that finds the output layers of the
+            default selection (a tuple is passed as positional arguments, a dict as keyword
+            arguments). Nothing observable changes: buffers, ``requires_grad`` flags and the
+            global RNG state are restored.
+        exclude: modules never to warp (and everything inside them), on top of the output
+            layers; for a hand-written model without ``example_input`` it must name them.
 
     Returns:
         ``model``, now a ``Warped<ClassName>`` with ``warp_parameters()``,
@@ -346,27 +340,47 @@ def warp(
         unchanged.
 
     Raises:
-        TypeError: ``model`` is not an ``nn.Module``; malformed ``where``,
-            ``designate`` or ``layer``; the factory returns a non-Module.
-        ValueError: ``where`` / ``designate`` match nothing; the model is already
-            warped; a warp layer changes the shape of its input; a host already has an
-            attribute ``warp``. The model is left untouched when raising.
+        TypeError: ``model`` is not an ``nn.Module``; malformed selectors or ``layer``; the
+            factory returns a non-Module.
+        ValueError: a selector (or one of its names) matches nothing; the output layer
+            cannot be told from the structure; ``example_input`` fails or comes with
+            ``where``/``designate`` alone; the model is already warped; a warp layer
+            changes the shape of its input; a host already has an attribute ``warp``. The
+            model is left untouched when raising.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"warp() expects an nn.Module, got {type(model).__name__}")
     for name, module in model.named_modules():
         if is_warped(module):
             which = f"its submodule '{name}' is" if name else "it is"
-            raise ValueError(f"{type(model).__name__} cannot be warped twice ({which} warped); call warpopt.unwarp first")
+            raise ValueError(
+                f"{type(model).__name__} cannot be warped twice ({which} warped); call warpopt.unwarp first"
+            )
     if not callable(layer):
         raise TypeError(f"layer must be a factory (channels, spatial_dims) -> nn.Module, got {layer!r}")
+    default = where is None and designate is None
+    if example_input is not None and not default:
+        raise ValueError(
+            "example_input only locates the output layer for the default selection; with where= "
+            "or designate= you choose the modules yourself: drop example_input"
+        )
 
     # Validate everything and build every layer before the model is touched.
-    if where is None:
-        targets = _default_targets(model) if designate is None else []
+    if where is not None:
+        excluded = select(model, exclude, "exclude") if exclude is not None else []
+        targets = [t for t in select(model, where, "where") if not any(within(t, e) for e in excluded)]
+        if not targets:
+            raise ValueError(f"where={where!r} selects only modules that exclude={exclude!r} removes")
+    elif default:
+        targets = default_targets(model, example_input, exclude)
     else:
-        targets = _select(model, where, "where")
-    designated = _designated(model, designate) if designate is not None else []
+        if exclude is not None:
+            raise ValueError(
+                "exclude filters insertion (where= or the default selection); with designate= "
+                "alone nothing is inserted: drop exclude"
+            )
+        targets = []
+    designated = select(model, designate, "designate") if designate is not None else []
     counts = collections.Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
     hosts = [_host_for(model, name, counts) for name in targets]
     for host, target in zip(hosts, targets):
@@ -382,9 +396,11 @@ def warp(
 
     inserted = []
     for target, host_name, built in zip(targets, hosts, layers):
-        host = model.get_submodule(host_name)
-        host.add_module(_WARP_ATTR, built.train(host.training))
-        handle = host.register_forward_hook(_ApplyWarp(_WARP_ATTR))
+        host_module = model.get_submodule(host_name)
+        host_module.add_module(_WARP_ATTR, built.train(host_module.training))
+        seq = isinstance(host_module, nn.RNNBase)
+        hook = _ApplyWarpToSequence(_WARP_ATTR) if seq else _ApplyWarp(_WARP_ATTR)
+        handle = host_module.register_forward_hook(hook)
         inserted.append(InsertedWarp(target=target, host=host_name, hook_id=handle.id))
     setattr(model, _SPEC_ATTR, WarpSpec(inserted=inserted, designated=designated))
     model.__class__ = _warped_class(type(model))
@@ -402,12 +418,13 @@ def unwarp(model: nn.Module) -> nn.Module:
             del host._forward_hooks[key]
         delattr(host, _WARP_ATTR)
     delattr(model, _SPEC_ATTR)
-    model.__class__ = type(model)._warpopt_original_class
+    model.__class__ = cast(type[WarpedModule], type(model))._warpopt_original_class  # _spec checked it
     return model
 
 
-def is_warped(model: nn.Module) -> bool:
-    """Whether :func:`warp` was applied to ``model`` (and not undone)."""
+def is_warped(model: nn.Module) -> TypeGuard[WarpedModule]:
+    """Whether :func:`warp` was applied to ``model`` (and not undone); narrows its type to
+    :class:`WarpedModule` (``warp_parameters()`` etc.) for a type checker."""
     return isinstance(model, WarpedModule)
 
 
@@ -428,7 +445,7 @@ def _is_under(name: str, prefixes: set[str]) -> bool:
     return any(".".join(parts[:i]) in prefixes for i in range(1, len(parts)))
 
 
-def _split(model: nn.Module, named: Iterator[tuple[str, Tensor]], want_warp: bool) -> Iterator:
+def _split(model: nn.Module, named: Iterator[tuple[str, _T]], want_warp: bool) -> Iterator[tuple[str, _T]]:
     """Filter ``named`` tensors to the warp ones (under a warp layer, but not under a
     TaskAdaptable submodule of one) or to the adapt ones. Computed from names on each
     call, so parameters replaced after warping are classified correctly."""

@@ -17,8 +17,8 @@ import os
 import tempfile
 import urllib.parse
 import urllib.request
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Callable, Mapping, Optional
 
 __all__ = ["OMNIGLOT_URL", "OMNIGLOT_ARCHIVES", "fetch", "download_omniglot", "sha256_of"]
 
@@ -41,8 +41,9 @@ def sha256_of(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def fetch(url: str, dest: str | Path, sha256: str, *, timeout: float = 60.0,
-          progress: Optional[Callable[[int], None]] = None) -> Path:
+def fetch(
+    url: str, dest: str | Path, sha256: str, *, timeout: float = 60.0, progress: Callable[[int], None] | None = None
+) -> Path:
     """Download ``url`` to ``dest`` if it is not there yet, and check its SHA-256.
 
     ``progress(n)`` is called with each chunk's byte count. Only ``http``/``https`` URLs are
@@ -57,8 +58,10 @@ def fetch(url: str, dest: str | Path, sha256: str, *, timeout: float = 60.0,
     if dest.exists():
         found = sha256_of(dest)
         if found != sha256:
-            raise ValueError(f"{dest} exists but its SHA-256 is {found}, not the expected {sha256}: "
-                             f"delete it (a partial or different file) and run again")
+            raise ValueError(
+                f"{dest} exists but its SHA-256 is {found}, not the expected {sha256}: "
+                f"delete it (a partial or different file) and run again"
+            )
         return dest
     if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
         raise ValueError(f"refusing to fetch {url!r}: only http and https URLs are supported")
@@ -73,8 +76,10 @@ def fetch(url: str, dest: str | Path, sha256: str, *, timeout: float = 60.0,
                 if progress is not None:
                     progress(len(chunk))
         if digest.hexdigest() != sha256:
-            raise ValueError(f"{url}: downloaded file has SHA-256 {digest.hexdigest()}, expected {sha256}; "
-                             f"nothing was kept (a changed or corrupted file, or a proxy's error page)")
+            raise ValueError(
+                f"{url}: downloaded file has SHA-256 {digest.hexdigest()}, expected {sha256}; "
+                f"nothing was kept (a changed or corrupted file, or a proxy's error page)"
+            )
         os.replace(tmp, dest)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -82,9 +87,13 @@ def fetch(url: str, dest: str | Path, sha256: str, *, timeout: float = 60.0,
     return dest
 
 
-def download_omniglot(root: str | Path, *, base_url: str = OMNIGLOT_URL,
-                      archives: Mapping[str, tuple[str, int]] = OMNIGLOT_ARCHIVES,
-                      progress: Optional[Callable[[int], None]] = None) -> Path:
+def download_omniglot(
+    root: str | Path,
+    *,
+    base_url: str = OMNIGLOT_URL,
+    archives: Mapping[str, tuple[str, int]] = OMNIGLOT_ARCHIVES,
+    progress: Callable[[int], None] | None = None,
+) -> Path:
     """Fetch the official ``images_background.zip`` and ``images_evaluation.zip`` into ``root``.
 
     ``load_omniglot(root)`` then reads them as they are (no unzipping needed). ``base_url`` and

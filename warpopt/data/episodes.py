@@ -20,8 +20,9 @@ split to draw random (augmented) mini-batches from and a held-out test split.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Protocol, Sequence, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -107,7 +108,7 @@ class TensorClassPool:
         x = self._images[c]
         return x[index.to(x.device)]
 
-    def to(self, device: torch.device | str) -> "TensorClassPool":
+    def to(self, device: torch.device | str) -> TensorClassPool:
         """A copy of the pool with every class tensor on ``device``."""
         return TensorClassPool([x.to(device) for x in self._images], self.class_names)
 
@@ -135,9 +136,10 @@ class Episode:
     query_y: torch.Tensor
     classes: torch.Tensor
 
-    def to(self, device: torch.device | str) -> "Episode":
+    def to(self, device: torch.device | str) -> Episode:
         """The episode with all tensors on ``device``."""
-        return Episode(*(t.to(device) for t in (self.support_x, self.support_y, self.query_x, self.query_y, self.classes)))
+        tensors = (self.support_x, self.support_y, self.query_x, self.query_y, self.classes)
+        return Episode(*(t.to(device) for t in tensors))
 
 
 def episode_seed(seed: int, index: int) -> int:
@@ -266,16 +268,24 @@ class ClassificationTask:
             :data:`warpopt.data.omniglot.AUGMENTATION`).
     """
 
-    def __init__(self, name: str, train_images: torch.Tensor, train_labels: torch.Tensor,
-                 test_images: torch.Tensor, test_labels: torch.Tensor, augmentation: dict | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        train_images: torch.Tensor,
+        train_labels: torch.Tensor,
+        test_images: torch.Tensor,
+        test_labels: torch.Tensor,
+        augmentation: dict | None = None,
+    ) -> None:
         self.name = name
         self.train_images, self.train_labels = train_images, train_labels
         self.test_images, self.test_labels = test_images, test_labels
         self.augmentation = None if augmentation is None else dict(augmentation)
 
     @classmethod
-    def from_episode(cls, episode: "Episode", name: str = "episode",
-                     augmentation: dict | None = None) -> "ClassificationTask":
+    def from_episode(
+        cls, episode: Episode, name: str = "episode", augmentation: dict | None = None
+    ) -> ClassificationTask:
         """Support set as the training split, query set as the test split."""
         return cls(name, episode.support_x, episode.support_y, episode.query_x, episode.query_y, augmentation)
 
@@ -287,13 +297,20 @@ class ClassificationTask:
     def device(self) -> torch.device:
         return self.train_images.device
 
-    def to(self, device: torch.device | str) -> "ClassificationTask":
+    def to(self, device: torch.device | str) -> ClassificationTask:
         """A copy of the task with all tensors on ``device``."""
-        return ClassificationTask(self.name, self.train_images.to(device), self.train_labels.to(device),
-                                  self.test_images.to(device), self.test_labels.to(device), self.augmentation)
+        return ClassificationTask(
+            self.name,
+            self.train_images.to(device),
+            self.train_labels.to(device),
+            self.test_images.to(device),
+            self.test_labels.to(device),
+            self.augmentation,
+        )
 
-    def sample(self, batch_size: int, generator: torch.Generator | None = None,
-               augment: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample(
+        self, batch_size: int, generator: torch.Generator | None = None, augment: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """A random training mini-batch, not class balanced (WarpGrad Appendix E).
 
         Indices are drawn without replacement within the batch (independently
@@ -313,8 +330,9 @@ class ClassificationTask:
             x = random_affine(x, generator, **self.augmentation)
         return x, y
 
-    def loader(self, batch_size: int, generator: torch.Generator | None = None,
-               augment: bool = True) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def loader(
+        self, batch_size: int, generator: torch.Generator | None = None, augment: bool = True
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Infinite iterator of :meth:`sample` batches."""
         while True:
             yield self.sample(batch_size, generator, augment)
@@ -322,7 +340,7 @@ class ClassificationTask:
     @staticmethod
     def _batches(x: torch.Tensor, y: torch.Tensor, bs: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for i in range(0, x.shape[0], bs):
-            yield x[i:i + bs], y[i:i + bs]
+            yield x[i : i + bs], y[i : i + bs]
 
     def test_batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The held-out test split in order, un-augmented, in batches."""
@@ -333,5 +351,7 @@ class ClassificationTask:
         return self._batches(self.train_images, self.train_labels, batch_size)
 
     def __repr__(self) -> str:
-        return (f"ClassificationTask({self.name!r}, train={tuple(self.train_images.shape)}, "
-                f"test={tuple(self.test_images.shape)}, device={self.device})")
+        return (
+            f"ClassificationTask({self.name!r}, train={tuple(self.train_images.shape)}, "
+            f"test={tuple(self.test_images.shape)}, device={self.device})"
+        )

@@ -22,56 +22,61 @@ Every pool follows :class:`warpopt.data.episodes.ClassPool`: ``images_of(c)``
 returns float32 ``(n_c, 3, H, W)`` in ``[0, 1]`` (optionally normalised by
 ``normalize=(mean, std)``); ``images_at(c, index)`` decodes only the requested
 images; ``size_of(c)`` needs no decoding. Classes are numbered in sorted order
-of their names (mini) or labels (tiered). Pickles run code when loaded: load
-only files you trust.
+of their names (mini) or labels (tiered). Pickles are read with a restricted
+unpickler (:mod:`warpopt.data.safe_pickle`): only numpy arrays, dtypes, scalars and
+builtin containers are built, anything else is refused before it runs.
 """
 
 from __future__ import annotations
 
 import csv
 import io
-import pickle
 from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from .safe_pickle import load_pickle
 from .transforms import pil_resize, resize
 
 __all__ = [
-    "MiniImageNetPickle", "MiniImageNetCSV", "TieredImageNet", "load_miniimagenet",
-    "load_tieredimagenet", "IMAGENET_MEAN", "IMAGENET_STD",
+    "MiniImageNetPickle",
+    "MiniImageNetCSV",
+    "TieredImageNet",
+    "load_miniimagenet",
+    "load_tieredimagenet",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-_MINI_PICKLE_FMT = ("a pickled dict with 'image_data' (uint8 array (N, 84, 84, 3)) and "
-                    "'class_dict' ({class_name: [row indices]})")
+_MINI_PICKLE_FMT = (
+    "a pickled dict with 'image_data' (uint8 array (N, 84, 84, 3)) and 'class_dict' ({class_name: [row indices]})"
+)
 _MINI_CSV_FMT = "a CSV with header 'filename,label' and the listed JPEGs in images/"
 _TIERED_IMAGES_FMT = "a pickled list/array of PNG-encoded images (bytes or 1-D uint8 arrays)"
-_TIERED_LABELS_FMT = ("a pickled dict with 'label_specific' (int per image) and optionally "
-                      "'label_general', 'label_specific_str', 'label_general_str'")
-
-
-def _unpickle(path: Path, fmt: str) -> Any:
-    """Load a (possibly Python 2) pickle, turning every failure into a clear error."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found; expected {fmt}")
-    try:
-        with open(path, "rb") as f:
-            return pickle.load(f, encoding="latin1")
-    except Exception as e:  # any unpickling failure means a malformed file
-        raise ValueError(f"{path}: malformed pickle ({type(e).__name__}: {e}); expected {fmt}") from e
+_TIERED_LABELS_FMT = (
+    "a pickled dict with 'label_specific' (int per image) and optionally "
+    "'label_general', 'label_specific_str', 'label_general_str'"
+)
 
 
 class _Pool:
     """Shared logic: class membership lists, uint8 HWC -> float CHW, normalisation, cache."""
 
-    def __init__(self, class_names: Sequence[str], members: Sequence[np.ndarray], image_size: int | None,
-                 normalize: tuple[Sequence[float], Sequence[float]] | None, cache_classes: int) -> None:
+    def __init__(
+        self,
+        class_names: Sequence[str],
+        members: Sequence[Sequence[int] | np.ndarray],
+        image_size: int | None,
+        normalize: tuple[Sequence[float], Sequence[float]] | None,
+        cache_classes: int,
+    ) -> None:
         self.class_names = list(class_names)
         self._members = [np.asarray(m, dtype=np.int64) for m in members]
         self.image_size = image_size
@@ -127,10 +132,14 @@ class _Pool:
 class MiniImageNetPickle(_Pool):
     """miniImageNet from a ``mini-imagenet-cache-<split>.pkl`` file."""
 
-    def __init__(self, path: str | Path, normalize: tuple[Sequence[float], Sequence[float]] | None = None,
-                 image_size: int | None = None) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        normalize: tuple[Sequence[float], Sequence[float]] | None = None,
+        image_size: int | None = None,
+    ) -> None:
         path = Path(path)
-        obj = _unpickle(path, _MINI_PICKLE_FMT)
+        obj = load_pickle(path, _MINI_PICKLE_FMT)
         if not isinstance(obj, dict) or "image_data" not in obj or "class_dict" not in obj:
             keys = sorted(map(str, obj)) if isinstance(obj, dict) else type(obj).__name__
             raise ValueError(f"{path}: malformed miniImageNet pickle (got {keys}); expected {_MINI_PICKLE_FMT}")
@@ -145,8 +154,10 @@ class MiniImageNetPickle(_Pool):
         for name in names:
             rows = np.asarray(class_dict[name]).reshape(-1)
             if rows.size == 0 or rows.dtype.kind not in "iu" or rows.min() < 0 or rows.max() >= len(data):
-                raise ValueError(f"{path}: class_dict[{name!r}] holds invalid row indices for "
-                                 f"{len(data)} images; expected {_MINI_PICKLE_FMT}")
+                raise ValueError(
+                    f"{path}: class_dict[{name!r}] holds invalid row indices for "
+                    f"{len(data)} images; expected {_MINI_PICKLE_FMT}"
+                )
             members.append(rows)
         self.path = path
         self._data = data
@@ -188,9 +199,14 @@ class _EncodedFilePool(_Pool):
 class MiniImageNetCSV(_EncodedFilePool):
     """miniImageNet from a Ravi & Larochelle ``<split>.csv`` over ``images/`` (lazy)."""
 
-    def __init__(self, csv_path: str | Path, image_dir: str | Path | None = None,
-                 normalize: tuple[Sequence[float], Sequence[float]] | None = None,
-                 image_size: int | None = 84, cache_classes: int = 8) -> None:
+    def __init__(
+        self,
+        csv_path: str | Path,
+        image_dir: str | Path | None = None,
+        normalize: tuple[Sequence[float], Sequence[float]] | None = None,
+        image_size: int | None = 84,
+        cache_classes: int = 8,
+    ) -> None:
         csv_path = Path(csv_path)
         self.image_dir = Path(image_dir) if image_dir is not None else csv_path.parent / "images"
         if not csv_path.is_file():
@@ -229,23 +245,34 @@ class MiniImageNetCSV(_EncodedFilePool):
 class TieredImageNet(_EncodedFilePool):
     """tieredImageNet from ``<split>_images_png.pkl`` + ``<split>_labels.pkl`` (lazy decode)."""
 
-    def __init__(self, images_path: str | Path, labels_path: str | Path,
-                 normalize: tuple[Sequence[float], Sequence[float]] | None = None,
-                 image_size: int | None = None, cache_classes: int = 8) -> None:
+    def __init__(
+        self,
+        images_path: str | Path,
+        labels_path: str | Path,
+        normalize: tuple[Sequence[float], Sequence[float]] | None = None,
+        image_size: int | None = None,
+        cache_classes: int = 8,
+    ) -> None:
         images_path, labels_path = Path(images_path), Path(labels_path)
-        labels = _unpickle(labels_path, _TIERED_LABELS_FMT)
+        labels = load_pickle(labels_path, _TIERED_LABELS_FMT)
         if not isinstance(labels, dict) or "label_specific" not in labels:
             keys = sorted(map(str, labels)) if isinstance(labels, dict) else type(labels).__name__
-            raise ValueError(f"{labels_path}: malformed tieredImageNet labels (got {keys}); expected {_TIERED_LABELS_FMT}")
+            raise ValueError(
+                f"{labels_path}: malformed tieredImageNet labels (got {keys}); expected {_TIERED_LABELS_FMT}"
+            )
         specific = np.asarray(labels["label_specific"]).reshape(-1)
         if specific.dtype.kind not in "iu":
-            raise ValueError(f"{labels_path}: 'label_specific' has dtype {specific.dtype}; expected {_TIERED_LABELS_FMT}")
-        images = _unpickle(images_path, _TIERED_IMAGES_FMT)
+            raise ValueError(
+                f"{labels_path}: 'label_specific' has dtype {specific.dtype}; expected {_TIERED_LABELS_FMT}"
+            )
+        images = load_pickle(images_path, _TIERED_IMAGES_FMT)
         if not isinstance(images, (list, tuple, np.ndarray)):
             raise ValueError(f"{images_path}: got {type(images).__name__}; expected {_TIERED_IMAGES_FMT}")
         if len(images) != len(specific):
-            raise ValueError(f"{images_path}: {len(images)} images but {labels_path} has "
-                             f"{len(specific)} labels; the two files must describe the same split")
+            raise ValueError(
+                f"{images_path}: {len(images)} images but {labels_path} has "
+                f"{len(specific)} labels; the two files must describe the same split"
+            )
         self._images = images
         self.images_path, self.labels_path = images_path, labels_path
         self.label_general = np.asarray(labels["label_general"]) if "label_general" in labels else None
@@ -274,8 +301,12 @@ def _check_split(split: str, allowed: Sequence[str]) -> str:
     return split
 
 
-def load_miniimagenet(root: str | Path, split: str, normalize: tuple[Sequence[float], Sequence[float]] | None = None,
-                      image_size: int | None = 84) -> MiniImageNetPickle | MiniImageNetCSV:
+def load_miniimagenet(
+    root: str | Path,
+    split: str,
+    normalize: tuple[Sequence[float], Sequence[float]] | None = None,
+    image_size: int | None = 84,
+) -> MiniImageNetPickle | MiniImageNetCSV:
     """miniImageNet ``split`` (``"train"``, ``"val"``/``"validation"``, ``"test"``) from ``root``.
 
     Uses ``mini-imagenet-cache-<split>.pkl`` when present, otherwise the CSV
@@ -296,11 +327,17 @@ def load_miniimagenet(root: str | Path, split: str, normalize: tuple[Sequence[fl
         return MiniImageNetCSV(csv_path, normalize=normalize, image_size=image_size)
     raise FileNotFoundError(
         f"miniImageNet split {split!r} not found in {root}: expected either the pickle cache {pkl} "
-        f"({_MINI_PICKLE_FMT}) or the Ravi & Larochelle CSV {csv_path} ({_MINI_CSV_FMT})")
+        f"({_MINI_PICKLE_FMT}) or the Ravi & Larochelle CSV {csv_path} ({_MINI_CSV_FMT})"
+    )
 
 
-def load_tieredimagenet(root: str | Path, split: str, normalize: tuple[Sequence[float], Sequence[float]] | None = None,
-                        image_size: int | None = None, cache_classes: int = 8) -> TieredImageNet:
+def load_tieredimagenet(
+    root: str | Path,
+    split: str,
+    normalize: tuple[Sequence[float], Sequence[float]] | None = None,
+    image_size: int | None = None,
+    cache_classes: int = 8,
+) -> TieredImageNet:
     """tieredImageNet ``split`` (``"train"``, ``"val"``, ``"test"``) from ``root``.
 
     Reads ``<split>_images_png.pkl`` and ``<split>_labels.pkl``; classes are
@@ -311,5 +348,10 @@ def load_tieredimagenet(root: str | Path, split: str, normalize: tuple[Sequence[
     """
     split = _check_split(split, ("train", "val", "test"))
     root = Path(root).expanduser()
-    return TieredImageNet(root / f"{split}_images_png.pkl", root / f"{split}_labels.pkl",
-                          normalize=normalize, image_size=image_size, cache_classes=cache_classes)
+    return TieredImageNet(
+        root / f"{split}_images_png.pkl",
+        root / f"{split}_labels.pkl",
+        normalize=normalize,
+        image_size=image_size,
+        cache_classes=cache_classes,
+    )

@@ -1,8 +1,9 @@
 """Omniglot (Lake et al., 2015): loader, multi-shot tasks and the Vinyals few-shot split.
 
 :func:`load_omniglot` reads the npz form (``images_background.npz``,
-``images_evaluation.npz``: bool ``(n_chars, 20, 105, 105)``, True = background;
-``alphabets.tsv``), the original folder layout as unzipped or as torchvision saves it
+``images_evaluation.npz``: bool or 0/1 integer ``(n_chars, 20, 105, 105)``, True/1 =
+background; ``alphabets.tsv`` with disjoint, non-empty character-id ranges), the original
+folder layout as unzipped or as torchvision saves it
 (``images_background/<Alphabet>/characterNN/*.png``, ``images_evaluation/...``;
 ``root/omniglot-py/`` is also tried) or the official archives themselves, still zipped
 (``images_background.zip``, ``images_evaluation.zip``; see :mod:`warpopt.data.download`).
@@ -32,9 +33,11 @@ import hashlib
 import os
 import re
 import zipfile
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -44,8 +47,14 @@ from .episodes import ClassificationTask, TensorClassPool
 from .transforms import pil_resize
 
 __all__ = [
-    "Omniglot", "load_omniglot", "ClassificationTask", "multishot_split",
-    "OmniglotRotationPool", "vinyals_split", "VINYALS_VAL_ALPHABETS", "AUGMENTATION",
+    "Omniglot",
+    "load_omniglot",
+    "ClassificationTask",
+    "multishot_split",
+    "OmniglotRotationPool",
+    "vinyals_split",
+    "VINYALS_VAL_ALPHABETS",
+    "AUGMENTATION",
 ]
 
 SETS = ("images_background", "images_evaluation")
@@ -91,10 +100,11 @@ class Omniglot:
         a = self.alphabets.index(alphabet)
         return torch.nonzero(self.alphabet_of == a).flatten().tolist()
 
-    def to(self, device: torch.device | str) -> "Omniglot":
+    def to(self, device: torch.device | str) -> Omniglot:
         """A copy with ``images`` and ``alphabet_of`` on ``device``."""
-        return Omniglot(self.alphabets, self.characters, self.images.to(device),
-                        self.alphabet_of.to(device), self.character_names)
+        return Omniglot(
+            self.alphabets, self.characters, self.images.to(device), self.alphabet_of.to(device), self.character_names
+        )
 
 
 @dataclass
@@ -103,7 +113,8 @@ class _Listing:
     alphabet_of: list[int]
     char_index: list[int]
     char_names: list[str]
-    fingerprint: str
+    fingerprint: str  # identifies the source files (paths, sizes, times, array shapes and dtypes)
+    n_drawings: int
     decode: Callable[[int, str], np.ndarray]  # (size, resample) -> uint8 (n, D, S, S), white bg
 
 
@@ -118,26 +129,96 @@ def _resize_block(block: np.ndarray, size: int, resample: str) -> np.ndarray:
     return out
 
 
-def _list_npz(root: Path, sets: Sequence[str]) -> _Listing:
-    tsv = root / "alphabets.tsv"
+_NPZ_FMT = "an 'images' array (n_chars, n_drawings, H, W) of bool or 0/1 integers, True/1 = white background"
+_TSV_FMT = "tab-separated columns set, alphabet, first_char_id, last_char_id, n_chars"
+
+
+def _npz_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype of ``images`` in the npz at ``path``, read without loading the array."""
+    try:
+        with zipfile.ZipFile(path) as zf, zf.open("images.npy") as f:
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read(f)
+    except KeyError as e:
+        raise ValueError(f"{path}: npz has no 'images' array; expected {_NPZ_FMT}") from e
+    except Exception as e:  # zipfile / format / OS errors
+        raise ValueError(f"{path}: cannot read as npz ({e}); expected {_NPZ_FMT}") from e
+    if len(shape) != 4 or not (dtype == np.bool_ or np.issubdtype(dtype, np.integer)):
+        raise ValueError(f"{path}: 'images' is {dtype} {shape}; expected {_NPZ_FMT}")
+    return shape, dtype
+
+
+def _read_tsv(tsv: Path) -> list[dict[str, Any]]:
+    """The rows of ``alphabets.tsv``, each with its columns (str) plus ``first``, ``last`` (int
+    character ids) and ``line`` (its line number)."""
     try:
         with open(tsv, newline="") as f:
-            rows = list(csv.DictReader(f, delimiter="\t"))
+            rows: list[dict[str, Any]] = list(csv.DictReader(f, delimiter="\t"))
         need = {"set", "alphabet", "first_char_id", "last_char_id"}
         if not rows or not need <= set(rows[0]):
             raise ValueError(f"missing columns {sorted(need)}")
-        for r in rows:
-            r["first"], r["last"] = int(r["first_char_id"]), int(r["last_char_id"])
+        for line, r in enumerate(rows, start=2):
+            try:
+                r["first"], r["last"] = int(r["first_char_id"]), int(r["last_char_id"])
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"line {line}: {e}") from None
+            r["line"] = line
     except (ValueError, TypeError, KeyError, csv.Error) as e:
-        raise ValueError(f"{tsv}: malformed alphabets.tsv (expected tab-separated columns "
-                         f"set, alphabet, first_char_id, last_char_id, n_chars): {e}") from e
-    alphabets, alphabet_of, char_index, names, files = [], [], [], [], []
+        raise ValueError(f"{tsv}: malformed alphabets.tsv (expected {_TSV_FMT}): {e}") from e
+    for r in rows:
+        where = f"{tsv}, line {r['line']} ({r['alphabet']!r})"
+        if r["last"] < r["first"]:
+            raise ValueError(
+                f"{where}: empty character range {r['first']}..{r['last']}; "
+                f"fix it so that first_char_id <= last_char_id"
+            )
+        if r.get("n_chars") not in (None, "") and r["n_chars"] != str(r["last"] - r["first"] + 1):
+            raise ValueError(
+                f"{where}: n_chars is {r['n_chars']} but the range {r['first']}..{r['last']} "
+                f"holds {r['last'] - r['first'] + 1} characters; fix one of them"
+            )
+    return rows
+
+
+def _list_npz(root: Path, sets: Sequence[str]) -> _Listing:
+    tsv = root / "alphabets.tsv"
+    rows = _read_tsv(tsv)
+    alphabets: list[str] = []
+    alphabet_of: list[int] = []
+    char_index: list[int] = []
+    names: list[str] = []
+    files: list[Path] = []
+    headers: list[tuple[tuple[int, ...], str]] = []
     plan: list[tuple[Path, list[tuple[int, int]]]] = []
     for s in sets:
         set_rows = sorted((r for r in rows if r["set"] == s), key=lambda r: r["alphabet"])
         if not set_rows:
             raise ValueError(f"{tsv}: no alphabets listed for set {s!r}")
+        path = root / f"{s}.npz"
+        shape, dtype = _npz_header(path)
+        if headers and shape[1:] != headers[0][0][1:]:
+            raise ValueError(
+                f"{path}: 'images' is {shape} but {files[0]} is {headers[0][0]}: both sets "
+                f"must have the same number of drawings per character and image size"
+            )
+        # Row i of the set's npz is the character with the set's smallest id + i.
         offset = min(r["first"] for r in set_rows)
+        by_id = sorted(set_rows, key=lambda r: r["first"])
+        for prev, r in pairwise(by_id):
+            if r["first"] <= prev["last"]:
+                raise ValueError(
+                    f"{tsv}, lines {prev['line']} and {r['line']}: the character ranges of "
+                    f"{prev['alphabet']!r} ({prev['first']}..{prev['last']}) and {r['alphabet']!r} "
+                    f"({r['first']}..{r['last']}) overlap; each character id belongs to one alphabet"
+                )
+        top = by_id[-1]  # ranges are disjoint: the last one by first id ends highest
+        if top["last"] - offset >= shape[0]:
+            raise ValueError(
+                f"{tsv}, line {top['line']} ({top['alphabet']!r}): character ids {top['first']}.."
+                f"{top['last']} are out of range: {path} holds {shape[0]} characters (ids {offset}.."
+                f"{offset + shape[0] - 1}); fix the range or use the matching npz"
+            )
         ranges = []
         for r in set_rows:
             a = len(alphabets)
@@ -147,34 +228,41 @@ def _list_npz(root: Path, sets: Sequence[str]) -> _Listing:
                 char_index.append(k)
                 names.append(f"{r['alphabet']}/character{k + 1:02d}")
             ranges.append((r["first"] - offset, r["last"] - offset + 1))
-        path = root / f"{s}.npz"
         files.append(path)
+        headers.append((shape, str(dtype)))
         plan.append((path, ranges))
-    stat = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files + [tsv]]
+    dup = sorted({a for a in alphabets if alphabets.count(a) > 1})
+    if dup:
+        raise ValueError(f"{tsv}: alphabets {dup} are listed more than once; list each alphabet once")
+    stat = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in [*files, tsv]]
 
     def decode(size: int, resample: str) -> np.ndarray:
         parts = []
         for path, ranges in plan:
             try:
-                with np.load(path) as z:
+                with np.load(path, allow_pickle=False) as z:
                     arr = z["images"]
-            except KeyError as e:
-                raise ValueError(f"{path}: npz has no 'images' array (expected bool (n_chars, 20, 105, 105))") from e
-            except Exception as e:  # zipfile / pickle / OS errors
-                raise ValueError(f"{path}: cannot read as npz ({e})") from e
-            n_rows = max(hi for _, hi in ranges)
-            if arr.ndim != 4 or arr.shape[0] < n_rows or arr.dtype not in (np.bool_, np.uint8):
-                raise ValueError(f"{path}: 'images' is {arr.dtype} {arr.shape}, expected bool "
-                                 f"(>= {n_rows}, n_drawings, H, W) as described by alphabets.tsv")
+            except Exception as e:  # zipfile / OS errors
+                raise ValueError(f"{path}: cannot read as npz ({e}); expected {_NPZ_FMT}") from e
+            if arr.dtype != np.bool_:
+                lo, hi = (int(arr.min()), int(arr.max())) if arr.size else (0, 0)
+                if lo < 0 or hi > 1:
+                    raise ValueError(
+                        f"{path}: 'images' is {arr.dtype} with values in [{lo}, {hi}]; expected "
+                        f"{_NPZ_FMT}. Convert grey images to a mask first (e.g. images > 127)"
+                    )
+                arr = arr.astype(bool)  # a 0/1 mask is scaled like a bool one (1 -> 255, white)
             for lo, hi in ranges:
                 parts.append(_resize_block(arr[lo:hi], size, resample))
         return np.concatenate(parts)
 
-    return _Listing(alphabets, alphabet_of, char_index, names, repr(stat), decode)
+    n_drawings = headers[0][0][1]
+    return _Listing(alphabets, alphabet_of, char_index, names, repr((stat, headers)), n_drawings, decode)
 
 
-def _list_pngs(trees: Sequence[tuple[str, dict[str, dict[str, list[str]]], Callable[[], Any]]],
-               fingerprint: str) -> _Listing:
+def _list_pngs(
+    trees: Sequence[tuple[str, dict[str, dict[str, list[str]]], Callable[[], Any]]], fingerprint: str
+) -> _Listing:
     """Listing of PNG drawings grouped ``{alphabet: {character: [entries]}}`` per set.
 
     ``trees`` holds ``(where, tree, opener)`` per set: ``where`` names the source in errors and
@@ -190,8 +278,10 @@ def _list_pngs(trees: Sequence[tuple[str, dict[str, dict[str, list[str]]], Calla
             for k, ch in enumerate(sorted(tree[alpha], key=_natural_key)):
                 files = sorted(tree[alpha][ch], key=lambda e: _natural_key(PurePosixPath(e).name))
                 if pngs and len(files) != len(pngs[0][1]):
-                    raise ValueError(f"{where}/{alpha}/{ch}: {len(files)} drawings, but other "
-                                     f"characters have {len(pngs[0][1])}; expected the same number of *.png each")
+                    raise ValueError(
+                        f"{where}/{alpha}/{ch}: {len(files)} drawings, but other "
+                        f"characters have {len(pngs[0][1])}; expected the same number of *.png each"
+                    )
                 if not files:
                     raise ValueError(f"{where}/{alpha}/{ch}: no *.png drawings")
                 alphabet_of.append(a)
@@ -215,12 +305,12 @@ def _list_pngs(trees: Sequence[tuple[str, dict[str, dict[str, list[str]]], Calla
                     out[i, j] = pil_resize(grey, size, resample)
         return out
 
-    return _Listing(alphabets, alphabet_of, char_index, names, fingerprint, decode)
+    return _Listing(alphabets, alphabet_of, char_index, names, fingerprint, len(pngs[0][1]), decode)
 
 
 @contextlib.contextmanager
 def _open_files():
-    yield lambda entry: open(entry, "rb")
+    yield lambda entry: open(entry, "rb")  # noqa: SIM115 - the caller's `with` closes each file
 
 
 def _list_folders(root: Path, sets: Sequence[str]) -> _Listing:
@@ -228,8 +318,11 @@ def _list_folders(root: Path, sets: Sequence[str]) -> _Listing:
     for s in sets:
         tree: dict[str, dict[str, list[str]]] = {}
         for alpha in (p for p in (root / s).iterdir() if p.is_dir() and p.name[0] != "."):
-            tree[alpha.name] = {ch.name: [str(p) for p in ch.iterdir() if p.suffix.lower() == ".png"]
-                                for ch in alpha.iterdir() if ch.is_dir() and ch.name[0] != "."}
+            tree[alpha.name] = {
+                ch.name: [str(p) for p in ch.iterdir() if p.suffix.lower() == ".png"]
+                for ch in alpha.iterdir()
+                if ch.is_dir() and ch.name[0] != "."
+            }
         for f in sorted(f for chars in tree.values() for files in chars.values() for f in files):
             st = os.stat(f)
             digest.update(f"{Path(f).relative_to(root)}:{st.st_size}:{st.st_mtime_ns};".encode())
@@ -246,13 +339,18 @@ def _list_zips(root: Path, sets: Sequence[str]) -> _Listing:
             with zipfile.ZipFile(path) as z:
                 members = z.namelist()
         except (zipfile.BadZipFile, OSError) as e:
-            raise ValueError(f"{path}: cannot read as a zip archive ({e}); expected the official "
-                             f"{s}.zip holding {s}/<Alphabet>/characterNN/*.png") from e
+            raise ValueError(
+                f"{path}: cannot read as a zip archive ({e}); expected the official "
+                f"{s}.zip holding {s}/<Alphabet>/characterNN/*.png"
+            ) from e
         tree: dict[str, dict[str, list[str]]] = {}
         for name in members:
             parts = PurePosixPath(name).parts
-            if (len(parts) >= 3 and parts[-1].lower().endswith(".png")
-                    and not any(p.startswith((".", "__MACOSX")) for p in parts)):
+            if (
+                len(parts) >= 3
+                and parts[-1].lower().endswith(".png")
+                and not any(p.startswith((".", "__MACOSX")) for p in parts)
+            ):
                 tree.setdefault(parts[-3], {}).setdefault(parts[-2], []).append(name)
         trees.append((str(path), tree, functools.partial(_open_zip, path)))
         stat.append((str(path.resolve()), path.stat().st_size, path.stat().st_mtime_ns))
@@ -305,26 +403,38 @@ def load_omniglot(
             f"Omniglot not found at {base}: expected either the npz form "
             f"({', '.join(s + '.npz' for s in sets)} and alphabets.tsv) or the original folder layout "
             f"({', '.join(s + '/<Alphabet>/characterNN/*.png' for s in sets)}) or the official archives "
-            f"({', '.join(s + '.zip' for s in sets)}) in {base} or {base / 'omniglot-py'}")
+            f"({', '.join(s + '.zip' for s in sets)}) in {base} or {base / 'omniglot-py'}"
+        )
 
     u8 = None
     cache_file = None
+    shape = (len(listing.alphabet_of), listing.n_drawings, image_size, image_size)
+    # The fingerprint names the source files and the array the cache must hold: a cache written
+    # for other sources, or holding anything but that uint8 array, is rebuilt.
+    fingerprint = f"{listing.fingerprint}|uint8{shape}"
     if cache_dir is not None:
         key = hashlib.sha1(f"{base.resolve()}|{tuple(sets)}".encode()).hexdigest()[:12]
         cache_file = Path(cache_dir) / f"omniglot_{key}_{image_size}_{resample}.npz"
         if cache_file.is_file():
             try:
-                with np.load(cache_file) as z:
-                    if str(z["fingerprint"]) == listing.fingerprint:
-                        u8 = z["images"]
+                with np.load(cache_file, allow_pickle=False) as z:
+                    if str(z["fingerprint"]) == fingerprint:
+                        cached = z["images"]
+                        if cached.shape == shape and cached.dtype == np.uint8:
+                            u8 = cached
             except Exception:  # unreadable cache: rebuild it
                 u8 = None
     if u8 is None:
         u8 = listing.decode(image_size, resample)
+        if u8.shape != shape:  # the listing and the decoded files disagree: never cache that
+            raise ValueError(
+                f"{base}: decoded images have shape {u8.shape}, expected {shape}; the files "
+                f"changed while loading? Load again"
+            )
         if cache_file is not None:
             cache_file.parent.mkdir(parents=True, exist_ok=True)
             tmp = cache_file.with_name(cache_file.stem + f".tmp{os.getpid()}.npz")
-            np.savez(tmp, images=u8, fingerprint=np.array(listing.fingerprint))
+            np.savez(tmp, images=u8, fingerprint=np.array(fingerprint))
             os.replace(tmp, cache_file)
     images = 1.0 - torch.from_numpy(u8).float().div_(255.0)  # invert: ink = 1
     return Omniglot(
@@ -336,23 +446,29 @@ def load_omniglot(
     )
 
 
-def _make_task(om: Omniglot, alphabet: str, classes: int, num_holdout: int,
-               holdout: str, augmentation: dict | None) -> ClassificationTask:
+def _make_task(
+    om: Omniglot, alphabet: str, classes: int, num_holdout: int, holdout: str, augmentation: dict | None
+) -> ClassificationTask:
     rows = om.characters_of(alphabet)[:classes]
     x = om.images[rows]  # (classes, D, 1, S, S)
     d = x.shape[1]
     if not 0 < num_holdout < d:
         raise ValueError(f"num_holdout must be in 1..{d - 1}, got {num_holdout}")
     if holdout == "last":
-        tr, te = x[:, : d - num_holdout], x[:, d - num_holdout:]
+        tr, te = x[:, : d - num_holdout], x[:, d - num_holdout :]
     elif holdout == "first":
         tr, te = x[:, num_holdout:], x[:, :num_holdout]
     else:
         raise ValueError(f"holdout must be 'last' or 'first', got {holdout!r}")
     labels = torch.arange(classes, device=x.device)
-    return ClassificationTask(alphabet, tr.flatten(0, 1), labels.repeat_interleave(tr.shape[1]),
-                              te.flatten(0, 1), labels.repeat_interleave(te.shape[1]),
-                              AUGMENTATION if augmentation is None else augmentation)
+    return ClassificationTask(
+        alphabet,
+        tr.flatten(0, 1),
+        labels.repeat_interleave(tr.shape[1]),
+        te.flatten(0, 1),
+        labels.repeat_interleave(te.shape[1]),
+        AUGMENTATION if augmentation is None else augmentation,
+    )
 
 
 def multishot_split(
@@ -387,12 +503,14 @@ def multishot_split(
     """
     eligible = sorted(a for a in omniglot.alphabets if len(omniglot.characters_of(a)) >= classes)
     if num_pretrain < 0 or num_test < 0 or num_pretrain + num_test > len(eligible):
-        raise ValueError(f"num_pretrain={num_pretrain} + num_test={num_test} exceeds the "
-                         f"{len(eligible)} alphabets with >= {classes} characters")
+        raise ValueError(
+            f"num_pretrain={num_pretrain} + num_test={num_test} exceeds the "
+            f"{len(eligible)} alphabets with >= {classes} characters"
+        )
     order = np.random.default_rng(seed).permutation(len(eligible))
     shuffled = [eligible[i] for i in order]
     test = shuffled[:num_test]
-    train = shuffled[num_test:num_test + num_pretrain]
+    train = shuffled[num_test : num_test + num_pretrain]
     make = lambda a: _make_task(omniglot, a, classes, num_holdout, holdout, augmentation)  # noqa: E731
     return [make(a) for a in train], [make(a) for a in test]
 
@@ -453,5 +571,6 @@ def vinyals_split(omniglot: Omniglot) -> dict[str, OmniglotRotationPool]:
     test = list(range(1200, 1623))
     if (len(train), len(val), len(test)) != (1028, 172, 423):
         raise ValueError(f"unexpected Vinyals split sizes {len(train)}/{len(val)}/{len(test)} (want 1028/172/423)")
-    return {name: OmniglotRotationPool(omniglot, rows) for name, rows in
-            (("train", train), ("val", val), ("test", test))}
+    return {
+        name: OmniglotRotationPool(omniglot, rows) for name, rows in (("train", train), ("val", val), ("test", test))
+    }

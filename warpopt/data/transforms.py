@@ -91,9 +91,7 @@ def affine_matrices(
     # screen by `a` is [[cos, sin], [-sin, cos]] acting on (x, y).
     cos, sin = torch.cos(angle), torch.sin(angle)
     # Inverse linear part: R(a)^-1 / s = R(-a) / s.
-    inv = torch.stack(
-        [torch.stack([cos, -sin], -1), torch.stack([sin, cos], -1)], -2
-    ) / s[:, None, None]
+    inv = torch.stack([torch.stack([cos, -sin], -1), torch.stack([sin, cos], -1)], -2) / s[:, None, None]
     shift = torch.stack([tx, ty], -1)
     inv_offset = -(inv @ shift[:, :, None])[:, :, 0]
 

@@ -27,7 +27,8 @@ trajectories of ``B`` :class:`MazeEnv` reset with seeds ``s, s + 1, ..., s + B -
 from __future__ import annotations
 
 import functools
-from typing import Any, NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -38,9 +39,7 @@ try:
     from gymnasium.vector import VectorEnv
     from gymnasium.vector.utils import batch_space
 except ImportError as exc:  # pragma: no cover - exercised only without gymnasium
-    raise ImportError(
-        "warpopt.envs requires gymnasium>=1.0; install it with `pip install warpopt[examples]`"
-    ) from exc
+    raise ImportError("warpopt.envs requires gymnasium>=1.0; install it with `pip install warpopt[examples]`") from exc
 
 # gymnasium >= 1.1 names the autoreset modes with an enum; 1.0 used the plain string.
 _NEXT_STEP: Any = getattr(getattr(gym.vector, "AutoresetMode", None), "NEXT_STEP", "NextStep")
@@ -87,7 +86,7 @@ class _Geometry(NamedTuple):
     centre: tuple[int, int]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _geometry(size: int) -> _Geometry:
     layout = maze_layout(size)
     free = np.argwhere(~layout)
@@ -129,7 +128,7 @@ class _MazeConfig:
     _goal: np.ndarray | None = None
     _t: int = 0
 
-    def _configure(self, size: int, episode_length: int, goal_reward: float, wall_penalty: float):
+    def _configure(self, size: int, episode_length: int, goal_reward: float, wall_penalty: float) -> None:
         self.size = _check_size(size)
         if int(episode_length) != episode_length or episode_length < 1:
             raise ValueError(f"episode_length must be a positive integer, got {episode_length!r}")
@@ -155,16 +154,41 @@ class _MazeConfig:
         """Steps taken in the current episode."""
         return self._t
 
-    def _require_reset(self) -> None:
-        if self._goal is None:
+    def _require_reset(self, position: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """``(position, goal)``: the agent position(s) passed in and the goal(s), both set by
+        ``reset()``; raises before the first ``reset()``."""
+        if position is None or self._goal is None:
             raise RuntimeError("call reset() before using the environment")
+        return position, self._goal
+
+
+def _integers(value: Any, shape: tuple[int, ...]) -> np.ndarray | None:
+    """``value`` as an int64 array of ``shape``, or ``None`` unless it is exactly that: integers
+    (Python or numpy, not bools, floats, ``None`` or objects) in that shape."""
+    try:
+        arr = np.asarray(value)
+    except (ValueError, TypeError):  # ragged nesting
+        return None
+    if arr.shape != shape or not np.issubdtype(arr.dtype, np.integer):
+        return None
+    if isinstance(value, (list, tuple)) and any(  # [True, 2] becomes an int array
+        isinstance(v, (bool, np.bool_)) for v in np.asarray(value, dtype=object).reshape(-1)
+    ):
+        return None
+    return arr.astype(np.int64)  # a copy: the caller's array may change later
 
 
 def _check_cell(geo: _Geometry, pos: Any, what: str) -> np.ndarray:
-    cell = np.asarray(pos, dtype=np.int64).reshape(2)
+    cell = _integers(pos, (2,))
+    if cell is None:
+        raise ValueError(f"{what} must be two integers (row, col), got {pos!r}")
     n = geo.layout.shape[0]
-    if not (0 <= cell[0] < n and 0 <= cell[1] < n) or geo.layout[cell[0], cell[1]]:
-        raise ValueError(f"{what} {tuple(int(v) for v in cell)} is not a free cell of the maze")
+    if not (0 <= cell[0] < n and 0 <= cell[1] < n):
+        raise ValueError(
+            f"{what} {tuple(int(v) for v in cell)} is outside the {n}x{n} maze (rows and columns 0..{n - 1})"
+        )
+    if geo.layout[cell[0], cell[1]]:
+        raise ValueError(f"{what} {tuple(int(v) for v in cell)} is a wall; choose a free cell (see free_cells)")
     return cell
 
 
@@ -182,7 +206,8 @@ class MazeEnv(_MazeConfig, gym.Env):
     int64 arrays, the agent's position after the step (i.e. after any teleport).
     """
 
-    metadata = {"render_modes": ["ansi"], "render_fps": 4}
+    # gymnasium's API: a class-level dict (``gym.Env.metadata: dict[str, Any]``), overridden as such.
+    metadata: dict[str, Any] = {"render_modes": ["ansi"], "render_fps": 4}  # noqa: RUF012
 
     def __init__(
         self,
@@ -205,13 +230,13 @@ class MazeEnv(_MazeConfig, gym.Env):
 
     @property
     def agent_pos(self) -> tuple[int, int]:
-        self._require_reset()
-        return int(self._agent[0]), int(self._agent[1])
+        agent, _ = self._require_reset(self._agent)
+        return int(agent[0]), int(agent[1])
 
     @property
     def goal_pos(self) -> tuple[int, int]:
-        self._require_reset()
-        return int(self._goal[0]), int(self._goal[1])
+        _, goal = self._require_reset(self._agent)
+        return int(goal[0]), int(goal[1])
 
     def reset(
         self, *, seed: int | None = None, options: dict[str, Any] | None = None
@@ -225,21 +250,26 @@ class MazeEnv(_MazeConfig, gym.Env):
         return self._observation(), self._info()
 
     def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
-        self._require_reset()
+        agent, goal = self._require_reset(self._agent)
         if self._t >= self.episode_length:
             raise RuntimeError("the episode is over (truncated); call reset() before step()")
-        a = int(action)
-        if a != action or not 0 <= a < 4:
-            raise ValueError(f"invalid action {action!r}; expected an integer in [0, 4)")
-        target = self._agent + ACTION_DELTAS[a]
+        checked = _integers(action, ())
+        if checked is None or not 0 <= checked < 4:
+            raise ValueError(
+                f"invalid action {action!r}: expected an integer in the action space "
+                f"{self.action_space} (0 up, 1 down, 2 left, 3 right)"
+            )
+        a = int(checked)
+        target = agent + ACTION_DELTAS[a]
         if self._geo.layout[target[0], target[1]]:
             reward = 0.0 - self.wall_penalty
         else:
             reward = 0.0
-            self._agent = target
-        if self._agent[0] == self._goal[0] and self._agent[1] == self._goal[1]:
+            agent = target
+        if agent[0] == goal[0] and agent[1] == goal[1]:
             reward += self.goal_reward
-            self._agent = _draw_teleport(self.np_random, self._geo, self._goal)
+            agent = _draw_teleport(self.np_random, self._geo, goal)
+        self._agent = agent
         self._t += 1
         self._prev_reward = reward
         self._prev_action = a
@@ -249,10 +279,10 @@ class MazeEnv(_MazeConfig, gym.Env):
     def render(self) -> str | None:
         if self.render_mode != "ansi":
             return None
-        self._require_reset()
+        agent, goal = self._require_reset(self._agent)
         grid = np.where(self._geo.layout, "#", ".").astype("<U1")
-        grid[self._goal[0], self._goal[1]] = "G"
-        grid[self._agent[0], self._agent[1]] = "A"
+        grid[goal[0], goal[1]] = "G"
+        grid[agent[0], agent[1]] = "A"
         return "\n".join("".join(row) for row in grid) + "\n"
 
     def set_state(self, agent_pos: Any = None, goal_pos: Any = None) -> np.ndarray:
@@ -261,17 +291,20 @@ class MazeEnv(_MazeConfig, gym.Env):
         Both must be free cells and must differ. Neither the step counter, the previous
         reward/action nor the random generator are touched. Returns the current observation.
         """
-        self._require_reset()
-        agent = self._agent if agent_pos is None else _check_cell(self._geo, agent_pos, "agent_pos")
-        goal = self._goal if goal_pos is None else _check_cell(self._geo, goal_pos, "goal_pos")
+        agent, goal = self._require_reset(self._agent)
+        if agent_pos is not None:
+            agent = _check_cell(self._geo, agent_pos, "agent_pos")
+        if goal_pos is not None:
+            goal = _check_cell(self._geo, goal_pos, "goal_pos")
         if np.array_equal(agent, goal):
             raise ValueError("the agent cannot be placed on the goal")
         self._agent, self._goal = agent.copy(), goal.copy()
         return self._observation()
 
     def _observation(self) -> np.ndarray:
+        agent, _ = self._require_reset(self._agent)
         obs = np.zeros(OBS_DIM, dtype=np.float32)
-        r, c = int(self._agent[0]), int(self._agent[1])
+        r, c = int(agent[0]), int(agent[1])
         obs[:9] = self._geo.layout[r - 1 : r + 2, c - 1 : c + 2].reshape(-1)
         obs[10] = 1.0
         obs[11] = self._t / self.episode_length
@@ -281,7 +314,8 @@ class MazeEnv(_MazeConfig, gym.Env):
         return obs
 
     def _info(self) -> dict[str, Any]:
-        return {"agent_pos": self._agent.copy(), "goal_pos": self._goal.copy()}
+        agent, goal = self._require_reset(self._agent)
+        return {"agent_pos": agent.copy(), "goal_pos": goal.copy()}
 
 
 class MazeVectorEnv(_MazeConfig, VectorEnv):
@@ -303,7 +337,8 @@ class MazeVectorEnv(_MazeConfig, VectorEnv):
     ``_agent_pos``/``_goal_pos`` masks of the gymnasium convention).
     """
 
-    metadata = {"autoreset_mode": _NEXT_STEP, "render_modes": []}
+    # gymnasium's API: a class-level dict (``VectorEnv.metadata: dict[str, Any]``), overridden as such.
+    metadata: dict[str, Any] = {"autoreset_mode": _NEXT_STEP, "render_modes": []}  # noqa: RUF012
 
     def __init__(
         self,
@@ -322,19 +357,19 @@ class MazeVectorEnv(_MazeConfig, VectorEnv):
         self.single_action_space = spaces.Discrete(4)
         self.observation_space = batch_space(self.single_observation_space, self.num_envs)
         self.action_space = batch_space(self.single_action_space, self.num_envs)
-        self._rngs: list[np.random.Generator | None] = [None] * self.num_envs
+        self._rngs: list[np.random.Generator] = []  # one per sub-episode from the first reset()
         self._pos: np.ndarray | None = None  # the rest of the state is set by _reset_state()
         self._needs_reset = False
 
     @property
     def agent_pos(self) -> np.ndarray:
-        self._require_reset()
-        return self._pos.copy()
+        pos, _ = self._require_reset(self._pos)
+        return pos.copy()
 
     @property
     def goal_pos(self) -> np.ndarray:
-        self._require_reset()
-        return self._goal.copy()
+        _, goal = self._require_reset(self._pos)
+        return goal.copy()
 
     def reset(
         self,
@@ -350,37 +385,37 @@ class MazeVectorEnv(_MazeConfig, VectorEnv):
             seeds = list(seed)
             if len(seeds) != self.num_envs:
                 raise ValueError(f"expected {self.num_envs} seeds, got {len(seeds)}")
-        for i, s in enumerate(seeds):
-            if s is not None or self._rngs[i] is None:
-                self._rngs[i], _ = seeding.np_random(s)
+        previous: list[np.random.Generator | None] = list(self._rngs) or [None] * self.num_envs
+        self._rngs = [
+            rng if s is None and rng is not None else seeding.np_random(s)[0] for s, rng in zip(seeds, previous)
+        ]
         self._reset_state()
         return self._observation(), self._info()
 
-    def step(
-        self, actions: Any
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
-        self._require_reset()
-        acts = np.asarray(actions)
-        if acts.shape != (self.num_envs,) or not np.issubdtype(acts.dtype, np.integer):
-            raise ValueError(f"actions must be integers of shape ({self.num_envs},), got {acts!r}")
-        if acts.min() < 0 or acts.max() > 3:
-            raise ValueError("actions must lie in [0, 4)")
+    def step(self, actions: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+        pos, goal = self._require_reset(self._pos)
+        acts = _integers(actions, (self.num_envs,))
+        if acts is None or acts.min() < 0 or acts.max() > 3:
+            raise ValueError(
+                f"invalid actions {actions!r}: expected an integer array of shape ({self.num_envs},), "
+                f"each in the action space {self.single_action_space} (0 up, 1 down, 2 left, 3 right)"
+            )
         done = np.zeros(self.num_envs, dtype=bool)
         if self._needs_reset:
             self._reset_state()
             rewards = np.zeros(self.num_envs, dtype=np.float64)
             return self._observation(), rewards, done, done.copy(), self._info()
 
-        acts = acts.astype(np.int64)
-        target = self._pos + ACTION_DELTAS[acts]
+        target = pos + ACTION_DELTAS[acts]
         blocked = self._geo.layout[target[:, 0], target[:, 1]]
-        self._pos = np.where(blocked[:, None], self._pos, target)
+        pos = np.where(blocked[:, None], pos, target)
         rewards = np.where(blocked, 0.0 - self.wall_penalty, 0.0)
-        hit = np.all(self._pos == self._goal, axis=1)
+        hit = np.all(pos == goal, axis=1)
         if hit.any():
             rewards[hit] += self.goal_reward
             for i in np.flatnonzero(hit):
-                self._pos[i] = _draw_teleport(self._rngs[i], self._geo, self._goal[i])
+                pos[i] = _draw_teleport(self._rngs[i], self._geo, goal[i])
+        self._pos = pos
         self._t += 1
         self._prev_reward = rewards.copy()
         self._prev_action = acts
@@ -393,11 +428,15 @@ class MazeVectorEnv(_MazeConfig, VectorEnv):
 
         Same rules as :meth:`MazeEnv.set_state`, per sub-episode. Returns the observations.
         """
-        self._require_reset()
-        pos = self._pos if agent_pos is None else np.asarray(agent_pos, dtype=np.int64)
-        goal = self._goal if goal_pos is None else np.asarray(goal_pos, dtype=np.int64)
-        if pos.shape != (self.num_envs, 2) or goal.shape != (self.num_envs, 2):
-            raise ValueError(f"positions must have shape ({self.num_envs}, 2)")
+        current_pos, current_goal = self._require_reset(self._pos)
+        shape = (self.num_envs, 2)
+        pos = current_pos if agent_pos is None else _integers(agent_pos, shape)
+        goal = current_goal if goal_pos is None else _integers(goal_pos, shape)
+        if pos is None or goal is None:
+            raise ValueError(
+                f"positions must be integer (row, col) arrays of shape {shape}, got "
+                f"agent_pos={agent_pos!r}, goal_pos={goal_pos!r}"
+            )
         for p, g in zip(pos, goal):
             _check_cell(self._geo, p, "agent_pos")
             _check_cell(self._geo, g, "goal_pos")
@@ -415,9 +454,10 @@ class MazeVectorEnv(_MazeConfig, VectorEnv):
         self._needs_reset = False
 
     def _observation(self) -> np.ndarray:
+        pos, _ = self._require_reset(self._pos)
         obs = np.zeros((self.num_envs, OBS_DIM), dtype=np.float32)
-        rows = self._pos[:, 0:1] + _NB_ROWS
-        cols = self._pos[:, 1:2] + _NB_COLS
+        rows = pos[:, 0:1] + _NB_ROWS
+        cols = pos[:, 1:2] + _NB_COLS
         obs[:, :9] = self._geo.layout[rows, cols]
         obs[:, 10] = 1.0
         obs[:, 11] = self._t / self.episode_length
@@ -427,6 +467,7 @@ class MazeVectorEnv(_MazeConfig, VectorEnv):
         return obs
 
     def _info(self) -> dict[str, Any]:
+        pos, goal = self._require_reset(self._pos)
         mask = np.ones(self.num_envs, dtype=bool)
-        info = {"agent_pos": self._pos.copy(), "goal_pos": self._goal.copy()}
+        info = {"agent_pos": pos.copy(), "goal_pos": goal.copy()}
         return {**info, "_agent_pos": mask, "_goal_pos": mask.copy()}

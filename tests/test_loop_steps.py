@@ -1,0 +1,253 @@
+"""Issue 14, item 5: the step replayed is the step taken. Per-step hyper-parameters (schedulers)
+and gradient clipping are recorded with each point and replayed (differentiably); any other
+change to the step is detected and reported once."""
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call
+
+import warpopt
+from warpopt.objectives import meta_gradient, with_batches
+from warpopt.step_hypers import StepHypers
+
+from finite_differences import central_differences, relative_error
+
+DTYPE = torch.float64
+loss_fn = nn.functional.mse_loss
+CPU = torch.device("cpu")
+
+
+def make_model(seed=0, dropout=0.0):
+    torch.manual_seed(seed)
+    layers = [nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh()]
+    if dropout:
+        layers.append(nn.Dropout(dropout))
+    return warpopt.warp(nn.Sequential(*layers, nn.Linear(6, 1)).to(DTYPE))
+
+
+def batches(seed, n=5):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(3, 1, generator=g, dtype=DTYPE)
+    out = []
+    for _ in range(n):
+        x = torch.randn(4, 3, generator=g, dtype=DTYPE)
+        out.append((x, torch.sin(3 * x @ w)))
+    return out
+
+
+def replayed_steps(opt, data):
+    """For each recorded θ_k (k < K) of the buffer's one task: U replayed on the loop's batch k
+    (the replay's own update path, ``ReplayContext.update``) and the recorded θ_{k+1}."""
+    ctx = opt.replay_context()
+    samples = [opt.replay.sample(i, CPU) for i in range(len(opt.replay))]
+    pairs = []
+    for s, nxt in zip(samples, samples[1:]):
+        s = with_batches(type(s)(**{**s.__dict__, "task_batch": data[s.step], "meta_batch": data[s.step]}))
+        with torch.no_grad():
+            pairs.append((ctx.update(s, list(s.params)), nxt.params, s))
+    return pairs
+
+
+def assert_replayed_equals_recorded(pairs, atol=1e-12):
+    for replayed, recorded, s in pairs:
+        for a, b in zip(replayed, recorded):
+            torch.testing.assert_close(a, b, rtol=0, atol=atol, msg=f"step {s.step}")
+
+
+@pytest.mark.parametrize("task_optimizer", ["sgd_momentum", "adam"])
+def test_a_scheduler_mid_task_is_replayed_step_by_step(task_optimizer):
+    model = make_model()
+    kwargs = dict(task_optimizer=torch.optim.SGD, momentum=0.9) if task_optimizer == "sgd_momentum" else dict(
+        task_optimizer=torch.optim.Adam)
+    opt = warpopt.WarpGradMetaOptimizer(model, lr=0.1, **kwargs)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0 / (1 + k))  # a new lr every step
+    data = batches(1)
+    lrs = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the step check finds nothing to report
+        with opt.task(data, loss_fn) as task:
+            for k, (x, y) in enumerate(task):
+                if task_optimizer == "adam":  # β1 changed by hand, mid task, also recorded
+                    opt.param_groups[0]["betas"] = (0.9 - 0.1 * k, 0.999)
+                lrs.append(opt.param_groups[0]["lr"])
+                opt.zero_grad()
+                loss_fn(model(x), y).backward()
+                opt.step()
+                scheduler.step()
+    pairs = replayed_steps(opt, data)
+    assert len(pairs) == 5
+    assert [dict(s.hypers.groups[0])["lr"] for _, _, s in pairs] == lrs
+    assert_replayed_equals_recorded(pairs)
+    # The test can fail: replayed with the param groups as they are now (the old behaviour),
+    # the steps land elsewhere.
+    ctx = opt.replay_context()
+    _, recorded, s = pairs[0]
+    stale = type(s)(**{**s.__dict__, "hypers": None})
+    with torch.no_grad():
+        moved = ctx.update(stale, list(stale.params))
+    assert max((a - b).abs().max() for a, b in zip(moved, recorded)) > 1e-3
+    opt.meta_step()
+
+
+def test_clipping_by_norm_is_replayed_where_it_clipped_and_where_it_did_not():
+    model = make_model()
+    opt = warpopt.WarpGradMetaOptimizer(model, lr=0.2, momentum=0.5)
+    data = batches(2)
+    norms = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with opt.task(data, loss_fn) as task:
+            for k, (x, y) in enumerate(task):
+                opt.zero_grad()
+                loss_fn(model(x), y).backward()
+                norms.append(float(opt.clip_grad_norm_(max_norm=0.3 if k % 2 == 0 else 1e6)))
+                opt.step()
+    assert any(n > 0.3 for n in norms[::2])  # some steps were clipped ...
+    pairs = replayed_steps(opt, data)
+    assert [s.hypers.clip for _, _, s in pairs] == [(0.3, 2.0) if k % 2 == 0 else (1e6, 2.0) for k in range(5)]
+    assert_replayed_equals_recorded(pairs)  # ... and every step replays exactly
+    assert opt.replay.sample(5, CPU).hypers.clip is None  # θ_K: no step taken from it yet
+    opt.meta_step()
+
+
+@pytest.mark.parametrize("algorithm", ["online", "offline"])
+def test_the_exact_meta_gradient_through_clipping_matches_finite_differences(algorithm):
+    """L(φ) = L_meta(θ0 − α c(φ) g(φ)), c = min(1, m / (‖g‖ + 1e-6)), clipping active."""
+    model = make_model(3)
+    batch, meta_batch = batches(4, n=2)
+    theta0 = [p.detach().clone() for p in model.adapt_parameters()]
+    g = torch.autograd.grad(loss_fn(model(batch[0]), batch[1]), list(model.adapt_parameters()))
+    max_norm, lr = 0.4 * float(torch.linalg.vector_norm(torch.stack([t.norm() for t in g]))), 0.3
+    alg = warpopt.online() if algorithm == "online" else warpopt.offline()
+    replay = warpopt.ReplayBuffer(include_final=False)  # offline: only θ_0 is replayed
+    opt = warpopt.WarpGradMetaOptimizer(model, lr=lr, algorithm=alg, initialisation=warpopt.none(),
+                                        meta_optimizer=torch.optim.SGD, meta_lr=1.0, replay=replay)
+    phi = [p.detach().clone() for p in model.warp_parameters()]
+    with opt.task(lambda k: batch, loss_fn, meta_data=lambda k: meta_batch):
+        opt.zero_grad()
+        loss_fn(model(batch[0]), batch[1]).backward()
+        assert float(opt.clip_grad_norm_(max_norm)) > max_norm
+        opt.step()
+    opt.meta_step()
+    analytic = [a - b for a, b in zip(phi, model.warp_parameters())]
+
+    phi_names = [n for n, _ in model.named_warp_parameters()]
+    theta_names = [n for n, _ in model.named_adapt_parameters()]
+
+    def value(phi_values):
+        theta = [t.clone().requires_grad_(True) for t in theta0]
+
+        def at(params, x):
+            return functional_call(model, {**dict(zip(phi_names, phi_values)), **dict(zip(theta_names, params))}, (x,))
+
+        grads = torch.autograd.grad(loss_fn(at(theta, batch[0]), batch[1]), theta)
+        norm = torch.linalg.vector_norm(torch.stack([t.norm() for t in grads]))
+        c = min(1.0, max_norm / (float(norm) + 1e-6))
+        stepped = [t.detach() - lr * c * gr for t, gr in zip(theta, grads)]
+        with torch.no_grad():
+            return loss_fn(at(stepped, meta_batch[0]), meta_batch[1]).item()
+
+    numeric = central_differences(value, phi)
+    assert relative_error(analytic, numeric) < 1e-6
+    # The clip factor carries φ-dependence: without it (plain Eq. 7) the gradient differs.
+    ctx = opt.replay_context()
+    sample = warpopt.Sample(warpopt.Task(lambda k: batch, loss_fn, meta_data=lambda k: meta_batch), 0, 0, theta0,
+                            [{} for _ in theta0], [], batch, meta_batch,
+                            hypers=StepHypers(((("lr", lr),),), (max_norm, 2.0)))
+    with torch.no_grad():
+        for p, v in zip(model.warp_parameters(), phi):
+            p.copy_(v)
+    clipped, _ = meta_gradient(warpopt.exact, ctx, [sample], list(model.warp_parameters()))
+    assert relative_error(clipped, numeric) < 1e-6  # the same, through the public pieces
+    unclipped, _ = meta_gradient(warpopt.exact, ctx, [type(sample)(**{**sample.__dict__, "hypers": None})],
+                                 list(model.warp_parameters()))
+    assert relative_error(unclipped, numeric) > 1e-2
+
+
+def run_task(opt, model, data, modify=None, through_task=True):
+    source = data if through_task else (lambda k: data[k % len(data)])
+    with opt.task(source, loss_fn) as task:
+        loop = task if through_task else data
+        for x, y in loop:
+            opt.zero_grad()
+            loss = loss_fn(model(x), y)
+            if modify == "regulariser":
+                loss = loss + 0.1 * sum(p.pow(2).sum() for p in model.adapt_parameters())
+            loss.backward()
+            if modify == "scale":
+                for p in model.adapt_parameters():
+                    p.grad.mul_(0.5)
+            elif modify == "torch_clip":
+                torch.nn.utils.clip_grad_norm_(model.adapt_parameters(), 1e-3)
+            opt.step()
+            if modify == "constraint":
+                with torch.no_grad():
+                    for p in model.adapt_parameters():
+                        p.clamp_(-0.05, 0.05)
+
+
+@pytest.mark.parametrize("modify, through_task, match", [
+    ("scale", True, "changed between backward\\(\\) and step\\(\\).*opt.clip_grad_norm_"),
+    ("scale", False, "changed between backward\\(\\) and step\\(\\).*opt.clip_grad_norm_"),
+    ("torch_clip", False, "changed between backward\\(\\) and step\\(\\).*opt.clip_grad_norm_"),
+    ("regulariser", True, "loop's loss is not the task's loss"),
+    ("constraint", True, "parameters changed after step\\(\\)"),
+])
+def test_a_change_to_the_step_the_replay_cannot_see_is_reported_once(modify, through_task, match):
+    model = make_model()
+    opt = warpopt.WarpGradMetaOptimizer(model, lr=0.1)
+    with pytest.warns(RuntimeWarning, match="step replayed is not the step taken.*" + match) as record:
+        run_task(opt, model, batches(1), modify, through_task)
+        run_task(opt, model, batches(2), modify, through_task)  # task 1 is checked too: no second warning
+    assert sum("step replayed" in str(w.message) for w in record) == 1
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.5])
+def test_a_plain_loop_gets_no_warning_dropout_included(dropout):
+    model = make_model(dropout=dropout)
+    opt = warpopt.WarpGradMetaOptimizer(model, lr=0.1, initialisation=warpopt.none())  # (Leap's probe draws dropout)
+    torch.manual_seed(5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run_task(opt, model, batches(1))  # checked: task 0 ...
+        run_task(opt, model, batches(2), through_task=False)  # ... and task 1
+    after_tasks = torch.get_rng_state()
+    opt.meta_step()
+    # The check's recomputations ran under a forked RNG: the global stream is the loop's own
+    # (10 forwards, as a plain loop takes them).
+    torch.manual_seed(5)
+    for data in (batches(1), batches(2)):
+        for x, _ in data:
+            model(x)
+    assert torch.equal(torch.get_rng_state(), after_tasks)
+
+
+def test_clip_grad_norm_refuses_bad_bounds_before_touching_the_gradients():
+    model = make_model()
+    opt = warpopt.WarpGradMetaOptimizer(model, lr=0.1)
+    x, y = batches(1)[0]
+    loss_fn(model(x), y).backward()
+    grads = [p.grad.clone() for p in model.adapt_parameters()]
+    for bad in (-1.0, float("nan"), "a"):
+        with pytest.raises((ValueError, TypeError), match="max_norm"):
+            opt.clip_grad_norm_(bad)
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.adapt_parameters(), grads))
+
+
+def test_a_check_that_fails_warns_and_never_stops_training():
+    model = make_model()
+    opt = warpopt.WarpGradMetaOptimizer(model, lr=0.1, initialisation=warpopt.none())
+
+    def fragile(forward, batch):  # a task loss that fails outside the loop (which computes its own)
+        raise RuntimeError("fragile loss")
+
+    data = batches(1, n=1)
+    with pytest.warns(RuntimeWarning, match="could not check.*fragile loss.*training is unaffected"):
+        with opt.task(data, batch_loss=fragile) as task:
+            for x, y in task:
+                opt.zero_grad()
+                loss_fn(model(x), y).backward()
+                opt.step()
+    assert opt.counters["tasks"] == 1 and len(opt.replay) == 2

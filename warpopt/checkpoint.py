@@ -1,0 +1,355 @@
+"""State I/O of ``WarpGradMetaOptimizer``: snapshots out, validated loads in.
+
+``state_dict`` returns deep copies (later training never mutates a saved dict), between any
+two tasks. Mid meta-batch it holds the pending work too (``"pending"``): the replay buffer's
+points as tensors (θ_k, optimizer state, buffers; one copy of the buffer, on the CPU), what
+each step used (``warpopt.step_hypers``) and, per pending task, where its draws stand
+(``Task.state_dict``): the tape of a one-shot source (its batches, saved as they are), the
+position in a re-iterable, nothing for a callable. Loss functions, callables and iterators are
+code, which a checkpoint does not hold (loading a file never executes code): ``load_state_dict``
+takes them back as ``tasks=[Task, ...]``, one per pending task in the order they were adapted.
+``include_rng=True`` adds the global torch RNG state (and CUDA's), so a resumed run is
+bit-identical to an uninterrupted one.
+
+``load_state_dict`` checks the whole dict against the optimizer's configuration (algorithm,
+objective, θ0 learner, task and meta optimizer classes and hyper-parameter keys, parameter
+names, shapes and dtypes, pending points and tasks) before writing anything, and a failure
+while writing puts back what was already written: a mismatch raises a ``ValueError`` naming
+the field and nothing changes.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Sequence
+from typing import Any, Protocol
+
+import torch
+
+from .algorithms import Accumulator, Algorithm
+from .initialisation import InitialisationLearner
+from .meta_update import Contributions, MetaParameters
+from .session import Model, TaskRun
+from .tasks import Task
+from .trajectory import ReplayBuffer
+
+
+class WarpGradMetaOptimizer(Protocol):
+    """What this module reads and writes of the optimizer (no import of the shell: no cycle)."""
+
+    core: Model
+    meta: MetaParameters
+    algorithm: Algorithm
+    initialisation: InitialisationLearner
+    objective: Any
+    replay: ReplayBuffer
+    algorithm_state: Accumulator
+    contributions: Contributions
+    counters: dict[str, int]
+    _run: TaskRun | None
+
+
+__all__ = ["state_dict", "load_state_dict", "config", "validate"]
+
+KEYS = (
+    "config",
+    "task",
+    "warp_optimizer",
+    "init_optimizer",
+    "theta0",
+    "initial_buffers",
+    "warp",
+    "learned",
+    "algorithm_state",
+    "contributions",
+    "replay",
+    "counters",
+)
+
+
+def _name(obj: Any) -> str:
+    return getattr(obj, "__qualname__", None) or type(obj).__qualname__
+
+
+def _tensors(ts: Iterable[torch.Tensor]) -> list[tuple[tuple[int, ...], str]]:
+    return [(tuple(t.shape), str(t.dtype)) for t in ts]
+
+
+def _group_keys(optimizer: torch.optim.Optimizer | None) -> list[list[str]] | None:
+    # The optimizer's own hyper-parameters: keys a scheduler adds (``initial_lr``) do not count.
+    return (
+        None
+        if optimizer is None
+        else [sorted(k for k in g if k != "params" and k in optimizer.defaults) for g in optimizer.param_groups]
+    )
+
+
+def config(opt: WarpGradMetaOptimizer) -> dict[str, Any]:
+    """What a state dict must agree with to be loaded into ``opt``."""
+    core, meta = opt.core, opt.meta
+    return {
+        "algorithm": type(opt.algorithm).__qualname__,
+        "objective": _name(opt.objective),
+        "initialisation": type(opt.initialisation).__qualname__,
+        "task_optimizer": type(core.task_optimizer).__qualname__,
+        "task_hyperparameters": _group_keys(core.task_optimizer),
+        "meta_optimizer": None if meta.warp_optimizer is None else type(meta.warp_optimizer).__qualname__,
+        "meta_hyperparameters": _group_keys(meta.warp_optimizer),
+        "init_optimizer": None if meta.init_optimizer is None else type(meta.init_optimizer).__qualname__,
+        "init_hyperparameters": _group_keys(meta.init_optimizer),
+        "adapt_parameters": list(core.adapt_names),
+        "theta0": _tensors(meta.theta0),
+        "warp": _tensors(meta.warp),
+        "initial_buffers": list(zip(core.buffer_names, _tensors(core.initial_buffers))),
+        "learned": sorted(meta.learned),
+    }
+
+
+def _clone(x: Any) -> Any:
+    return copy.deepcopy(x)
+
+
+def state_dict(opt: WarpGradMetaOptimizer, include_rng: bool = False) -> dict[str, Any]:
+    if opt._run is not None:
+        raise RuntimeError(
+            "state_dict() inside a task: call it between tasks (after the `with opt.task(...)` "
+            "block); a meta-batch's finished tasks are saved with it, a running one is not"
+        )
+    sd = _snapshot(opt)
+    if include_rng:
+        sd["rng"] = {
+            "cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
+        }
+    return sd
+
+
+def _pending(replay: ReplayBuffer) -> dict[str, Any] | None:
+    if not len(replay):
+        return None
+    contents, tasks = replay.contents(), replay.tasks
+    return {"contents": contents, "tasks": [_clone(tasks[i].state_dict()) for i in contents["tasks"]]}
+
+
+def _snapshot(opt: WarpGradMetaOptimizer) -> dict[str, Any]:
+    acc, contrib = opt.algorithm_state, opt.contributions
+    return {
+        "config": config(opt),
+        "task": _clone(opt.core.task_optimizer.state_dict()),
+        "warp_optimizer": None if opt.meta.warp_optimizer is None else _clone(opt.meta.warp_optimizer.state_dict()),
+        "init_optimizer": None if opt.meta.init_optimizer is None else _clone(opt.meta.init_optimizer.state_dict()),
+        "theta0": [t.detach().clone() for t in opt.meta.theta0],
+        "initial_buffers": [b.clone() for b in opt.core.initial_buffers],
+        "warp": [p.detach().clone() for p in opt.meta.warp],
+        "learned": {k: v.detach().clone() for k, v in opt.meta.learned.items()},
+        "algorithm_state": {"total": None if acc.total is None else [t.clone() for t in acc.total], "count": acc.count},
+        "contributions": {
+            "total": None if contrib.total.total is None else [t.clone() for t in contrib.total.total],
+            "count": contrib.total.count,
+            "by_task": [(i, [t.clone() for t in g]) for i, g in contrib.by_task],
+        },
+        "replay": _clone(opt.replay.state_dict()),
+        "counters": dict(opt.counters),
+        "pending": _pending(opt.replay),
+    }
+
+
+def _check_optimizer_state(field: str, saved: Any, live: torch.optim.Optimizer | None) -> None:
+    if (saved is None) != (live is None):
+        raise ValueError(
+            f"state_dict field {field!r}: saved {'nothing' if saved is None else 'a state'}, "
+            f"this optimizer has {'none' if live is None else 'one'}"
+        )
+    if live is None:
+        return
+    groups = saved.get("param_groups") if isinstance(saved, dict) else None
+    if groups is None or len(groups) != len(live.param_groups):
+        raise ValueError(
+            f"state_dict field {field!r}: {0 if groups is None else len(groups)} param groups, "
+            f"this optimizer has {len(live.param_groups)}"
+        )
+    for i, (g, h) in enumerate(zip(groups, live.param_groups)):
+        if len(g["params"]) != len(h["params"]):
+            raise ValueError(
+                f"state_dict field {field!r}: param group {i} has {len(g['params'])} parameters, "
+                f"this optimizer's has {len(h['params'])}"
+            )
+    params = [p for h in live.param_groups for p in h["params"]]
+    ids = [i for g in groups for i in g["params"]]
+    for pid, p in zip(ids, params):
+        for key, value in saved["state"].get(pid, {}).items():
+            if isinstance(value, torch.Tensor) and value.dim() and value.shape != p.shape:
+                raise ValueError(
+                    f"state_dict field {field!r}: state {key!r} has shape {tuple(value.shape)}, "
+                    f"its parameter {tuple(p.shape)}"
+                )
+
+
+def _check_tensors(field: str, saved: Any, live: list[torch.Tensor]) -> None:
+    if not isinstance(saved, (list, tuple)) or len(saved) != len(live):
+        raise ValueError(
+            f"state_dict field {field!r}: expected {len(live)} tensors, got "
+            f"{len(saved) if isinstance(saved, (list, tuple)) else type(saved).__name__}"
+        )
+    for i, (s, t) in enumerate(zip(saved, live)):
+        if not isinstance(s, torch.Tensor) or s.shape != t.shape or s.dtype != t.dtype:
+            got = (tuple(s.shape), s.dtype) if isinstance(s, torch.Tensor) else type(s).__name__
+            raise ValueError(f"state_dict field {field!r}[{i}]: expected {tuple(t.shape)} {t.dtype}, got {got}")
+
+
+def validate(opt: WarpGradMetaOptimizer, sd: Any) -> None:
+    """Raise ``ValueError`` naming the first field of ``sd`` that does not fit ``opt``."""
+    if not isinstance(sd, dict):
+        raise ValueError(f"not a WarpGradMetaOptimizer state_dict: got {type(sd).__name__}")
+    missing = [k for k in KEYS if k not in sd]
+    if missing:
+        raise ValueError(f"not a WarpGradMetaOptimizer state_dict: missing {missing}")
+    mine = config(opt)
+    for key, value in mine.items():
+        saved = sd["config"].get(key, "<missing>")
+        if isinstance(saved, list):  # tuples become lists through some serialisers
+            saved = [list(x) if isinstance(x, tuple) else x for x in saved]
+            value = [list(x) if isinstance(x, tuple) else x for x in value]
+        if saved != value:
+            raise ValueError(
+                f"state_dict config {key!r} is {saved!r}, this optimizer has {value!r}: it was saved "
+                "by a differently configured optimizer"
+            )
+    _check_optimizer_state("task", sd["task"], opt.core.task_optimizer)
+    _check_optimizer_state("warp_optimizer", sd["warp_optimizer"], opt.meta.warp_optimizer)
+    _check_optimizer_state("init_optimizer", sd["init_optimizer"], opt.meta.init_optimizer)
+    _check_tensors("theta0", sd["theta0"], opt.meta.theta0)
+    _check_tensors("warp", sd["warp"], opt.meta.warp)
+    _check_tensors("initial_buffers", sd["initial_buffers"], opt.core.initial_buffers)
+    if set(sd["learned"]) != set(opt.meta.learned):
+        raise ValueError(
+            f"state_dict field 'learned': {sorted(sd['learned'])}, this optimizer {sorted(opt.meta.learned)}"
+        )
+    for field in ("algorithm_state", "contributions"):
+        total = sd[field]["total"]
+        if total is not None:
+            live = opt.meta.phi if field == "algorithm_state" else opt.meta.theta0
+            _check_tensors(field, total, [p.detach() for p in live])
+    _check_rng(sd.get("rng"))
+
+
+def _check_rng(rng: Any) -> None:
+    if rng is None:
+        return
+    if not isinstance(rng, dict) or not isinstance(rng.get("cpu"), torch.Tensor) or rng["cpu"].dtype != torch.uint8:
+        raise ValueError("state_dict field 'rng': expected {'cpu': a uint8 tensor, 'cuda': [uint8 tensors] or None}")
+    cuda = rng.get("cuda")
+    if cuda is not None and not (
+        isinstance(cuda, (list, tuple)) and all(isinstance(t, torch.Tensor) and t.dtype == torch.uint8 for t in cuda)
+    ):
+        raise ValueError("state_dict field 'rng.cuda': expected a list of uint8 tensors or None")
+
+
+def _check_pending(opt: WarpGradMetaOptimizer, pending: Any, tasks: Sequence[Task] | None) -> None:
+    """The pending points must fit the model; ``tasks`` must re-attach every pending task."""
+    if pending is None:
+        if tasks:
+            raise ValueError(f"tasks=: this state_dict holds no pending tasks, got {len(tasks)}")
+        return
+    try:
+        contents, saved_tasks = pending["contents"], pending["tasks"]
+        points, ids = contents["points"], list(contents["tasks"])
+        int(contents["next_id"]), dict(contents["hypers"])
+    except (TypeError, KeyError) as error:
+        raise ValueError(f"state_dict field 'pending' is malformed ({error!r})") from None
+    if not isinstance(saved_tasks, list) or len(saved_tasks) != len(ids):
+        raise ValueError("state_dict field 'pending': one task state per pending task expected")
+    n = len(ids)
+    if tasks is None:
+        raise ValueError(
+            f"this state_dict was saved mid meta-batch: {n} adapted task(s) wait for meta_step(). Their "
+            "loss functions and data sources are code, which a checkpoint does not hold: pass "
+            "load_state_dict(sd, tasks=[warpopt.Task(data, loss_fn), ...]), one per pending task in the "
+            "order they were adapted (one-shot data: Task(None, loss_fn); the saved batches are used)"
+        )
+    tasks = list(tasks)
+    if len(tasks) != n or not all(isinstance(t, Task) for t in tasks) or len({id(t) for t in tasks}) != n:
+        raise ValueError(
+            f"tasks=: expected {n} distinct warpopt.Task objects (one per pending task, in the order they "
+            f"were adapted), got {len(tasks)}: {[type(t).__name__ for t in tasks][:5]}"
+        )
+    for i, (task, saved) in enumerate(zip(tasks, saved_tasks)):
+        name = saved.get("name") if isinstance(saved, dict) else None
+        if name is not None and task.name is not None and name != task.name:
+            raise ValueError(f"tasks=[{i}] is named {task.name!r}, the pending task {i} was {name!r}")
+        try:
+            task.check_state(saved)
+        except ValueError as error:
+            raise ValueError(f"tasks=[{i}]: {error}") from None
+    theta0, buffers = [p.detach() for p in opt.meta.theta0], opt.core.initial_buffers
+    for j, point in enumerate(points):
+        where = f"pending.points[{j}]"
+        if not isinstance(point, dict) or point.get("task") not in ids:
+            raise ValueError(f"state_dict field {where!r}: no task of the pending tasks")
+        _check_tensors(where + ".params", point["params"], theta0)
+        _check_tensors(where + ".buffers", point["buffers"], buffers)
+        states = point["states"]
+        if not isinstance(states, list) or len(states) != len(theta0):
+            raise ValueError(f"state_dict field {where + '.states'!r}: one optimizer state per parameter expected")
+        for st, p in zip(states, theta0):
+            for key, value in st.items():
+                if not isinstance(value, torch.Tensor) or (value.dim() and value.shape != p.shape):
+                    raise ValueError(
+                        f"state_dict field {where + '.states'!r}: {key!r} does not fit its parameter {tuple(p.shape)}"
+                    )
+
+
+def load_state_dict(opt: WarpGradMetaOptimizer, sd: dict[str, Any], tasks: Sequence[Task] | None = None) -> None:
+    if opt._run is not None:
+        raise RuntimeError("load_state_dict() inside a task: call it between tasks")
+    validate(opt, sd)
+    _check_pending(opt, sd.get("pending"), tasks)
+    sd = copy.deepcopy(sd)  # the caller's dict stays theirs
+    undo, live_tasks = _snapshot(opt), opt.replay.tasks
+    undo_tasks = None if undo["pending"] is None else [live_tasks[i] for i in undo["pending"]["contents"]["tasks"]]
+    try:
+        _write(opt, sd, tasks)
+    except BaseException:
+        _write(opt, undo, undo_tasks)
+        raise
+
+
+def _restore_pending(opt: WarpGradMetaOptimizer, pending: dict[str, Any] | None, tasks: Sequence[Task] | None) -> None:
+    if pending is None:
+        opt.replay.clear()
+        return
+    ids = [int(i) for i in pending["contents"]["tasks"]]
+    for task, saved in zip(tasks or (), pending["tasks"]):
+        task.load_state_dict(saved)
+    opt.replay.restore(pending["contents"], dict(zip(ids, tasks or ())), opt.core.adapt[0].device)
+
+
+def _write(opt: WarpGradMetaOptimizer, sd: dict[str, Any], tasks: Sequence[Task] | None = None) -> None:
+    meta, core = opt.meta, opt.core
+    with torch.no_grad():
+        for dst, src in zip(
+            meta.theta0 + meta.warp + core.initial_buffers, sd["theta0"] + sd["warp"] + sd["initial_buffers"]
+        ):
+            dst.copy_(src)
+        for k, v in sd["learned"].items():
+            meta.learned[k].copy_(v)
+    opt.core.task_optimizer.load_state_dict(sd["task"])
+    if meta.warp_optimizer is not None:
+        meta.warp_optimizer.load_state_dict(sd["warp_optimizer"])
+    if meta.init_optimizer is not None:
+        meta.init_optimizer.load_state_dict(sd["init_optimizer"])
+    acc, contrib = sd["algorithm_state"], sd["contributions"]
+    opt.algorithm_state = Accumulator(None if acc["total"] is None else tuple(acc["total"]), acc["count"])
+    opt.contributions = Contributions(
+        Accumulator(None if contrib["total"] is None else tuple(contrib["total"]), contrib["count"]),
+        tuple((i, tuple(g)) for i, g in contrib["by_task"]),
+    )
+    _restore_pending(opt, sd.get("pending"), tasks)
+    opt.replay.load_state_dict(sd["replay"])
+    opt.counters = dict(sd["counters"])
+    rng = sd.get("rng")
+    if rng is not None:  # last: nothing after it can fail
+        torch.set_rng_state(rng["cpu"])
+        if rng.get("cuda") is not None and torch.cuda.is_available():
+            for i, state in enumerate(rng["cuda"][: torch.cuda.device_count()]):
+                torch.cuda.set_rng_state(state, i)

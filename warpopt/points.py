@@ -1,0 +1,133 @@
+"""Recorded points θ_k of a task trajectory, flattened for storage (Section 2.4, Algorithm 2).
+
+A point holds θ_k, the task optimizer's state at θ_k (momentum buffers, Adam moments and step
+counts, needed to replay the user's update rule exactly) and the adaptable buffers (BatchNorm
+statistics). It is stored as one flat vector per storage dtype: a single ``torch.cat`` per dtype
+and step, on the parameters' device, no host round trip. Every tensor keeps its own dtype unless
+the caller asks for a lower storage precision for parameters and moments (``dtype=``); step
+counts and non-floating tensors (integer buffers) are never cast, so a model mixing float32 and
+float64 parameters, or an int64 counter above 2⁵³, replays bit-exactly.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+__all__ = ["Point", "State", "flatten_point", "unflatten_point"]
+
+State = dict[str, torch.Tensor]
+
+HOST = -1  # vector index of a step count kept on the host as a Python number
+
+
+def _storage_dtype(key: str, t: torch.Tensor, dtype: Optional[torch.dtype]) -> Optional[torch.dtype]:
+    """The dtype ``t`` is stored in, or ``None`` for a host-side number.
+
+    Step counts drive Adam's bias correction and integer buffers count batches: a cast of
+    either would change the replayed update, so they keep their dtype. Step counts the
+    optimizer keeps on the host (torch.optim's default) stay there as Python numbers:
+    copying them to a GPU would synchronise at every step.
+    """
+    if key == "step" and t.device.type == "cpu" and t.numel() == 1:
+        return None
+    if dtype is None or key == "step" or not t.is_floating_point():
+        return t.dtype
+    return dtype
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Where each tensor of a point lives.
+
+    ``dtypes[g]`` is the dtype of the point's g-th flat vector; ``entries`` holds, per tensor in
+    recording order (parameters, then each parameter's optimizer state, then buffers), the
+    vector index (``HOST`` for a host-side number), offset, numel, shape and original dtype.
+    """
+
+    state_keys: tuple[tuple[str, ...], ...]  # per parameter, the optimizer-state keys
+    dtypes: tuple[torch.dtype, ...]
+    entries: tuple[tuple[int, int, int, torch.Size, torch.dtype], ...]
+
+    @staticmethod
+    def of(tensors: Sequence[tuple[str, torch.Tensor]], state_keys: tuple[tuple[str, ...], ...],
+           dtype: Optional[torch.dtype] = None) -> "_Layout":
+        groups: dict[torch.dtype, int] = {}
+        sizes: list[int] = []
+        host = 0
+        entries = []
+        for key, t in tensors:
+            store = _storage_dtype(key, t, dtype)
+            if store is None:
+                entries.append((HOST, host, 1, t.shape, t.dtype))
+                host += 1
+                continue
+            if store not in groups:
+                groups[store] = len(groups)
+                sizes.append(0)
+            g = groups[store]
+            entries.append((g, sizes[g], t.numel(), t.shape, t.dtype))
+            sizes[g] += t.numel()
+        return _Layout(state_keys, tuple(groups), tuple(entries))
+
+
+@dataclass
+class Point:
+    """A recorded θ_k: one flat vector per storage dtype, host-side step counts, their layout.
+
+    ``vectors`` are on the recording device, in CPU memory or, for a point stored on disk
+    (``path`` set), empty ``meta`` tensors that keep the shapes and dtypes of the file's content.
+    """
+
+    step: int
+    vectors: tuple[torch.Tensor, ...]
+    layout: _Layout
+    path: Optional[str] = None  # set when the vectors live on disk
+    host: tuple[float, ...] = ()
+
+    def nbytes(self) -> int:
+        """Bytes held in memory (0 for a point on disk)."""
+        return sum(v.numel() * v.element_size() for v in self.vectors if v.device.type != "meta")
+
+
+def flatten_point(step: int, params: Sequence[torch.Tensor], states: Sequence[State],
+                  buffers: Sequence[torch.Tensor], dtype: Optional[torch.dtype] = None) -> Point:
+    """Copy θ_k, its optimizer state and buffers into one flat vector per storage dtype.
+
+    ``dtype`` (e.g. ``torch.float16``) is the storage precision of floating parameters, moments
+    and buffers; ``None`` keeps each tensor's own dtype. Nothing here waits for the device:
+    device tensors are concatenated on the device, host-side step counts are read on the host.
+    """
+    items: list[tuple[str, torch.Tensor]] = [("param", p) for p in params]
+    for s in states:
+        items.extend(s.items())
+    items.extend(("buffer", b) for b in buffers)
+    layout = _Layout.of(items, tuple(tuple(s.keys()) for s in states), dtype)
+    parts: list[list[torch.Tensor]] = [[] for _ in layout.dtypes]
+    host = []
+    for (_, t), (g, *_rest) in zip(items, layout.entries):
+        if g == HOST:
+            host.append(t.item())
+        else:
+            parts[g].append(t.detach().reshape(-1).to(layout.dtypes[g]))
+    vectors = tuple(torch.cat(p) for p in parts)
+    return Point(step, vectors, layout, host=tuple(host))
+
+
+def unflatten_point(point: Point, device: torch.device) -> tuple[list[torch.Tensor], list[State], list[torch.Tensor]]:
+    """Inverse of ``flatten_point``: tensors on ``device`` in their recorded dtypes.
+
+    Host-side step counts come back as 0-dim CPU tensors, where the task optimizer kept them.
+    """
+    vectors = [v.to(device, non_blocking=True) for v in point.vectors]
+    tensors = []
+    for g, offset, numel, shape, dtype in point.layout.entries:
+        if g == HOST:
+            tensors.append(torch.tensor(point.host[offset], dtype=dtype).view(shape))
+        else:
+            tensors.append(vectors[g][offset:offset + numel].view(shape).to(dtype))
+    n_params = len(point.layout.state_keys)
+    params, rest = tensors[:n_params], iter(tensors[n_params:])
+    states = [{key: next(rest) for key in keys} for keys in point.layout.state_keys]
+    return params, states, list(rest)

@@ -1,0 +1,365 @@
+"""The task session: one task's adaptation (the inner loop of Algorithms 1-3).
+
+``begin`` resets θ ← θ0 (unless the algorithm continues from the current θ), freezes φ and
+starts recording; ``step`` is the recorded task update; ``end`` hands back what the task
+produced (its trajectory, its online meta-gradient sum, its θ0 contribution) for the
+meta-optimizer to commit; ``abort`` puts parameters, buffers and the task optimizer's state
+back to where they were before ``begin``. Nothing here changes φ, θ0 or any meta state.
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+from torch import nn
+
+from .algorithms import Accumulator, Algorithm
+from .clipping import check_max_norm
+from .initialisation import InitialisationLearner
+from .objectives import Objective, ReplayContext, meta_gradient
+from . import step_check, warping
+from .step_hypers import StepHypers, capture
+from .task_optimizers import functional_step_for, optimizer_states
+from .tasks import Task
+from .trajectory import ReplayBuffer, Sample, Trajectory
+
+__all__ = ["Model", "TaskRun", "TaskOutcome", "build", "begin", "step", "end", "abort", "clip_grad_norm_"]
+
+
+@dataclass
+class Model:
+    """The model's partition and the task optimizer, as the meta-optimizer wires them.
+
+    ``adapt``/``adapt_names``: θ (task-adapted); ``warp``: φ; ``learned``: meta-learned task
+    hyper-parameters; ``theta0``/``initial_buffers``: where tasks start.
+    """
+
+    module: nn.Module
+    adapt: list[nn.Parameter]
+    adapt_names: list[str]
+    buffer_names: list[str]
+    warp: list[nn.Parameter]
+    learned: dict[str, nn.Parameter]
+    task_optimizer: torch.optim.Optimizer
+    step_fn: Callable[..., Any]
+    theta0: list[nn.Parameter]
+    initial_buffers: list[torch.Tensor]
+    # The loop side (issue 14): the clipping ``clip_grad_norm_`` asked for the next step, how
+    # many tasks have begun (the step check samples them), the mismatches already reported.
+    clip: Optional[tuple[float, float]] = None
+    tasks_begun: int = 0
+    reported: set = field(default_factory=set)
+
+    def meta_parameters(self) -> list[nn.Parameter]:
+        """What the warp objective differentiates: φ and learned hyper-parameters."""
+        return self.warp + list(self.learned.values())
+
+    def live_buffers(self) -> list[torch.Tensor]:
+        named = dict(self.module.named_buffers())
+        return [named[n] for n in self.buffer_names]
+
+    def states(self) -> list[dict[str, torch.Tensor]]:
+        return optimizer_states(self.task_optimizer, self.adapt)
+
+    def context(self) -> ReplayContext:
+        """Functional view of the model and the task update rule for replay (Eq. 7/8)."""
+        groups = self.task_optimizer.param_groups
+        index = {id(p): i for i, g in enumerate(groups) for p in g["params"]}
+        hypers = [{**groups[index[id(p)]], **self.learned} if self.learned else groups[index[id(p)]]
+                  for p in self.adapt]
+        return ReplayContext(self.module, self.adapt_names, self.buffer_names, self.step_fn, hypers,
+                             [index[id(p)] for p in self.adapt], dict(self.learned))
+
+
+def task_groups(params: Optional[Iterable[Any]], named_adapt: list) -> list[dict[str, Any]]:
+    """Param groups for the task optimizer: all adapt parameters, or the user's groups (checked)."""
+    adapt_ids = {id(p) for _, p in named_adapt}
+    if params is None:
+        if not named_adapt:
+            raise ValueError("the warped model has no adapt parameters to train on tasks")
+        return [{"params": [p for _, p in named_adapt]}]
+    groups = list(params)
+    if groups and not isinstance(groups[0], dict):
+        groups = [{"params": groups}]
+    for group in groups:
+        group_params = group["params"]
+        group_params = [group_params] if isinstance(group_params, torch.Tensor) else list(group_params)
+        for p in group_params:
+            if id(p) not in adapt_ids:
+                raise ValueError(
+                    f"a parameter of shape {tuple(p.shape)} passed in params is not an adapt "
+                    "parameter of the warped model; pass parameters from model.adapt_parameters()")
+        group["params"] = group_params
+    return groups
+
+
+def _partition(module: nn.Module) -> tuple[list, list, list]:
+    """(named adapt parameters, warp parameters, adapt buffer names); an unwarped model is all θ."""
+    if not warping.is_warped(module):
+        return list(module.named_parameters()), [], [n for n, _ in module.named_buffers()]
+    return (list(warping.named_adapt_parameters(module)), [p for _, p in warping.named_warp_parameters(module)],
+            [n for n, _ in warping.named_adapt_buffers(module)])
+
+
+def build(module: nn.Module, params: Optional[Any], task_optimizer: Callable[..., torch.optim.Optimizer],
+          lr: float, task_kwargs: dict[str, Any], learn_lr: bool, learn_momentum: bool) -> Model:
+    """Partition ``module``, build the task optimizer (checked: its update rule must be
+    replayable), θ0 and the learned hyper-parameters."""
+    # torch.compile(model) wraps the module: the loop may call the compiled one, the replay runs
+    # the original (Eq. 7 needs double backward, which compiled graphs do not support).
+    module = getattr(module, "_orig_mod", module) if type(module).__name__ == "OptimizedModule" else module
+    named_adapt, warp_params, buffer_names = _partition(module)
+    inner = task_optimizer(task_groups(params, named_adapt), lr=lr, **task_kwargs)
+    step_fn = functional_step_for(inner)  # fails now, before any state exists, if U cannot be replayed
+    ids = {id(p) for g in inner.param_groups for p in g["params"]}
+    adapt = [(n, p) for n, p in named_adapt if id(p) in ids]
+    device = adapt[0][1].device
+    with torch.no_grad():
+        theta0 = [nn.Parameter(p.detach().clone()) for _, p in adapt]
+        buffers = dict(module.named_buffers())
+        initial_buffers = [buffers[n].detach().clone() for n in buffer_names]
+    learned: dict[str, nn.Parameter] = {}
+    for key, wanted in (("lr", learn_lr), ("momentum", learn_momentum)):
+        if wanted:
+            if key not in inner.param_groups[0]:
+                raise ValueError(f"learn_{key} needs a task optimizer with a {key!r} hyper-parameter")
+            learned[key] = nn.Parameter(torch.tensor(float(inner.param_groups[0][key]), device=device))
+    return Model(module, [p for _, p in adapt], [n for n, _ in adapt], buffer_names, warp_params, learned, inner,
+                 step_fn, theta0, initial_buffers)
+
+
+@dataclass
+class TaskRun:
+    """The live state of one task (a ``warpopt.initialisation.TaskView`` for θ0 learners)."""
+
+    task: Task
+    context: ReplayContext
+    params: list[torch.Tensor]
+    buffers: list[torch.Tensor]
+    theta0: list[torch.Tensor]
+    start_buffers: list[torch.Tensor]
+    learn: bool
+    restore: tuple[list[torch.Tensor], list[torch.Tensor], dict[str, Any]]
+    requires_grad: list[bool]
+    finite: torch.Tensor
+    steps: int = 0
+    trajectory: Optional[Trajectory] = None
+    init_state: Any = None
+    hook: Any = None
+    algorithm_state: Accumulator = field(default_factory=Accumulator)  # tentative until the task ends
+    hypers: Optional[StepHypers] = None  # what the latest step used (recorded with its point)
+    step_hypers: list[StepHypers] = field(default_factory=list)  # per step k (shared objects; for θ0 learners)
+    guard: Optional[step_check.GradGuard] = None  # set while the task's first step is to be checked
+    check: Optional[step_check.Before] = None  # the first step, compared where the loop took θ_1 to
+
+    def sample(self, states: list[dict[str, torch.Tensor]]) -> Sample:
+        """The live θ_k as a replay sample (for the online algorithms)."""
+        return Sample(self.task, -1, self.steps, [p.detach() for p in self.params], list(states),
+                      [b.detach() for b in self.buffers], hypers=self.hypers)
+
+
+@dataclass
+class TaskOutcome:
+    """What a cleanly finished task hands to the meta-optimizer to commit."""
+
+    trajectory: Optional[Trajectory]
+    steps: int
+    algorithm_state: Accumulator
+    contribution: Optional[list[torch.Tensor]]
+
+
+def begin(model: Model, task: Task, *, reset: bool, learn: bool, algorithm: Algorithm,
+          initialisation: InitialisationLearner, replay: ReplayBuffer, algorithm_state: Accumulator) -> TaskRun:
+    """Start a task: θ ← θ0 (if ``reset``), φ frozen (unless harvested), recording on."""
+    buffers = model.live_buffers()
+    with torch.no_grad():
+        # What a failed task restores: the state before this task touched anything.
+        restore = ([p.detach().clone() for p in model.adapt], [b.detach().clone() for b in buffers],
+                   copy.deepcopy(model.task_optimizer.state_dict()))
+        if reset:
+            for p, t0 in zip(model.adapt, model.theta0):
+                p.copy_(t0)
+            for b, b0 in zip(buffers, model.initial_buffers):
+                b.copy_(b0)
+            model.task_optimizer.state.clear()
+            for group in model.task_optimizer.param_groups:
+                for key, value in model.learned.items():
+                    group[key] = float(value)
+        # θ_0 of this task: θ0 after a reset, the carried-over θ in continual learning.
+        start = [p.detach().clone() for p in model.adapt]
+        start_buffers = [b.detach().clone() for b in buffers]
+    records = learn and algorithm.records and bool(model.meta_parameters())
+    run = TaskRun(task, model.context(), model.adapt, buffers, start, start_buffers, learn, restore,
+                  [p.requires_grad for p in model.warp],
+                  torch.ones((), dtype=torch.bool, device=model.adapt[0].device),
+                  algorithm_state=algorithm_state)
+    task.start_loop()
+    model.clip = None
+    try:
+        if records:
+            run.trajectory = replay.trajectory(task)
+            run.trajectory.record(0, model.adapt, model.states(), buffers)
+
+            def record(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+                run.trajectory.record(run.steps + 1, model.adapt, model.states(), run.buffers)  # type: ignore[union-attr]
+
+            run.hook = model.task_optimizer.register_step_post_hook(record)
+        if not (learn and algorithm.harvests):
+            for p in model.warp:
+                p.requires_grad_(False)  # frozen while the task adapts: no φ work in its backward
+        # Issue 14: sampled tasks check that their first step is the one the replay would take.
+        if learn and model.meta_parameters() and not algorithm.harvests and step_check.due(model.tasks_begun):
+            run.guard = step_check.GradGuard(model.adapt)
+        model.tasks_begun += 1
+        if learn:
+            run.init_state = initialisation.begin_task(run)
+    except BaseException:  # e.g. a probe's draw from empty data: leave nothing half-begun
+        finish(model, run)
+        abort(model, run)
+        raise
+    return run
+
+
+def step(model: Model, run: Optional[TaskRun], *, algorithm: Algorithm, initialisation: InitialisationLearner,
+         objective: Objective, algorithm_state: Accumulator) -> tuple[Accumulator, Optional[list[torch.Tensor]]]:
+    """One task update of θ, recorded; returns the algorithm's new state (``run``'s tentative
+    one inside a task) and a warp gradient that is due now (continual), if any. ``run`` is
+    None for continual steps outside a task."""
+    if run is not None:
+        algorithm_state = run.algorithm_state
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in model.adapt]
+    if run is not None:
+        run.finite &= torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum())
+    learn = run is None or run.learn
+    clip, model.clip = model.clip, None
+    if run is not None:  # issue 14: record what this step uses; check the step on sampled tasks
+        _verify_first_step(model, run)  # θ_1 as the loop left it (after any change of its own)
+        run.hypers = capture(model.task_optimizer, clip, run.hypers)
+        run.step_hypers.append(run.hypers)
+        if run.trajectory is not None:
+            run.trajectory.note_hypers(run.steps, run.hypers)
+        if run.steps == 0:
+            _check_loop_reads_task(model, run)
+            if run.guard is not None:
+                run.check = step_check.before(model.adapt, model.states(), grads, run.buffers, run.hypers,
+                                              run.guard, run.task)
+                run.guard.remove()
+                run.guard = None
+    step_grads = None
+    if learn and model.meta_parameters():  # θ0-only meta-learning has no per-step φ work
+        if algorithm.harvests:
+            step_grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in model.meta_parameters()]
+            for p in model.meta_parameters():
+                p.grad = None
+        else:
+            step_objective = algorithm.step_objective(objective)
+            if step_objective is not None:
+                if run is None:
+                    raise RuntimeError(f"{algorithm!r} needs the task's data: step inside `with opt.task(...)`")
+                with torch.enable_grad():
+                    step_grads, _ = meta_gradient(step_objective, run.context, [run.sample(model.states())],
+                                                  model.meta_parameters())
+    previous = ([p.detach().clone() for p in model.adapt]
+                if run is not None and learn and initialisation.needs_previous else None)
+    model.task_optimizer.step()
+    due = None
+    if run is not None:
+        if previous is not None:
+            run.init_state = initialisation.after_step(run.init_state, run, previous, grads)
+        run.steps += 1
+    if learn and step_grads is not None:
+        algorithm_state, due = algorithm.on_step(algorithm_state, step_grads)
+        if run is not None:
+            run.algorithm_state = algorithm_state
+    return algorithm_state, due
+
+
+def finish(model: Model, run: TaskRun) -> None:
+    """Stop recording and unfreeze φ (both on success and failure)."""
+    if run.hook is not None:
+        run.hook.remove()
+        run.hook = None
+    if run.guard is not None:
+        run.guard.remove()
+        run.guard = None
+    for p, flag in zip(model.warp, run.requires_grad):
+        p.requires_grad_(flag)
+
+
+def abort(model: Model, run: TaskRun) -> None:
+    """Put θ, the adapt buffers and the task optimizer's state back to before ``begin``."""
+    params, buffers, optimizer_state = run.restore
+    with torch.no_grad():
+        for p, s in zip(model.adapt, params):
+            p.copy_(s)
+        for b, s in zip(run.buffers, buffers):
+            b.copy_(s)
+    model.task_optimizer.load_state_dict(optimizer_state)
+
+
+def end(model: Model, run: TaskRun, initialisation: InitialisationLearner, on_nonfinite: str) -> Optional[TaskOutcome]:
+    """The task's outcome; None if a task gradient became NaN/inf: then θ is restored and the
+    task dropped with a warning (``on_nonfinite="skip"``) or a ``FloatingPointError``."""
+    finish(model, run)
+    if bool(run.finite):
+        _verify_first_step(model, run)
+    if run.trajectory is not None:  # θ_K is replayed with what the next step would use
+        run.trajectory.note_hypers(run.steps, capture(model.task_optimizer, None, run.hypers))
+    if not bool(run.finite):  # the one host synchronisation per task
+        abort(model, run)
+        message = (f"a task gradient became NaN/inf while adapting {run.task!r}; its trajectory was "
+                   "dropped and the parameters restored")
+        if on_nonfinite == "raise":
+            raise FloatingPointError(message + " (pass on_nonfinite='skip' to skip such tasks)")
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+        return None
+    if not run.learn:
+        return TaskOutcome(None, run.steps, run.algorithm_state, None)
+    contribution = initialisation.end_task(run.init_state, run)
+    if contribution is not None:
+        contribution = [c.detach() for c in contribution]
+    return TaskOutcome(run.trajectory, run.steps, run.algorithm_state, contribution)
+
+
+def clip_grad_norm_(model: Model, run: Optional[TaskRun], max_norm: float, norm_type: float = 2.0,
+                    error_if_nonfinite: bool = False) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` on the adapt parameters, recorded for the next step so
+    that the replay clips the same way, differentiably (``warpopt.clipping``). Returns the total
+    norm of the gradients before clipping."""
+    max_norm, norm_type = check_max_norm(max_norm, norm_type)
+    if model.clip is not None and model.clip[1] != norm_type:
+        raise ValueError(f"clip_grad_norm_ was already called for this step with norm_type={model.clip[1]}: clip "
+                         "once per step")
+    total = torch.nn.utils.clip_grad_norm_(model.adapt, max_norm, norm_type, error_if_nonfinite)
+    # Clipping twice by the same norm is clipping once by the smaller bound.
+    model.clip = (max_norm if model.clip is None else min(max_norm, model.clip[0]), norm_type)
+    if run is not None and run.guard is not None:
+        run.guard.refresh()  # our own, recorded change to the gradients
+    return total
+
+
+def _verify_first_step(model: Model, run: TaskRun) -> None:
+    """Compare the checked first step with the θ_1 the loop went on from (``warpopt.step_check``)."""
+    if run.check is not None:
+        check, run.check = run.check, None
+        try:
+            found = step_check.after(run.context, run.task, model.adapt, check)
+        except Exception as error:  # a diagnostic must never stop the user's training
+            found = ("unchecked", f"{type(error).__name__}: {error}")
+        step_check.report(found, model.reported, run.task)
+
+
+def _check_loop_reads_task(model: Model, run: TaskRun) -> None:
+    """At a task's first step: batches a draw read ahead from a one-shot iterator are lost to a
+    loop that iterates the iterator itself rather than the task (warned once)."""
+    ahead = run.task.read_ahead()
+    if ahead and not run.task.batches_seen() and "data" not in model.reported:
+        model.reported.add("data")
+        warnings.warn(f"{run.task!r}: {ahead} batch(es) of your one-shot data (a generator or iterator) were read by "
+                      "warpopt before your loop's first step (a probe or a replay draw) and your loop does not "
+                      "iterate the task, so it will not see them. Iterate the task instead: `with opt.task(gen, "
+                      "loss_fn) as task: for x, y in task: ...` (every batch reaches the loop and is kept for the "
+                      "replay). Reported once.", RuntimeWarning, stacklevel=4)
