@@ -354,7 +354,9 @@ def plot(results, out: Path, cfg) -> None:
         a.bar(i, acc, yerr=ci, capsize=4, color=colour, hatch=hatch, edgecolor="k" if hatch else None)
     a.set_xticks(range(len(bars)), [x[0] for x in bars], fontsize=7)
     a.set_ylabel("test accuracy (%) ± 95 % CI")
-    a.set_title(f"{cfg['dataset']}: {cfg['eval_episodes']} test episodes; hatched: equal training time", fontsize=9)
+    episodes = cfg["eval_episodes"]
+    episodes = "/".join(map(str, episodes.values())) if isinstance(episodes, dict) else episodes
+    a.set_title(f"{cfg['dataset']}: {episodes} test episodes; hatched: equal training time", fontsize=9)
     for r in results:
         loss = r.get("train_loss") or r["train_loss_curve"]
         loss = loss + r.get("equal_time", {}).get("train_loss", [])

@@ -134,7 +134,7 @@ def fetch_data(name: str, dest: Path) -> Path:
 
 
 # ------------------------------------------------------------------------------- command line
-class _Formatter(argparse.RawDescriptionHelpFormatter):
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Shows every option's default (and its --quick value) after its help."""
 
     quick: Mapping[str, Any] = {}
@@ -159,7 +159,7 @@ class ExampleParser(argparse.ArgumentParser):
 
     def __init__(self, name: str, doc: Optional[str], *, quick: Optional[Mapping[str, Any]] = None,
                  quick_help: str = "", data: Optional[str] = None, threads: int = 1) -> None:
-        super().__init__(prog=f"examples/{name}.py", description=doc, formatter_class=_Formatter,
+        super().__init__(prog=f"examples/{name}.py", description=doc, formatter_class=HelpFormatter,
                          allow_abbrev=False)
         self.quick, self.data = dict(quick or {}), data
         self.add_argument("--seed", type=int, default=0, help="random seed")
@@ -318,6 +318,7 @@ def no_progress(n: int) -> None:
 def _call(packed: tuple) -> Any:
     worker, job, queue, threads = packed
     torch.set_num_threads(threads)
+    _VIEW["off"] = True  # a worker reports through ``progress``; bars of its own would garble the parent's
     return worker(job, queue.put)
 
 
@@ -351,6 +352,8 @@ def run_parallel(worker: Callable[[Any, Callable[[int], None]], Any], jobs: Sequ
                     if done:
                         break
                 yield result
+            pool.close()  # let the workers exit on their own (terminating them leaks their semaphores)
+            pool.join()
 
 
 # ------------------------------------------------------------------------------- timing, fair comparisons

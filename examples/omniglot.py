@@ -33,12 +33,11 @@ Choices (all recorded in config.json with their source):
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
-import json
 import functools
-import multiprocessing as mp
+import json
 import random
+import shutil
 import time
 from pathlib import Path
 
@@ -230,20 +229,33 @@ def _scores(acc, curves) -> dict:
     return {"test_acc": sum(acc) / len(acc), "train_auc": sum(mean_curve) / len(mean_curve), "train_curve": mean_curve}
 
 
-def run(method, args, data, progress=no_progress, budgets=None):
+def _budget_file(args) -> Path:
+    """Where the Warp-Leap run of ``args.run_seed`` leaves its meta-training CPU seconds for the
+    equal-time runs of the same seed (a file, so that runs in other processes see it)."""
+    return Path(args.out) / ".budgets" / f"warp-leap-N{args.num_pretrain}-seed{args.run_seed}.json"
+
+
+def _read_budget(path: Path):
+    try:
+        return json.loads(path.read_text())["cpu_s"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def run(method, args, data, progress=no_progress):
     """One (method, N, seed) run: meta-train (unless sgd) and evaluate on the held-out alphabets.
 
-    ``budgets`` (a dict shared between runs) receives Warp-Leap's meta-training CPU seconds per seed
-    and gives them to the ``EQUAL_TIME`` methods when ``args.equal_time``. Calls ``progress(n)``
-    with about ``job_units(method, args)`` units in all.
+    Warp-Leap leaves its meta-training CPU seconds in :func:`_budget_file`; with
+    ``args.equal_time`` the ``EQUAL_TIME`` methods of the same seed train on until they have used
+    as much. Calls ``progress(n)`` with about ``job_units(method, args)`` units in all.
     """
     train_tasks, test_tasks = multishot_split(data, seed=args.run_seed, num_pretrain=args.num_pretrain)
     test_tasks = test_tasks[: args.num_eval_tasks]
     gen = torch.Generator().manual_seed(args.run_seed)
     timer = {"task_steps": 0, "task_s": 0.0, "replayed": 0, "meta_s": 0.0}  # CPU (process) seconds
     start, cpu_start = time.perf_counter(), time.process_time()
-    key = f"warp-leap/{args.run_seed}"
-    budget = (lambda: budgets.get(key)) if args.equal_time and method in EQUAL_TIME and budgets is not None else None
+    board = _budget_file(args)
+    budget = (lambda: _read_budget(board)) if args.equal_time and method in EQUAL_TIME else None
     checkpoints = None
     if method in OPT_METHODS and args.num_pretrain > 0:
         model, checkpoints = meta_train(method, args, train_tasks, gen, timer, progress, budget)
@@ -253,8 +265,8 @@ def run(method, args, data, progress=no_progress, budgets=None):
         _, model = build_model(args, "none", args.run_seed)
         checkpoints = {"equal_steps": harness.Checkpoint({"theta0": [p.detach().clone() for p in model.adapt_parameters()],
                                                           "warp": []}, 0, 0.0, 0.0), "equal_time": None}
-    if method == "warp-leap" and budgets is not None:
-        budgets[key] = checkpoints["equal_steps"].cpu_s
+    if method == "warp-leap":
+        harness.write_json(board.parent, board.name, {"cpu_s": checkpoints["equal_steps"].cpu_s})
     scale = args.sgd_scale if method in NO_META_TRAINING else 1
     t0 = time.perf_counter()
     evaluated = {}
@@ -283,7 +295,7 @@ def run(method, args, data, progress=no_progress, budgets=None):
         point = checkpoints["equal_time"]
         row["equal_time"] = {**_scores(*evaluated["equal_time"]), "meta_steps": point.steps,
                              "train_cpu_s": point.cpu_s, "train_wall_s": point.wall_s,
-                             "budget_cpu_s": budgets.get(key), "budget_from": "warp-leap, same seed"}
+                             "budget_cpu_s": _read_budget(board), "budget_from": "warp-leap, same seed"}
     return row
 
 
@@ -321,23 +333,20 @@ def _load(path: str, cache_dir: str, device: str):
 
 
 def _run_job(job, progress):
-    method, seed, args, budgets = job
+    method, seed, args = job
     args = copy.copy(args)
     args.run_seed = seed
-    return run(method, args, _load(args.data_root, args.cache_dir, args.device), progress, budgets)
+    return run(method, args, _load(args.data_root, args.cache_dir, args.device), progress)
 
 
 def run_all(args):
     """Yield the result of every (method, seed) run, ``args.workers`` processes at a time
     (slowest methods first); a run's result does not depend on the number of workers (the
     equal-time extension aside, which depends on measured times)."""
-    jobs = sorted(((m, s) for s in args.seeds for m in args.meta_learner), key=lambda j: -COST[j[0]])
-    with contextlib.ExitStack() as stack:
-        parallel = args.workers > 1 and len(jobs) > 1
-        budgets = stack.enter_context(mp.get_context("spawn").Manager()).dict() if parallel else {}
-        yield from harness.run_parallel(_run_job, [(m, s, args, budgets) for m, s in jobs], workers=args.workers,
-                                        threads=args.threads or 1, desc="omniglot",
-                                        total=sum(job_units(m, args) for m, _ in jobs))
+    jobs = sorted(((m, s, args) for s in args.seeds for m in args.meta_learner), key=lambda j: -COST[j[0]])
+    shutil.rmtree(Path(args.out) / ".budgets", ignore_errors=True)  # budgets of an earlier call
+    yield from harness.run_parallel(_run_job, jobs, workers=args.workers, threads=args.threads or 1, desc="omniglot",
+                                    total=sum(job_units(m, args) for m, _, _ in jobs))
 
 
 # Meta-training tasks run the full 100 steps that evaluation runs: with 50 (and 160 meta-steps in the

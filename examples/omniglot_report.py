@@ -16,10 +16,9 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
-import matplotlib
+import harness
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+plt = harness.pyplot()
 
 ORDER = ["warp-leap", "leap", "reptile", "finetune", "fomaml", "kfac", "sgd"]
 TITLES = {"warp-leap": "Warp-Leap", "leap": "Leap", "reptile": "Reptile", "finetune": "Finetuning†",
@@ -132,12 +131,11 @@ def plots(table: dict, out: Path) -> None:
     fig.savefig(out / "fig6.png", dpi=120)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(5, 4))
+    fig, ax = plt.subplots(figsize=(6, 4.5))
     for name in labels:
         n = max(table[name])
-        curve = table[name][n]["curve"]
-        ax.plot(range(1, len(curve) + 1), curve, label=f"{name} (N={n})")
-    ax.set(xlabel="Task step", ylabel="Training batch accuracy (held-out alphabets)")
+        harness.plot_smoothed(ax, table[name][n]["curve"], label=f"{name} (N={n})", window=10)
+    ax.set(xlabel="Task step", ylabel="Training batch accuracy (held-out alphabets; raw faint)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "curves.png", dpi=120)
@@ -159,9 +157,9 @@ def report(paths, out) -> dict:
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=harness.HelpFormatter)
     p.add_argument("paths", nargs="+", help="results.json files or directories holding them")
-    p.add_argument("--out", default=None, help="where to write table.md and plots (default: first path)")
+    p.add_argument("--out", default=None, help="where to write table.md and plots (default: the first path)")
     a = p.parse_args()
     first = Path(a.paths[0])
     report(a.paths, a.out or (first if first.is_dir() else first.parent))

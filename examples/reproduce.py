@@ -316,7 +316,7 @@ def markdown(report: dict) -> str:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=harness._Formatter, allow_abbrev=False)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=harness.HelpFormatter, allow_abbrev=False)
     p.add_argument("--quick", action="store_true", help="every example's CPU mode")
     p.add_argument("--only", nargs="+", choices=NAMES, default=None, metavar="NAME",
                    help=f"these reproductions only, of {', '.join(NAMES)} (default: all)")

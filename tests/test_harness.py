@@ -193,3 +193,13 @@ def test_evaluate_adapts_a_copy_and_only_the_given_parameters():
 def test_smooth_is_a_trailing_mean():
     assert harness.smooth([1, 3, 5, 7], 2).tolist() == [1.0, 2.0, 4.0, 6.0]
     assert harness.mean_ci95([1.0, 1.0])[1] == 0.0
+
+
+def test_reproduce_and_report_scripts_show_their_defaults():
+    import reproduce
+
+    parser = reproduce.parser()
+    formatter = parser._get_formatter()
+    for action in parser._actions:
+        if action.dest != "help":
+            assert "default" in formatter._expand_help(action), action.option_strings
