@@ -1,18 +1,27 @@
-"""End to end: one Omniglot meta-training step, warpopt vs the same step computed the simple way.
+"""End to end: one Omniglot meta-training step of warpopt against two replays written by hand.
 
-One meta-step = T tasks × K task steps (SGD, lr 0.1) + one pass of exact-objective replay
-(Eq. 7) over the T(K+1) recorded points in mini-batches of η, one Adam warp update per batch.
+One meta-step = T tasks × K task steps (SGD, lr 0.1) + one pass of replay over the T(K+1)
+recorded points in mini-batches of η, one Adam warp update per mini-batch. Contenders:
 
-- warpopt: ``WarpGradMetaOptimizer`` with recording on the device and ``--gradient`` replay
-  (vectorised on CUDA, the per-sample loop on CPU by default).
-- simple: what the original implementation does: after every task step the model's whole
-  ``state_dict`` is copied to the CPU; replay loads each state back and computes the sample's
-  meta-gradient alone (create_graph task gradient, SGD look-ahead, meta loss, backward),
-  accumulating η samples per update.
+- ``original (1st order)``: what the original WarpGrad implementation computes. After every
+  task step the model's whole ``state_dict`` is copied to the CPU; replay loads each state back,
+  takes the task gradient (built with ``create_graph=True``, as the original does) and then
+  *detaches* it (the original passes it through ``.backward()`` into ``.grad``), steps, and
+  differentiates the meta loss at the look-ahead point: the first-order (Eq. 8-like) gradient,
+  whatever its option is called.
+- ``2nd order (by hand)``: the same, keeping the task gradient in the graph: Eq. 7.
+- ``warpopt approx`` / ``warpopt exact``: ``WarpGradMetaOptimizer`` with recording on the
+  device and ``--gradient`` replay (vectorised on CUDA, the per-sample loop on CPU by default),
+  ``objective=warpopt.approx`` (Eq. 8) / ``warpopt.exact`` (Eq. 7).
 
-Both visit the replay points in the same order and update φ identically (the script checks
-that the final warp parameters agree). Full setting: T = 20, K = 100 (paper); ``--quick``
-uses T = 2, K = 10, η = 11. Target: warpopt ≥ 2× faster on CPU.
+All visit the replay points in the same order; the script checks that warpopt approx lands on the
+original's φ and warpopt exact on the second-order replay's φ, then times the four interleaved
+and measures their peak memory. Printed: time and peak-memory ratios warpopt / hand-written.
+Default: T = 2, K = 10, η = 11 (about 3 minutes on one CPU thread); ``--full``: the paper's
+T = 20, K = 100, η = 32 (15-20 minutes per contender and meta-step on the 2-core CPU).
+
+    python benchmarks/end_to_end.py
+    python benchmarks/end_to_end.py --full --device cuda
 """
 import os
 import sys
@@ -25,20 +34,22 @@ from torch.func import functional_call  # noqa: E402
 import warpopt  # noqa: E402
 from warpopt.objectives import meta_gradient  # noqa: E402
 from warpopt.vectorised import vectorised  # noqa: E402
-from _common import adapt_task, machine, median, parser, setup, synthetic_task, timed, warped_omniglot  # noqa: E402
+from _common import (MiB, adapt_task, interleaved, load_average, machine, median, parser,  # noqa: E402
+                     peak_memories, quotient, ratio, setup, synthetic_task, warped_omniglot)
 
 p = parser(__doc__)
-p.add_argument("--tasks", type=int, default=20)
-p.add_argument("--steps", type=int, default=100)
-p.add_argument("--eta", type=int, default=32)
+p.add_argument("--tasks", type=int, default=2)
+p.add_argument("--steps", type=int, default=10)
+p.add_argument("--eta", type=int, default=11)
 p.add_argument("--chunk-size", type=int, default=None)
 p.add_argument("--gradient", choices=["auto", "vmap", "loop"], default="auto",
                help="warpopt's replay: vectorised (vmap) or the per-sample loop; auto: vmap on cuda, loop on cpu "
                     "(on CPU the conv learner's per-sample work is compute-bound: see meta_step_throughput.py)")
-p.add_argument("--quick", action="store_true", help="2 tasks × 10 steps, η = 11, 2 repeats")
+p.add_argument("--full", action="store_true", help="the paper's setting: 20 tasks × 100 steps, η = 32")
+p.add_argument("--memory-repeats", type=int, default=2)
 args = p.parse_args()
-if args.quick:
-    args.tasks, args.steps, args.eta, args.repeats = 2, 10, 11, 2
+if args.full:
+    args.tasks, args.steps, args.eta = 20, 100, 32
 device = setup(args)
 if args.gradient == "auto":
     args.gradient = "vmap" if device.type == "cuda" else "loop"
@@ -50,25 +61,27 @@ init_state = {k: v.clone() for k, v in model.state_dict().items()}
 adapt_names = [n for n, _ in model.named_adapt_parameters()]
 buffer_names = [n for n, _ in model.named_adapt_buffers()]
 warp = list(model.warp_parameters())
+warp_names = [n for n, _ in model.named_warp_parameters()]
 
 
 def reset() -> None:
     model.load_state_dict(init_state)
 
 
-def fast() -> list[torch.Tensor]:
+def by_warpopt(objective) -> list[torch.Tensor]:
     reset()
-    opt = warpopt.WarpGradMetaOptimizer(
-        model, lr=0.1, meta_lr=1e-3, initialisation=warpopt.none(),
-        algorithm=warpopt.offline(batch_size=args.eta, gradient=vectorised(chunk_size=args.chunk_size)
-                                  if args.gradient == "vmap" else meta_gradient))
+    gradient = vectorised(chunk_size=args.chunk_size) if args.gradient == "vmap" else meta_gradient
+    opt = warpopt.WarpGradMetaOptimizer(model, lr=0.1, meta_lr=1e-3, objective=objective,
+                                        initialisation=warpopt.none(),
+                                        algorithm=warpopt.offline(batch_size=args.eta, gradient=gradient))
     for data in tasks:
         adapt_task(opt, model, data, loss_fn, args.steps)
     opt.meta_step()
     return [q.detach().clone() for q in warp]
 
 
-def simple() -> list[torch.Tensor]:
+def by_hand(first_order: bool) -> list[torch.Tensor]:
+    """The original implementation's meta-step; ``first_order``: its detached task gradient."""
     reset()
     adapt = dict(model.named_adapt_parameters())
     for q in warp:
@@ -98,6 +111,8 @@ def simple() -> list[torch.Tensor]:
             x, y = tasks[t](k)
             task_loss = loss_fn(functional_call(model, {**dict(zip(adapt_names, theta)), **buffers}, (x,)), y)
             task_grads = torch.autograd.grad(task_loss, theta, create_graph=True)
+            if first_order:
+                task_grads = [gq.detach() for gq in task_grads]
             updated = [q - 0.1 * gq for q, gq in zip(theta, task_grads)]
             buffers = {n: state[n].to(device, copy=True) for n in buffer_names}
             meta_loss = loss_fn(functional_call(model, {**dict(zip(adapt_names, updated)), **buffers}, (x,)), y)
@@ -110,22 +125,30 @@ def simple() -> list[torch.Tensor]:
     return [q.detach().clone() for q in warp]
 
 
-print(f"end to end: {args.tasks} tasks × {args.steps} steps + exact replay (η = {args.eta}, warpopt replay: "
-      f"{args.gradient}), device {device} "
-      f"({machine(device)}), {args.repeats} repeats", flush=True)
-a, b = fast(), simple()  # warm-up, and the two must compute the same update
-diff = max((x - y).abs().max().item() for x, y in zip(a, b))
-moved = max((x - init_state_v).abs().max().item() for x, init_state_v in
-            zip(a, [init_state[n] for n, _ in model.named_warp_parameters()]))
-print(f"max |φ_warpopt − φ_simple| = {diff:.2e} (φ moved by up to {moved:.2e})", flush=True)
-fast_t, simple_t, ratio = [], [], []
-for _ in range(args.repeats):
-    s = timed(simple, device)
-    f = timed(fast, device)
-    simple_t.append(s)
-    fast_t.append(f)
-    ratio.append(s / f)
-    print(f"  simple {s:.2f} s, warpopt {f:.2f} s, speed-up {s / f:.2f}x", flush=True)
-r = median(ratio)
-print(f"median: simple {median(simple_t):.2f} s, warpopt {median(fast_t):.2f} s, speed-up {r:.2f}x "
-      f"[{'meets' if r >= 2 else 'misses'} ≥ 2×]")
+contenders = {
+    "original (1st order)": lambda: by_hand(first_order=True),
+    "2nd order (by hand)": lambda: by_hand(first_order=False),
+    "warpopt approx": lambda: by_warpopt(warpopt.approx),
+    "warpopt exact": lambda: by_warpopt(warpopt.exact),
+}
+print(f"end to end: {args.tasks} tasks × {args.steps} steps + replay (η = {args.eta}, warpopt replay: "
+      f"{args.gradient}), device {device} ({machine(device)}), {args.repeats} repeats", flush=True)
+phi = {name: fn() for name, fn in contenders.items()}  # also the warm-up
+start = [init_state[n] for n in warp_names]
+moved = max((a - b).abs().max().item() for a, b in zip(phi["warpopt exact"], start))
+for mine, theirs in (("warpopt approx", "original (1st order)"), ("warpopt exact", "2nd order (by hand)"),
+                     ("warpopt exact", "original (1st order)")):
+    diff = max((a - b).abs().max().item() for a, b in zip(phi[mine], phi[theirs]))
+    print(f"max |φ({mine}) − φ({theirs})| = {diff:.2e}  (φ moved by up to {moved:.2e})", flush=True)
+times = interleaved(contenders, args.repeats, device, warmup=0)
+peaks = peak_memories(contenders, args.memory_repeats, device)
+print(f"\n{'contender':>21} {'median s':>9} {'peak MiB':>9}")
+for name in contenders:
+    print(f"{name:>21} {median(times[name]):>9.2f} {peaks[name] / MiB:>9.1f}")
+print("\nwarpopt / hand-written (time, peak memory); below 1: warpopt cheaper")
+for mine in ("warpopt approx", "warpopt exact"):
+    for theirs in ("original (1st order)", "2nd order (by hand)"):
+        print(f"  {mine:>14} / {theirs:<21}: time {ratio(times, mine, theirs):.3f}x, "
+              f"memory {quotient(peaks[mine], peaks[theirs]):.2f}x", flush=True)
+
+print(f"load average at the end: {load_average()} (1/5/15 min)")

@@ -5,7 +5,9 @@ minimum is (K + 1) × |θ| × bytes per element (plain SGD keeps no optimizer st
 ``ReplayBuffer.nbytes()`` ≤ 1.2× the minimum, in float32 and float16 storage. A meta-step's
 peak memory (η samples, exact objective, loop vs vectorised with a few chunk sizes) is reported
 above the memory in use before it: ``torch.cuda.max_memory_allocated`` on CUDA, the process's
-peak resident set (Linux VmHWM, reset through /proc/self/clear_refs) on CPU.
+peak resident set (Linux VmHWM, reset through /proc/self/clear_refs) on CPU (``_common.peak_memory``).
+
+    python benchmarks/memory.py            # K = 100, η = 16: about 1 minute on one CPU thread
 """
 import os
 import sys
@@ -17,21 +19,19 @@ from torch import nn  # noqa: E402
 import warpopt  # noqa: E402
 from warpopt.objectives import meta_gradient  # noqa: E402
 from warpopt.vectorised import vectorised  # noqa: E402
-from _common import adapt_task, machine, parser, setup, synthetic_task, warped_omniglot  # noqa: E402
+from _common import (MiB, adapt_task, count, load_average, machine, parser, peak_memories, setup,  # noqa: E402
+                     synthetic_task, warped_omniglot)
 
 p = parser(__doc__)
 p.add_argument("--steps", type=int, default=100, help="K")
 p.add_argument("--eta", type=int, default=16)
-p.add_argument("--quick", action="store_true", help="K = 20, η = 8")
+p.set_defaults(repeats=3)
 args = p.parse_args()
-if args.quick:
-    args.steps, args.eta = 20, 8
 device = setup(args)
 model = warped_omniglot(device)
 data = synthetic_task(device)
 loss_fn = nn.functional.cross_entropy
-theta = sum(q.numel() for q in model.adapt_parameters())
-MiB = 2 ** 20
+theta = count(model.adapt_parameters())
 
 
 def fill(dtype=None) -> warpopt.WarpGradMetaOptimizer:
@@ -39,29 +39,6 @@ def fill(dtype=None) -> warpopt.WarpGradMetaOptimizer:
                                         replay=warpopt.ReplayBuffer(dtype=dtype))
     adapt_task(opt, model, data, loss_fn, args.steps)
     return opt
-
-
-def _rss(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(field)
-
-
-def peak_above_current(fn) -> int:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        start = torch.cuda.memory_allocated(device)
-        fn()
-        torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - start
-    with open("/proc/self/clear_refs", "w") as f:  # resets VmHWM to the current RSS
-        f.write("5")
-    start = _rss("VmRSS:")
-    fn()
-    return _rss("VmHWM:") - start
 
 
 print(f"memory: device {device} ({machine(device)}), K = {args.steps}, |θ| = {theta}, η = {args.eta}")
@@ -82,8 +59,12 @@ context, params = kept.replay_context(), kept.meta_parameters()
 per_sample_minimum = theta * 4
 variants = [("loop", meta_gradient)] + [(f"vmap chunk {c}", vectorised(chunk_size=c)) for c in (1, 4, None)]
 with kept.warp_trainable():
-    for name, fn in variants:
-        fn(warpopt.exact, context, samples, params)  # warm-up (allocator caches, lazy init)
-        peak = peak_above_current(lambda: fn(warpopt.exact, context, samples, params))
-        print(f"meta-step exact η={len(samples)} {name:>14}: peak +{peak / MiB:.1f} MiB "
-              f"({peak / per_sample_minimum:.1f}× |θ|·4 bytes)")
+    runs = {name: (lambda fn=fn: fn(warpopt.exact, context, samples, params)) for name, fn in variants}
+    for run in runs.values():
+        run()  # warm-up (allocator caches, lazy init)
+    peaks = peak_memories(runs, args.repeats, device)
+for name, peak in peaks.items():
+    print(f"meta-step exact η={len(samples)} {name:>14}: peak +{peak / MiB:.1f} MiB "
+          f"({peak / per_sample_minimum:.1f}× |θ|·4 bytes), median of {args.repeats}")
+
+print(f"load average at the end: {load_average()} (1/5/15 min)")

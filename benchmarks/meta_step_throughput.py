@@ -4,6 +4,9 @@ Omniglot learner (warped), one task adapted for K steps fills the buffer; for η
 the meta-gradient of η replayed points is computed by ``warpopt.objectives.meta_gradient``
 (loop) and ``warpopt.vectorised.vectorised`` side by side in every repeat, for the exact
 (Eq. 7) and approximate (Eq. 8) objectives. Target: vectorised ≥ 1.5× the loop at η = 32 (CPU).
+
+    python benchmarks/meta_step_throughput.py                 # Omniglot net, about 4 minutes on one CPU thread
+    python benchmarks/meta_step_throughput.py --model mlp     # the quickstart's sine MLP, under a minute
 """
 import os
 import sys
@@ -15,7 +18,8 @@ from torch import nn  # noqa: E402
 import warpopt  # noqa: E402
 from warpopt.objectives import meta_gradient  # noqa: E402
 from warpopt.vectorised import vectorised  # noqa: E402
-from _common import machine, median, parser, setup, synthetic_task, timed, warped_omniglot  # noqa: E402
+from _common import (interleaved, load_average, machine, median, parser, ratio, setup, synthetic_task,  # noqa: E402
+                     warped_omniglot)
 
 p = parser(__doc__)
 p.add_argument("--etas", default="1,8,32")
@@ -23,10 +27,7 @@ p.add_argument("--chunk-size", type=int, default=None)
 p.add_argument("--batch", type=int, default=20)
 p.add_argument("--model", choices=["omniglot", "mlp"], default="omniglot",
                help="mlp: the quickstart's sine regressor (1-40-40-1, residual MLP warps), batch 10")
-p.add_argument("--quick", action="store_true", help="2 repeats")
 args = p.parse_args()
-if args.quick:
-    args.repeats = 2
 device = setup(args)
 etas = [int(e) for e in args.etas.split(",")]
 if args.model == "omniglot":
@@ -56,14 +57,12 @@ with opt.warp_trainable():
     for name, objective in (("exact", warpopt.exact), ("approx", warpopt.approx)):
         for eta in etas:
             batch = samples[:eta]
-            vec(objective, context, batch, params)  # warm-up
-            loop_t, vec_t, ratio = [], [], []
-            for _ in range(args.repeats):
-                a = timed(lambda: meta_gradient(objective, context, batch, params), device)
-                b = timed(lambda: vec(objective, context, batch, params), device)
-                loop_t.append(a)
-                vec_t.append(b)
-                ratio.append(a / b)
-            target = "" if eta != 32 else ("  [meets ≥ 1.5]" if median(ratio) >= 1.5 else "  [misses ≥ 1.5]")
-            print(f"{name:>9} {eta:>3} {eta / median(loop_t):>15.2f} {eta / median(vec_t):>15.2f} "
-                  f"{median(ratio):>8.2f}x{target}", flush=True)
+            times = interleaved({"loop": lambda o=objective, b=batch: meta_gradient(o, context, b, params),
+                                 "vmap": lambda o=objective, b=batch: vec(o, context, b, params)},
+                                args.repeats, device, progress=False)
+            r = ratio(times, "loop", "vmap")
+            target = "" if eta != 32 else ("  [meets ≥ 1.5]" if r >= 1.5 else "  [misses ≥ 1.5]")
+            print(f"{name:>9} {eta:>3} {eta / median(times['loop']):>15.2f} {eta / median(times['vmap']):>15.2f} "
+                  f"{r:>8.2f}x{target}", flush=True)
+
+print(f"load average at the end: {load_average()} (1/5/15 min)")

@@ -1,81 +1,93 @@
-"""Recording overhead: wall time of a task loop with trajectory recording / a plain torch SGD loop.
+"""Recording overhead: a task loop under ``WarpGradMetaOptimizer`` against a plain torch SGD loop.
 
-Omniglot learner (4 × 64-filter conv + BatchNorm, warped), 28×28 inputs, batch 20, 100 steps
-(``--quick``: 20). Variants, each timed side by side with the plain loop in every repeat
-(medians of the per-repeat ratios):
-  record          WarpGradMetaOptimizer step + recording (offline, no θ0 learner)
-  record+leap     the default (Leap θ0 learner: one probe forward and a parameter copy per step)
-  record fp16     recording in half precision
-  record every 5  recording every 5th step
-Target: record / plain ≤ 1.10.
+Two learners, batch 20, ``--steps`` task steps (default 50), warp parameters frozen as during
+adaptation:
+  omniglot  the multi-shot Omniglot net (4 × 64-filter conv + BatchNorm, default warps;
+            |θ| = 113,236), 28×28 inputs
+  mlp       784-1024-1024-10 ReLU MLP with the default (linear) warps: |θ| = 1,863,690
+Contenders, interleaved with the plain loop in every repeat (medians of per-repeat ratios):
+  record            offline recording, no θ0 learner (``initialisation=warpopt.none()``)
+  record+leap       recording + Leap (the default θ0 learner: a probe forward per step for ΔL)
+  record+leap(noL)  recording + ``warpopt.leap(loss_term=False)`` (no probe: path length in θ only)
+  record fp16 / record every 5   (``--variants``: half-precision storage, every 5th step)
+Targets (issue 18): record ≤ 1.05, record + Leap ≤ 1.10. Also printed: ``step()`` alone
+(gradients already in place) plain SGD vs recorded, per step.
+
+    python benchmarks/recording_overhead.py             # 9 repeats, about 3 minutes on one CPU thread
+    python benchmarks/recording_overhead.py --device cuda
 """
-import sys
 import os
+import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import warpopt  # noqa: E402
-from _common import adapt_task, machine, median, parser, setup, synthetic_task, timed, warped_omniglot  # noqa: E402
+from _common import (adapt_task, count, interleaved, load_average, machine, median, mlp, parser, ratio,  # noqa: E402
+                     setup, synthetic_task, timed, warped_omniglot)
+
+VARIANTS = {
+    "record": dict(initialisation=warpopt.none),
+    "record+leap": dict(initialisation=warpopt.leap),
+    "record+leap(noL)": dict(initialisation=lambda: warpopt.leap(loss_term=False)),
+    "record fp16": dict(initialisation=warpopt.none, dtype=torch.float16),
+    "record every 5": dict(initialisation=warpopt.none, every=5),
+}
+TARGETS = {"record": 1.05, "record+leap": 1.10, "record+leap(noL)": 1.10}
 
 p = parser(__doc__)
-p.add_argument("--steps", type=int, default=100)
+p.add_argument("--steps", type=int, default=50)
 p.add_argument("--batch", type=int, default=20)
-p.add_argument("--quick", action="store_true", help="20 steps, 3 repeats")
+p.add_argument("--models", default="omniglot,mlp")
+p.add_argument("--variants", default="record,record+leap,record+leap(noL)",
+               help="comma-separated subset of: " + ", ".join(VARIANTS))
 args = p.parse_args()
-if args.quick:
-    args.steps, args.repeats = 20, 3
 device = setup(args)
-model = warped_omniglot(device)
-data = synthetic_task(device, batch=args.batch)
 loss_fn = nn.functional.cross_entropy
-theta0 = [q.detach().clone() for q in model.adapt_parameters()]
-for q in model.warp_parameters():
-    q.requires_grad_(False)  # as during adaptation under WarpGradMetaOptimizer
 
 
-def plain() -> None:
-    with torch.no_grad():
-        for q, t in zip(model.adapt_parameters(), theta0):
-            q.copy_(t)
-    sgd = torch.optim.SGD(list(model.adapt_parameters()), lr=0.1)
-    for k in range(args.steps):
-        x, y = data(k)
-        sgd.zero_grad()
-        loss_fn(model(x), y).backward()
-        sgd.step()
+def learner(name: str):
+    if name == "omniglot":
+        return warped_omniglot(device), synthetic_task(device, batch=args.batch)
+    if name == "mlp":
+        return warpopt.warp(mlp()).to(device), synthetic_task(device, batch=args.batch, ways=10, shape=(784,))
+    raise SystemExit(f"unknown model {name!r}: omniglot or mlp")
 
 
-def recorded(**kwargs):
-    init = kwargs.pop("initialisation", warpopt.none())
-    opt = warpopt.WarpGradMetaOptimizer(model, lr=0.1, initialisation=init,
-                                        replay=warpopt.ReplayBuffer(**kwargs))
+def contenders(model: nn.Module, data) -> dict:
+    theta0 = [q.detach().clone() for q in model.adapt_parameters()]
+    for q in model.warp_parameters():
+        q.requires_grad_(False)  # as during adaptation under WarpGradMetaOptimizer
 
-    def run() -> None:
-        adapt_task(opt, model, data, loss_fn, args.steps)
-        assert len(opt.replay) > 0
-        opt.replay.clear()
+    def plain() -> None:
+        with torch.no_grad():
+            for q, t in zip(model.adapt_parameters(), theta0):
+                q.copy_(t)
+        sgd = torch.optim.SGD(list(model.adapt_parameters()), lr=0.1)
+        for k in range(args.steps):
+            x, y = data(k)
+            sgd.zero_grad()
+            loss_fn(model(x), y).backward()
+            sgd.step()
 
-    return run
+    def recorded(initialisation, **buffer):
+        opt = warpopt.WarpGradMetaOptimizer(model, lr=0.1, initialisation=initialisation(),
+                                            replay=warpopt.ReplayBuffer(**buffer))
+
+        def run() -> None:
+            adapt_task(opt, model, data, loss_fn, args.steps)
+            assert len(opt.replay) > 0
+            opt.replay.clear()
+
+        return run
+
+    out = {"plain": plain}
+    out.update({name: recorded(**VARIANTS[name]) for name in args.variants.split(",")})
+    return out
 
 
-variants = {"record": recorded(), "record+leap": recorded(initialisation=warpopt.leap()),
-            "record fp16": recorded(dtype=torch.float16), "record every 5": recorded(every=5)}
-plain()  # warm-up
-for run in variants.values():
-    run()
-ratios = {name: [] for name in variants}
-plain_times = []
-for _ in range(args.repeats):
-    for name, run in variants.items():
-        base = timed(plain, device)
-        t = timed(run, device)
-        plain_times.append(base)
-        ratios[name].append(t / base)
-
-
-def step_only(n: int = 100) -> tuple[float, float]:
+def step_only(model: nn.Module, data, n: int = 20) -> tuple[float, float]:
     """Seconds per ``step()`` alone (gradients already in .grad, lr 0): plain SGD vs recorded."""
     x, y = data(0)
     loss_fn(model(x), y).backward()
@@ -92,15 +104,26 @@ def step_only(n: int = 100) -> tuple[float, float]:
     return base, median(times)
 
 
-sgd_step, rec_step = step_only()
-per_step = median(plain_times) / args.steps
 print(f"recording overhead: {args.steps} steps, batch {args.batch}, device {device} ({machine(device)}), "
-      f"{args.repeats} repeats")
-print(f"plain SGD loop: median {median(plain_times):.3f} s ({1e3 * median(plain_times) / args.steps:.1f} ms/step)")
-for name, rs in ratios.items():
-    flag = "meets" if median(rs) <= 1.10 else "misses"
-    print(f"{name:>15}: median ratio {median(rs):.3f}  (all: {', '.join(f'{r:.3f}' for r in rs)})"
-          + (f"  [{flag} target ≤ 1.10]" if name == "record" else ""))
-print(f"step() alone: plain SGD {1e3 * sgd_step:.3f} ms, recorded {1e3 * rec_step:.3f} ms -> extra "
-      f"{1e3 * (rec_step - sgd_step):.3f} ms/step = {(rec_step - sgd_step) / per_step:.2%} of a plain step; "
-      f"implied ratio {1 + (rec_step - sgd_step) / per_step:.3f}")
+      f"{args.repeats} repeats", flush=True)
+for name in args.models.split(","):
+    model, data = learner(name)
+    print(f"\n{name}: |θ| = {count(model.adapt_parameters()):,}, |φ| = {count(model.warp_parameters()):,}", flush=True)
+    runs = contenders(model, data)
+    times = interleaved(runs, args.repeats, device)
+    per_step = median(times["plain"]) / args.steps
+    print(f"{name} plain SGD loop: median {median(times['plain']):.3f} s ({1e3 * per_step:.1f} ms/step)")
+    for variant in runs:
+        if variant == "plain":
+            continue
+        r = ratio(times, variant, "plain")
+        rs = ", ".join(f"{a / b:.3f}" for a, b in zip(times[variant], times["plain"]))
+        target = TARGETS.get(variant)
+        flag = f"  [{'meets' if r <= target else 'misses'} ≤ {target}]" if target else ""
+        print(f"{name} {variant:>17} / plain: median {r:.3f}  (all: {rs}){flag}", flush=True)
+    sgd_step, rec_step = step_only(model, data)
+    print(f"{name} step() alone: plain SGD {1e3 * sgd_step:.3f} ms, recorded {1e3 * rec_step:.3f} ms -> extra "
+          f"{1e3 * (rec_step - sgd_step):.3f} ms/step = {(rec_step - sgd_step) / per_step:.2%} of a plain step",
+          flush=True)
+
+print(f"load average at the end: {load_average()} (1/5/15 min)")
