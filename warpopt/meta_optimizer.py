@@ -158,7 +158,7 @@ class WarpGradMetaOptimizer(torch.optim.Optimizer):
         task = data if isinstance(data, Task) else Task(data, loss_fn, **task_kwargs)
         run = session.begin(self.core, task, reset=self.algorithm.resets if reset is None else reset, learn=learn,
                             algorithm=self.algorithm, initialisation=self.initialisation, replay=self.replay,
-                            algorithm_state=self.algorithm_state)
+                            algorithm_state=self.algorithm_state, objective=self.objective)
         self._run = run
         try:
             yield task
@@ -189,7 +189,10 @@ class WarpGradMetaOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------ task step
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], torch.Tensor]] = None) -> Optional[torch.Tensor]:
-        """One task update of the adapt parameters, recorded (the user's inner-loop step)."""
+        """One task update of the adapt parameters, recorded (the user's inner-loop step).
+
+        ``closure`` (optional, as in torch.optim): re-evaluates the model and returns the loss;
+        that loss is also the training loss Leap's ΔL uses (``warpopt.leap(loss="train")``)."""
         for group in self.param_groups:
             check_rate("lr", group["lr"])
         loss = None
@@ -199,7 +202,7 @@ class WarpGradMetaOptimizer(torch.optim.Optimizer):
         if self._run is None and self.algorithm.resets:
             raise RuntimeError("step() outside a task: wrap the task loop in `with opt.task(data, loss_fn):`")
         state, due = session.step(self.core, self._run, algorithm=self.algorithm, initialisation=self.initialisation,
-                                  objective=self.objective, algorithm_state=self.algorithm_state)
+                                  objective=self.objective, algorithm_state=self.algorithm_state, loss=loss)
         if self._run is None:  # continual steps outside a task count at once; a task's when it ends
             self.algorithm_state = state
             self.counters["task_steps"] += 1

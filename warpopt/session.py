@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Optional
 
 import torch
@@ -18,7 +18,8 @@ from torch import nn
 
 from .algorithms import Accumulator, Algorithm
 from .initialisation import InitialisationLearner
-from .objectives import Objective, ReplayContext, meta_gradient
+from .loop import Loop
+from .objectives import Objective, ReplayContext, exact, meta_gradient
 from . import warping
 from .task_optimizers import functional_step_for, optimizer_states
 from .tasks import Task
@@ -137,6 +138,10 @@ class TaskRun:
     init_state: Any = None
     hook: Any = None
     algorithm_state: Accumulator = field(default_factory=Accumulator)  # tentative until the task ends
+    # issue 18: the loop seen from the optimizer (warpopt/loop.py) and the loop's training loss
+    # L(θ_k) of the step being taken, for θ0 learners that ask for them (``unrolls``/``needs_loss``)
+    loop: Optional[Loop] = None
+    loss: Optional[torch.Tensor] = None
 
     def sample(self, states: list[dict[str, torch.Tensor]]) -> Sample:
         """The live θ_k as a replay sample (for the online algorithms)."""
@@ -155,7 +160,8 @@ class TaskOutcome:
 
 
 def begin(model: Model, task: Task, *, reset: bool, learn: bool, algorithm: Algorithm,
-          initialisation: InitialisationLearner, replay: ReplayBuffer, algorithm_state: Accumulator) -> TaskRun:
+          initialisation: InitialisationLearner, replay: ReplayBuffer, algorithm_state: Accumulator,
+          objective: Optional[Objective] = None) -> TaskRun:
     """Start a task: θ ← θ0 (if ``reset``), φ frozen (unless harvested), recording on."""
     buffers = model.live_buffers()
     with torch.no_grad():
@@ -190,22 +196,41 @@ def begin(model: Model, task: Task, *, reset: bool, learn: bool, algorithm: Algo
     if not (learn and algorithm.harvests):
         for p in model.warp:
             p.requires_grad_(False)  # frozen while the task adapts: no φ work in its backward
+    # ---- issue 18: the loop seen from the optimizer (warpopt/loop.py) ----------------------
+    # MAML builds its differentiable trajectory in the loop; Warp-MAML (online, exact, no learned
+    # hyper-parameters) also reads its per-step warp meta-gradient off it; Leap's training loss
+    # is read off the loop's forwards.
+    if learn and (initialisation.unrolls or initialisation.needs_loss):
+        warp_term = (initialisation.unrolls and objective is not None and not algorithm.harvests
+                     and algorithm.step_objective(objective) is exact and bool(model.warp) and not model.learned)
+        run.loop = Loop(model.module, task, model.adapt_names, model.adapt, model.buffer_names, buffers, start,
+                        model.warp, unroll=initialisation.unrolls, warp_term=warp_term)
+    # ---- end issue 18 ------------------------------------------------------------------------
     if learn:
         run.init_state = initialisation.begin_task(run)
     return run
 
 
 def step(model: Model, run: Optional[TaskRun], *, algorithm: Algorithm, initialisation: InitialisationLearner,
-         objective: Objective, algorithm_state: Accumulator) -> tuple[Accumulator, Optional[list[torch.Tensor]]]:
+         objective: Objective, algorithm_state: Accumulator,
+         loss: Optional[torch.Tensor] = None) -> tuple[Accumulator, Optional[list[torch.Tensor]]]:
     """One task update of θ, recorded; returns the algorithm's new state (``run``'s tentative
     one inside a task) and a warp gradient that is due now (continual), if any. ``run`` is
-    None for continual steps outside a task."""
+    None for continual steps outside a task. ``loss``: what ``step(closure)`` returned."""
     if run is not None:
         algorithm_state = run.algorithm_state
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in model.adapt]
     if run is not None:
         run.finite &= torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum())
     learn = run is None or run.learn
+    # ---- issue 18: the unrolled step θ_{k+1} = U(θ_k, g_k), a graph node of θ0 (MAML) ----------
+    loop = run.loop if run is not None else None
+    unrolled = None
+    if loop is not None and loop.unroll:
+        g_theta, _ = loop.gradient(run.steps)  # type: ignore[union-attr]
+        with torch.enable_grad():  # step() runs under no_grad (torch.optim): this update is differentiated
+            unrolled = run.context.step(loop.theta, g_theta, loop.states, run.context.hypers)  # type: ignore[union-attr]
+    # ---- end issue 18 --------------------------------------------------------------------------
     step_grads = None
     if learn and model.meta_parameters():  # θ0-only meta-learning has no per-step φ work
         if algorithm.harvests:
@@ -217,16 +242,28 @@ def step(model: Model, run: Optional[TaskRun], *, algorithm: Algorithm, initiali
             if step_objective is not None:
                 if run is None:
                     raise RuntimeError(f"{algorithm!r} needs the task's data: step inside `with opt.task(...)`")
-                with torch.enable_grad():
-                    step_grads, _ = meta_gradient(step_objective, run.context, [run.sample(model.states())],
-                                                  model.meta_parameters())
+                sample = run.sample
+                if unrolled is not None and loop.warp:  # type: ignore[union-attr]
+                    # issue 18: Warp-MAML's Eq. 7 term read off the unrolled step (no second inner step);
+                    # else replayed as below, on the batches it drew
+                    step_grads, (task_batch, meta_batch) = loop.warp_gradient(run.steps, unrolled[0])  # type: ignore[union-attr]
+                    sample = lambda states: replace(run.sample(states), task_batch=task_batch,  # noqa: E731
+                                                    meta_batch=meta_batch)
+                if step_grads is None:
+                    with torch.enable_grad():
+                        step_grads, _ = meta_gradient(step_objective, run.context, [sample(model.states())],
+                                                      model.meta_parameters())
+    if loop is not None and initialisation.needs_loss:  # issue 18: the loop's training loss L(θ_k)
+        run.loss = loss.detach() if loss is not None else loop.loss(run.steps, model.adapt)  # type: ignore[union-attr]
     previous = ([p.detach().clone() for p in model.adapt]
                 if run is not None and learn and initialisation.needs_previous else None)
     model.task_optimizer.step()
     due = None
     if run is not None:
-        if previous is not None:
+        if learn:
             run.init_state = initialisation.after_step(run.init_state, run, previous, grads)
+        if loop is not None:  # issue 18
+            loop.advance(*(unrolled or ((), ())))
         run.steps += 1
     if learn and step_grads is not None:
         algorithm_state, due = algorithm.on_step(algorithm_state, step_grads)
@@ -240,6 +277,8 @@ def finish(model: Model, run: TaskRun) -> None:
     if run.hook is not None:
         run.hook.remove()
         run.hook = None
+    if run.loop is not None:  # issue 18: the model's hooks come off with the task
+        run.loop.remove()
     for p, flag in zip(model.warp, run.requires_grad):
         p.requires_grad_(flag)
 
@@ -247,6 +286,9 @@ def finish(model: Model, run: TaskRun) -> None:
 def abort(model: Model, run: TaskRun) -> None:
     """Put θ, the adapt buffers and the task optimizer's state back to before ``begin``."""
     params, buffers, optimizer_state = run.restore
+    run.loop = None  # issue 18: drop the unrolled graph now
+    if run.trajectory is not None:  # issue 18: its recorded vectors go back to the buffer's arena
+        run.trajectory.discard()
     with torch.no_grad():
         for p, s in zip(model.adapt, params):
             p.copy_(s)
@@ -269,6 +311,8 @@ def end(model: Model, run: TaskRun, initialisation: InitialisationLearner, on_no
         return None
     if not run.learn:
         return TaskOutcome(None, run.steps, run.algorithm_state, None)
+    if run.loop is not None:  # issue 18: the loop's loss was the task's at every step (else ValueError)
+        run.loop.check()
     contribution = initialisation.end_task(run.init_state, run)
     if contribution is not None:
         contribution = [c.detach() for c in contribution]

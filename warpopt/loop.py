@@ -1,0 +1,340 @@
+"""The task loop seen from the optimizer: the model's forwards at each step, and MAML's
+differentiable trajectory built by the loop itself.
+
+While a task adapts, a ``Loop`` hooks the root module (a forward pre-hook and a forward hook,
+removed when the task ends). It acts only on the forwards of the user's loop: the library's own
+forwards (``torch.func.functional_call`` in the replay, Leap's probe, the fallbacks below) run
+with other tensors in place of the module's parameters, and those calls are left alone.
+
+**Capture** (Leap, Eq. 13). Each forward of the loop is kept, with its inputs, until the next
+``step()``. ``loss(k)`` evaluates the task loss on the loop's batch k (``Task.loop_batch``) with
+the output the loop already computed when the forward's inputs are the batch's inputs (the same
+tensors, or views of the same memory): the training loss L(θ_k) without another forward.
+
+**Unroll** (MAML, Eq. 1). The loop builds θ_0 → θ_1 → … → θ_K as an autograd graph of θ0:
+
+1. during the user's ``model(x)``, the module's adapt parameters are the graph tensors θ_k
+   (swapped in as ``functional_call`` does, swapped out when the call returns), under the
+   twice-differentiable kernels of ``warpopt.kernels``;
+2. the outputs pass through ``_Tap``, an identity whose backward stops the user's
+   ``loss.backward()`` at the model output. There the task loss on the loop's batch is
+   recomputed from that output (no forward) and differentiated once with ``create_graph``:
+   g_k = ∇θ_k L_task(θ_k) with its graph; its value goes to the live parameters' ``.grad``,
+   where the user's backward would have put it;
+3. ``step()`` takes θ_{k+1} = U(θ_k, g_k) with the task optimizer's functional update (a graph
+   node) while the live parameters take the user's torch optimizer step.
+
+The MAML meta-gradient is one backward of L_meta(θ_K) to θ0 (``theta0``): each step's forward and
+backward run once, as in a hand-written MAML. Warp-MAML (``online()`` + ``exact``) also reads its
+per-step warp meta-gradient (Eq. 7 at θ_k, θ_k held fixed) off the same graph: each step then sees
+the warp parameters as a fresh alias φ_k, so differentiating L_meta(U(θ_k, g_k(φ_k)); φ_k) to φ_k
+stops at θ_k (``warp_gradient``).
+
+What the loop's forward and backward must be for the fast path: one forward of the root module
+per step whose output the loss uses, and a loss equal to the task's loss on the loop's batch
+(checked on the device at every step, raised at the end of the task: ``check``). Anything else
+(a forward of a submodule, two forwards, inputs that are not the loop's batch) is still exact:
+the step's graph gradient is then recomputed by a functional forward (the old cost) and the
+user's ``.grad`` is the plain vector-Jacobian product of their own backward.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch import nn
+from torch.func import functional_call
+from torch.nn.utils.stateless import _reparametrize_module
+from torch.utils import _pytree as pytree
+
+from .kernels import replay_kernels
+from .tasks import Task
+
+__all__ = ["Loop", "same"]
+
+Tensors = list[torch.Tensor]
+
+
+def same(a: Any, b: Any) -> bool:
+    """Whether two batches (or call arguments) are the same data: the same objects, or tensors
+    viewing the same memory the same way, in the same structure."""
+    if a is b:
+        return True
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
+            return False
+        if a.layout != torch.strided or b.layout != torch.strided or a.device.type == "meta":
+            return False
+        return (a.device == b.device and a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride()
+                and a.data_ptr() == b.data_ptr())
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001 - arrays and the like: not provably the same
+        return False
+
+
+class _Unmatched(Exception):
+    """The task loss called the model with inputs the loop's forward did not see."""
+
+
+@dataclass
+class _Forward:
+    """One forward of the user's loop: its inputs, its output (structure as returned) and, when
+    unrolled, the θ_k (and φ_k) it ran on and its output tensors that carry a graph."""
+
+    step: int
+    args: tuple
+    kwargs: dict
+    output: Any
+    theta: Tensors = field(default_factory=list)
+    phi: Tensors = field(default_factory=list)
+    graph_outputs: Tensors = field(default_factory=list)
+    backwards: int = 0
+
+
+class _Tap(torch.autograd.Function):
+    """The model's outputs, cut from the model's graph; the backward computes the step's gradient
+    (``Loop._backward``). The outputs are passed in detached, and the only edge of this node is
+    to ``anchor`` (a grad-requiring scalar that receives nothing), so the user's backward ends
+    here and never frees the forward's saved tensors, which the unrolled graph still needs
+    (a ``None`` gradient alone would not stop the engine from visiting, and freeing, them)."""
+
+    @staticmethod
+    def forward(ctx: Any, loop: "Loop", entry: _Forward, anchor: torch.Tensor,
+                *outputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        ctx.loop, ctx.entry = loop, entry
+        return tuple(o.view_as(o) for o in outputs)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor) -> tuple[None, ...]:
+        ctx.loop._backward(ctx.entry, list(grads))
+        return (None, None, None) + (None,) * len(grads)
+
+
+def _zeros_for_none(grads: Sequence[Optional[torch.Tensor]], like: Sequence[torch.Tensor]) -> Tensors:
+    return [g if g is not None else torch.zeros_like(t) for g, t in zip(grads, like)]
+
+
+class Loop:
+    """The hooks and per-task state described in the module docstring.
+
+    Args:
+        module: the root module the user's loop calls.
+        task: the task being adapted (its losses and ``loop_batch``).
+        adapt_names / live: the adapt parameters θ (qualified names, live ``nn.Parameter``s).
+        buffer_names / buffers: the adapt buffers (live).
+        theta0: where the task starts (θ_0 values; unrolled from a leaf copy of them).
+        warp: the warp parameters φ, aliased per step when ``warp_term`` is set.
+        unroll: build the differentiable trajectory (MAML); else only capture forwards.
+    """
+
+    def __init__(self, module: nn.Module, task: Task, adapt_names: Sequence[str], live: Sequence[torch.Tensor],
+                 buffer_names: Sequence[str], buffers: Sequence[torch.Tensor], theta0: Sequence[torch.Tensor],
+                 warp: Sequence[torch.Tensor] = (), *, unroll: bool = False, warp_term: bool = False) -> None:
+        self.module, self.task = module, task
+        self.adapt_names, self.live = list(adapt_names), list(live)
+        self.buffer_names, self.buffers = list(buffer_names), list(buffers)
+        ids = {id(w) for w in warp}
+        self.warp = list(warp) if warp_term else []
+        self.warp_names = [n for n, p in module.named_parameters() if id(p) in ids] if warp_term else []
+        self.unroll = unroll
+        owner, _, leaf = self.adapt_names[0].rpartition(".")
+        self._probe = (module.get_submodule(owner), leaf, self.live[0])  # is the module holding θ live?
+        self.step_index = 0
+        self.forwards: list[_Forward] = []
+        self.graph_grads: Optional[Tensors] = None  # g_k (θ then φ) with its graph, from the tap
+        self.theta0: Tensors = [t.detach().clone().requires_grad_(True) for t in theta0] if unroll else []
+        self.theta: Tensors = list(self.theta0)
+        self.states: list[dict[str, torch.Tensor]] = [{} for _ in self.theta0]
+        self.phi: Tensors = self._alias_phi()
+        self.mismatch: Optional[torch.Tensor] = None  # device flag: the loop's loss was not the task's
+        self._anchor = torch.zeros((), requires_grad=True)  # see _Tap
+        self._inside: Optional[contextlib.ExitStack] = None
+        self._handles = [module.register_forward_pre_hook(self._pre, with_kwargs=True),
+                         module.register_forward_hook(self._post, with_kwargs=True, always_call=True)]
+
+    # ------------------------------------------------------------------ hooks
+    def _is_users(self) -> bool:
+        owner, leaf, live = self._probe
+        return owner._parameters.get(leaf) is live
+
+    def _pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self._inside is not None or not self._is_users():
+            return None  # a nested call, or one of the library's functional forwards
+        stack = contextlib.ExitStack()
+        if self.unroll:
+            mapping = dict(zip(self.adapt_names, self.theta))
+            mapping.update(zip(self.warp_names, self.phi))
+            stack.enter_context(_reparametrize_module(module, mapping, tie_weights=True))
+            stack.enter_context(replay_kernels(module))
+        self._inside = stack
+        return None
+
+    def _post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        stack, self._inside = self._inside, None
+        if stack is None:
+            return None
+        stack.close()
+        if output is None:  # the forward raised (always_call): parameters are back, nothing to keep
+            return None
+        if not self.unroll:
+            detached = pytree.tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, output)
+            self.forwards.append(_Forward(self.step_index, args, kwargs, detached))
+            return None
+        leaves, spec = pytree.tree_flatten(output)
+        graph = [i for i, t in enumerate(leaves) if isinstance(t, torch.Tensor) and t.requires_grad]
+        entry = _Forward(self.step_index, args, kwargs, output, list(self.theta), list(self.phi),
+                         [leaves[i] for i in graph])
+        self.forwards.append(entry)
+        if not graph:
+            return None
+        tapped = _Tap.apply(self, entry, self._anchor, *(o.detach() for o in entry.graph_outputs))
+        for i, t in zip(graph, tapped):
+            leaves[i] = t
+        return pytree.tree_unflatten(leaves, spec)
+
+    def remove(self) -> None:
+        """Take the hooks off the module (the task ended)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        if self._inside is not None:
+            self._inside.close()
+            self._inside = None
+
+    # ------------------------------------------------------------------ the loop's losses
+    def _replaying(self, entry: _Forward) -> Callable[..., Any]:
+        """A ``forward`` for the task loss that returns ``entry``'s output for its own inputs."""
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            if same(args, entry.args) and same(kwargs, entry.kwargs):
+                return entry.output
+            raise _Unmatched
+        return forward
+
+    def _loop_batch(self, k: int) -> Any:
+        try:
+            return self.task.loop_batch(k)
+        except ValueError:
+            return _Unmatched
+
+    def loss(self, k: int, params: Sequence[torch.Tensor]) -> torch.Tensor:
+        """L_task(θ_k) on the loop's batch k, from the loop's own forward when its inputs were
+        the batch's, else by a forward at ``params`` (θ_k) with the adapt buffers copied."""
+        try:
+            batch = self.task.loop_batch(k)
+        except ValueError as e:
+            raise ValueError(f"{e}; for Leap's training-loss ΔL, opt.step(closure) can also hand over the "
+                             "loss, or use warpopt.leap(loss='probe')") from None
+        with torch.no_grad():
+            for entry in self.forwards:
+                if entry.step == k:
+                    try:
+                        return self.task.task_loss(self._replaying(entry), batch).detach()
+                    except _Unmatched:
+                        continue
+            return self.task.task_loss(self._functional([p.detach() for p in params], []), batch).detach()
+
+    def _functional(self, theta: Sequence[torch.Tensor], phi: Sequence[torch.Tensor]) -> Callable[..., Any]:
+        mapping = dict(zip(self.adapt_names, theta))
+        mapping.update(zip(self.warp_names, phi))
+        mapping.update(zip(self.buffer_names, (b.clone() for b in self.buffers)))
+        module = self.module
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            with replay_kernels(module):
+                return functional_call(module, mapping, args, kwargs, strict=False)
+
+        return forward
+
+    # ------------------------------------------------------------------ unroll
+    def _alias_phi(self) -> Tensors:
+        return [w.detach().requires_grad_(True) for w in self.warp]
+
+    def _backward(self, entry: _Forward, grads: Tensors) -> None:
+        """The tap's backward: the user's ``loss.backward()`` reached the model output."""
+        entry.backwards += 1
+        n = len(entry.theta)
+        with torch.enable_grad():
+            matched = None
+            if entry.backwards == 1 and sum(e.backwards for e in self.forwards) == 1:
+                batch = self._loop_batch(entry.step)
+                if batch is not _Unmatched:
+                    try:
+                        matched = self.task.task_loss(self._replaying(entry), batch)
+                    except _Unmatched:
+                        matched = None
+            if matched is not None:
+                outs = entry.graph_outputs
+                dout = _zeros_for_none(torch.autograd.grad(matched, outs, create_graph=True, allow_unused=True), outs)
+                wrt = entry.theta + entry.phi
+                g = _zeros_for_none(torch.autograd.grad(outs, wrt, grad_outputs=dout, create_graph=True,
+                                                        allow_unused=True), wrt)
+                with torch.no_grad():
+                    bad = torch.stack([((u - d).abs() > 1e-8 + 1e-5 * d.abs()).any() for u, d in zip(grads, dout)]).any()
+                    self.mismatch = bad if self.mismatch is None else self.mismatch | bad
+                self.graph_grads = g if entry.step == self.step_index else None
+                plain = [x.detach() for x in g[:n]]
+            else:  # not the step's one matched backward: the plain product, the graph gradient later
+                self.graph_grads = None
+                plain = _zeros_for_none(torch.autograd.grad(entry.graph_outputs, entry.theta, grad_outputs=grads,
+                                                            retain_graph=True, allow_unused=True), entry.theta)
+        with torch.no_grad():
+            for p, g in zip(self.live, plain):
+                if p.grad is None:
+                    p.grad = g.clone()  # the graph's own tensor stays out of the user's reach
+                else:
+                    p.grad.add_(g)
+
+    def gradient(self, k: int) -> tuple[Tensors, Tensors]:
+        """g_k = ∇θ_k L_task(θ_k; loop batch k) with its graph, split into (θ part, φ part):
+        the tap's when the loop's backward gave it, else by a functional forward at θ_k."""
+        grads = self.graph_grads
+        if grads is None:
+            batch = self.task.loop_batch(k)  # unknown batch: ValueError naming the fixes
+            with torch.enable_grad():
+                loss = self.task.task_loss(self._functional(self.theta, self.phi), batch)
+                wrt = self.theta + self.phi
+                grads = _zeros_for_none(torch.autograd.grad(loss, wrt, create_graph=True, allow_unused=True), wrt)
+        n = len(self.theta)
+        return grads[:n], grads[n:]
+
+    def warp_gradient(self, k: int, theta: Sequence[torch.Tensor]) -> tuple[Optional[Tensors], tuple[Any, Any]]:
+        """Eq. 7 at θ_k with θ_k fixed, read off the unrolled step: ∇φ L_meta(θ_{k+1}; φ) where
+        θ_{k+1} = ``theta`` = U(θ_k, g_k(φ_k)). Draws the task batch, then the meta batch, as the
+        ``exact`` objective does, and returns (gradient or None, (task batch, meta batch)): None
+        when the task batch is not the loop's batch k, i.e. when the objective's inner step is not
+        the step the loop took (the caller replays the objective on the drawn batches)."""
+        task_batch = self.task.task_batch(k)
+        meta_batch = self.task.meta_batch(k)
+        loop_batch = self._loop_batch(k)
+        if loop_batch is _Unmatched or not same(task_batch, loop_batch):
+            return None, (task_batch, meta_batch)
+        with torch.enable_grad():
+            loss = self.task.meta_loss(self._functional(theta, self.phi), meta_batch)
+            grads = _zeros_for_none(torch.autograd.grad(loss, self.phi, retain_graph=True, allow_unused=True),
+                                    self.phi)
+        return grads, (task_batch, meta_batch)
+
+    def advance(self, theta: Sequence[torch.Tensor], states: Sequence[dict[str, torch.Tensor]]) -> None:
+        """The step was taken: θ_{k+1} (graph) and its optimizer state; forget the step's forwards."""
+        if self.unroll:
+            self.theta, self.states = list(theta), list(states)
+            self.phi = self._alias_phi()
+        self.forwards, self.graph_grads = [], None
+        self.step_index += 1
+
+    def check(self) -> None:
+        """Raise if, at some step, the gradient the loop's loss sent into the model output was not
+        the task loss's (one host synchronisation, at the end of the task)."""
+        if self.mismatch is not None and bool(self.mismatch):
+            raise ValueError(
+                "MAML differentiates the task's loss on the loop's batches, but the loss this loop "
+                "backpropagated gave the model output a different gradient (a different criterion, a "
+                "scaled or regularised loss): pass the loop's loss as the task's loss_fn / batch_loss, or "
+                "use warpopt.maml(unroll='replay') to replay the task loss after the loop")
