@@ -252,7 +252,7 @@ class MAML(InitialisationLearner):
         buffers = [b.detach() for b in view.start_buffers]
         loop = getattr(view, "loop", None)
         if loop is not None and loop.unroll:  # θ_K is already a graph of θ0: the loop built it
-            theta0, theta = loop.theta0, loop.theta
+            return loop.theta0_gradient(task.meta_batch(view.steps), lambda theta: ctx.forward_at(theta, buffers))
         else:
             batches = [task.loop_batch(k) for k in range(view.steps)]  # fails before any work if unknown
             theta0 = [t.detach().requires_grad_(True) for t in view.theta0]

@@ -14,8 +14,8 @@ tensors, or views of the same memory): the training loss L(θ_k) without another
 **Unroll** (MAML, Eq. 1). The loop builds θ_0 → θ_1 → … → θ_K as an autograd graph of θ0:
 
 1. during the user's ``model(x)``, the module's adapt parameters are the graph tensors θ_k
-   (swapped in as ``functional_call`` does, swapped out when the call returns), under the
-   twice-differentiable kernels of ``warpopt.kernels``;
+   (swapped in as ``functional_call`` does, swapped out when the call returns); while such a
+   task adapts, the process runs the twice-differentiable kernels of ``warpopt.kernels``;
 2. the outputs pass through ``_Tap``, an identity whose backward stops the user's
    ``loss.backward()`` at the model output. There the task loss on the loop's batch is
    recomputed from that output (no forward) and differentiated once with ``create_graph``:
@@ -46,10 +46,9 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import nn
 from torch.func import functional_call
-from torch.nn.utils.stateless import _reparametrize_module
 from torch.utils import _pytree as pytree
 
-from .kernels import replay_kernels
+from .kernels import _has_rnn, replay_kernels
 from .tasks import Task
 
 __all__ = ["Loop", "same"]
@@ -140,20 +139,38 @@ class Loop:
         self.module, self.task = module, task
         self.adapt_names, self.live = list(adapt_names), list(live)
         self.buffer_names, self.buffers = list(buffer_names), list(buffers)
-        ids = {id(w) for w in warp}
         self.warp = list(warp) if warp_term else []
-        self.warp_names = [n for n, p in module.named_parameters() if id(p) in ids] if warp_term else []
+        name_of = {id(p): n for n, p in module.named_parameters()}
+        self.warp_names = [name_of[id(w)] for w in self.warp]
         self.unroll = unroll
-        owner, _, leaf = self.adapt_names[0].rpartition(".")
-        self._probe = (module.get_submodule(owner), leaf, self.live[0])  # is the module holding θ live?
+        # Where each swapped parameter sits in the module tree: every (module, attribute) holding
+        # it, so tied weights are swapped everywhere (as functional_call's tie_weights does).
+        where: dict[int, list[tuple[nn.Module, str]]] = {}
+        for name, p in module.named_parameters(remove_duplicate=False):
+            owner, _, leaf = name.rpartition(".")
+            where.setdefault(id(p), []).append((module.get_submodule(owner), leaf))
+        swapped = self.live + self.warp
+        self._slots = [where.get(id(p), []) for p in swapped]
+        first_owner, first_leaf = self._slots[0][0]
+        self._rnn = _has_rnn(module)
+        self._probe = (first_owner, first_leaf, self.live[0])  # does the module hold θ live?
+        # The unrolled forwards are differentiated twice: twice-differentiable kernels for the
+        # whole task (process-wide flags, as in the replay; restored by ``remove``).
+        self._kernels = contextlib.ExitStack()
+        if unroll:
+            self._kernels.enter_context(replay_kernels(module, rnn=self._rnn))
         self.step_index = 0
         self.forwards: list[_Forward] = []
-        self.graph_grads: Optional[Tensors] = None  # g_k (θ then φ) with its graph, from the tap
-        self.theta0: Tensors = [t.detach().clone().requires_grad_(True) for t in theta0] if unroll else []
+        self.graph_grads: Optional[Tensors] = None  # g_k with its graph, from the tap
+        # θ_0's leaves alias ``theta0`` (the session's private copy of where the task starts)
+        self.theta0: Tensors = [t.detach().requires_grad_(True) for t in theta0] if unroll else []
         self.theta: Tensors = list(self.theta0)
         self.states: list[dict[str, torch.Tensor]] = [{} for _ in self.theta0]
         self.phi: Tensors = self._alias_phi()
         self.mismatch: Optional[torch.Tensor] = None  # device flag: the loop's loss was not the task's
+        self.pending: Optional[tuple[torch.Tensor, Tensors, Any]] = None  # Eq. 7 term: (loss, φ_k, meta batch)
+        self.merged: Optional[Tensors] = None  # its φ gradient, when computed with the θ0 term
+        self.faithful = True  # every step so far was the loop's (its forward and loss seen): θ_k is the live θ_k
         self._anchor = torch.zeros((), requires_grad=True)  # see _Tap
         self._inside: Optional[contextlib.ExitStack] = None
         self._handles = [module.register_forward_pre_hook(self._pre, with_kwargs=True),
@@ -169,12 +186,23 @@ class Loop:
             return None  # a nested call, or one of the library's functional forwards
         stack = contextlib.ExitStack()
         if self.unroll:
-            mapping = dict(zip(self.adapt_names, self.theta))
-            mapping.update(zip(self.warp_names, self.phi))
-            stack.enter_context(_reparametrize_module(module, mapping, tie_weights=True))
-            stack.enter_context(replay_kernels(module))
+            stack.callback(self._swap(self.theta + self.phi))
         self._inside = stack
         return None
+
+    def _swap(self, tensors: Sequence[torch.Tensor]) -> Callable[[], None]:
+        """Put ``tensors`` where the live parameters sit (θ, then φ if aliased); returns the undo."""
+        saved = []
+        for slots, t in zip(self._slots, tensors):
+            for owner, leaf in slots:
+                saved.append((owner, leaf, owner._parameters[leaf]))
+                owner._parameters[leaf] = t  # type: ignore[assignment]
+
+        def undo() -> None:
+            for owner, leaf, p in reversed(saved):
+                owner._parameters[leaf] = p
+
+        return undo
 
     def _post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         stack, self._inside = self._inside, None
@@ -207,6 +235,7 @@ class Loop:
         if self._inside is not None:
             self._inside.close()
             self._inside = None
+        self._kernels.close()
 
     # ------------------------------------------------------------------ the loop's losses
     def _replaying(self, entry: _Forward) -> Callable[..., Any]:
@@ -244,10 +273,10 @@ class Loop:
         mapping = dict(zip(self.adapt_names, theta))
         mapping.update(zip(self.warp_names, phi))
         mapping.update(zip(self.buffer_names, (b.clone() for b in self.buffers)))
-        module = self.module
+        module, rnn = self.module, self._rnn
 
         def forward(*args: Any, **kwargs: Any) -> Any:
-            with replay_kernels(module):
+            with replay_kernels(module, rnn=rnn):
                 return functional_call(module, mapping, args, kwargs, strict=False)
 
         return forward
@@ -272,14 +301,15 @@ class Loop:
             if matched is not None:
                 outs = entry.graph_outputs
                 dout = _zeros_for_none(torch.autograd.grad(matched, outs, create_graph=True, allow_unused=True), outs)
-                wrt = entry.theta + entry.phi
-                g = _zeros_for_none(torch.autograd.grad(outs, wrt, grad_outputs=dout, create_graph=True,
-                                                        allow_unused=True), wrt)
-                with torch.no_grad():
-                    bad = torch.stack([((u - d).abs() > 1e-8 + 1e-5 * d.abs()).any() for u, d in zip(grads, dout)]).any()
-                    self.mismatch = bad if self.mismatch is None else self.mismatch | bad
+                # to θ_k only: g_k still depends on φ_k (Eq. 7), but ∇φ L_task is not needed
+                g = _zeros_for_none(torch.autograd.grad(outs, entry.theta, grad_outputs=dout, create_graph=True,
+                                                        allow_unused=True), entry.theta)
+                with torch.no_grad():  # on the device: read once, at the end of the task (``check``)
+                    for u, d in zip(grads, dout):
+                        bad = ~torch.isclose(u, d, rtol=1e-5, atol=1e-8).all()
+                        self.mismatch = bad if self.mismatch is None else self.mismatch | bad
                 self.graph_grads = g if entry.step == self.step_index else None
-                plain = [x.detach() for x in g[:n]]
+                plain = [x.detach() for x in g]
             else:  # not the step's one matched backward: the plain product, the graph gradient later
                 self.graph_grads = None
                 plain = _zeros_for_none(torch.autograd.grad(entry.graph_outputs, entry.theta, grad_outputs=grads,
@@ -291,35 +321,73 @@ class Loop:
                 else:
                     p.grad.add_(g)
 
-    def gradient(self, k: int) -> tuple[Tensors, Tensors]:
-        """g_k = ∇θ_k L_task(θ_k; loop batch k) with its graph, split into (θ part, φ part):
+    def gradient(self, k: int) -> Tensors:
+        """g_k = ∇θ_k L_task(θ_k; loop batch k) with its graph (of θ_k and, for Warp-MAML, φ_k):
         the tap's when the loop's backward gave it, else by a functional forward at θ_k."""
         grads = self.graph_grads
         if grads is None:
+            # From here on the unrolled trajectory follows the loop's batches by definition, but
+            # nobody saw the loop step on them: it may differ from the live one (no fast Eq. 7)
+            self.faithful = False
             batch = self.task.loop_batch(k)  # unknown batch: ValueError naming the fixes
             with torch.enable_grad():
                 loss = self.task.task_loss(self._functional(self.theta, self.phi), batch)
-                wrt = self.theta + self.phi
-                grads = _zeros_for_none(torch.autograd.grad(loss, wrt, create_graph=True, allow_unused=True), wrt)
-        n = len(self.theta)
-        return grads[:n], grads[n:]
+                grads = _zeros_for_none(torch.autograd.grad(loss, self.theta, create_graph=True, allow_unused=True),
+                                        self.theta)
+        return grads
 
-    def warp_gradient(self, k: int, theta: Sequence[torch.Tensor]) -> tuple[Optional[Tensors], tuple[Any, Any]]:
-        """Eq. 7 at θ_k with θ_k fixed, read off the unrolled step: ∇φ L_meta(θ_{k+1}; φ) where
-        θ_{k+1} = ``theta`` = U(θ_k, g_k(φ_k)). Draws the task batch, then the meta batch, as the
-        ``exact`` objective does, and returns (gradient or None, (task batch, meta batch)): None
-        when the task batch is not the loop's batch k, i.e. when the objective's inner step is not
-        the step the loop took (the caller replays the objective on the drawn batches)."""
+    def warp_loss(self, k: int, theta: Sequence[torch.Tensor]) -> Optional[tuple[Any, Any]]:
+        """Eq. 7 at θ_k with θ_k fixed, read off the unrolled step: L_meta(θ_{k+1}; φ_k) with
+        θ_{k+1} = ``theta`` = U(θ_k, g_k(φ_k)); its gradient to φ_k stops at θ_k.
+
+        Draws the task batch, then the meta batch, as the ``exact`` objective does. When the task
+        batch is the loop's batch k (the objective's inner step is the step the loop took), the
+        loss is kept *pending*: its backward runs at the next step (``warp_gradient``), or at the
+        end of the task together with MAML's θ0 term when that is taken on the same meta batch
+        (``theta0_gradient``: one backward of L_meta(θ_K) serves both). Returns None then, else the
+        drawn (task batch, meta batch) for the caller to replay the objective on."""
         task_batch = self.task.task_batch(k)
         meta_batch = self.task.meta_batch(k)
         loop_batch = self._loop_batch(k)
-        if loop_batch is _Unmatched or not same(task_batch, loop_batch):
-            return None, (task_batch, meta_batch)
+        if not self.faithful or loop_batch is _Unmatched or not same(task_batch, loop_batch):
+            return task_batch, meta_batch
         with torch.enable_grad():
             loss = self.task.meta_loss(self._functional(theta, self.phi), meta_batch)
-            grads = _zeros_for_none(torch.autograd.grad(loss, self.phi, retain_graph=True, allow_unused=True),
-                                    self.phi)
-        return grads, (task_batch, meta_batch)
+        self.pending = (loss, list(self.phi), meta_batch)
+        return None
+
+    def warp_gradient(self) -> Optional[Tensors]:
+        """The pending Eq. 7 term's gradient to φ (None if nothing is pending)."""
+        if self.pending is None:
+            return None
+        loss, phi, _ = self.pending
+        self.pending = None
+        if self.merged is not None:
+            grads, self.merged = self.merged, None
+            return grads
+        with torch.enable_grad():  # retained: the step's graph is still needed by the θ0 term
+            return _zeros_for_none(torch.autograd.grad(loss, phi, retain_graph=True, allow_unused=True), phi)
+
+    def theta0_gradient(self, meta_batch: Any, forward: Callable[[Sequence[torch.Tensor]], Callable[..., Any]]
+                        ) -> Tensors:
+        """∇θ0 L_meta(θ_K) through the unrolled steps (MAML). When the pending Eq. 7 term is
+        L_meta(θ_K; φ_{K-1}) on this same meta batch, its forward and backward serve both terms
+        (φ held fixed in this one: only θ0 is asked for here; a model with adapt buffers is
+        evaluated with the buffers the task started from, so it gets its own forward); else
+        ``forward(θ_K)`` runs it."""
+        with torch.enable_grad():
+            if self.pending is not None and not self.buffers and same(self.pending[2], meta_batch):
+                loss, phi, _ = self.pending
+                grads = torch.autograd.grad(loss, self.theta0 + phi, allow_unused=True)
+                n = len(self.theta0)
+                self.merged = _zeros_for_none(grads[n:], phi)
+                return _zeros_for_none(grads[:n], self.theta0)
+            if self.pending is not None:  # its own backward first: the one below frees the steps' graphs
+                loss, phi, _ = self.pending
+                self.merged = _zeros_for_none(torch.autograd.grad(loss, phi, retain_graph=True,
+                                                                  allow_unused=True), phi)
+            loss = self.task.meta_loss(forward(self.theta), meta_batch)
+            return _zeros_for_none(torch.autograd.grad(loss, self.theta0, allow_unused=True), self.theta0)
 
     def advance(self, theta: Sequence[torch.Tensor], states: Sequence[dict[str, torch.Tensor]]) -> None:
         """The step was taken: θ_{k+1} (graph) and its optimizer state; forget the step's forwards."""

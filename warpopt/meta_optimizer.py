@@ -162,7 +162,7 @@ class WarpGradMetaOptimizer(torch.optim.Optimizer):
         self._run = run
         try:
             yield task
-            outcome = session.end(self.core, run, self.initialisation, self.on_nonfinite)
+            outcome = session.end(self.core, run, self.initialisation, self.on_nonfinite, self.algorithm)
             if outcome is not None and learn:
                 self._commit(outcome)
             elif outcome is not None:

@@ -207,7 +207,12 @@ def begin(model: Model, task: Task, *, reset: bool, learn: bool, algorithm: Algo
                         model.warp, unroll=initialisation.unrolls, warp_term=warp_term)
     # ---- end issue 18 ------------------------------------------------------------------------
     if learn:
-        run.init_state = initialisation.begin_task(run)
+        try:
+            run.init_state = initialisation.begin_task(run)
+        except BaseException:  # nothing of this task may outlive it: hooks off, φ unfrozen, θ back
+            finish(model, run)
+            abort(model, run)
+            raise
     return run
 
 
@@ -227,7 +232,7 @@ def step(model: Model, run: Optional[TaskRun], *, algorithm: Algorithm, initiali
     loop = run.loop if run is not None else None
     unrolled = None
     if loop is not None and loop.unroll:
-        g_theta, _ = loop.gradient(run.steps)  # type: ignore[union-attr]
+        g_theta = loop.gradient(run.steps)  # type: ignore[union-attr]
         with torch.enable_grad():  # step() runs under no_grad (torch.optim): this update is differentiated
             unrolled = run.context.step(loop.theta, g_theta, loop.states, run.context.hypers)  # type: ignore[union-attr]
     # ---- end issue 18 --------------------------------------------------------------------------
@@ -242,14 +247,18 @@ def step(model: Model, run: Optional[TaskRun], *, algorithm: Algorithm, initiali
             if step_objective is not None:
                 if run is None:
                     raise RuntimeError(f"{algorithm!r} needs the task's data: step inside `with opt.task(...)`")
-                sample = run.sample
+                sample, fast = run.sample, False
                 if unrolled is not None and loop.warp:  # type: ignore[union-attr]
-                    # issue 18: Warp-MAML's Eq. 7 term read off the unrolled step (no second inner step);
-                    # else replayed as below, on the batches it drew
-                    step_grads, (task_batch, meta_batch) = loop.warp_gradient(run.steps, unrolled[0])  # type: ignore[union-attr]
-                    sample = lambda states: replace(run.sample(states), task_batch=task_batch,  # noqa: E731
-                                                    meta_batch=meta_batch)
-                if step_grads is None:
+                    # issue 18: Warp-MAML's Eq. 7 term read off the unrolled step (no second inner step):
+                    # the previous step's term is due now, this step's waits (see Loop.warp_loss); when
+                    # the objective's inner step is not the loop's, it is replayed as below
+                    step_grads = loop.warp_gradient()  # type: ignore[union-attr]
+                    drawn = loop.warp_loss(run.steps, unrolled[0])  # type: ignore[union-attr]
+                    fast = drawn is None
+                    if not fast:
+                        sample = lambda states: replace(run.sample(states), task_batch=drawn[0],  # noqa: E731
+                                                        meta_batch=drawn[1])
+                if not fast:
                     with torch.enable_grad():
                         step_grads, _ = meta_gradient(step_objective, run.context, [sample(model.states())],
                                                       model.meta_parameters())
@@ -297,7 +306,8 @@ def abort(model: Model, run: TaskRun) -> None:
     model.task_optimizer.load_state_dict(optimizer_state)
 
 
-def end(model: Model, run: TaskRun, initialisation: InitialisationLearner, on_nonfinite: str) -> Optional[TaskOutcome]:
+def end(model: Model, run: TaskRun, initialisation: InitialisationLearner, on_nonfinite: str,
+        algorithm: Optional[Algorithm] = None) -> Optional[TaskOutcome]:
     """The task's outcome; None if a task gradient became NaN/inf: then θ is restored and the
     task dropped with a warning (``on_nonfinite="skip"``) or a ``FloatingPointError``."""
     finish(model, run)
@@ -316,4 +326,8 @@ def end(model: Model, run: TaskRun, initialisation: InitialisationLearner, on_no
     contribution = initialisation.end_task(run.init_state, run)
     if contribution is not None:
         contribution = [c.detach() for c in contribution]
+    if run.loop is not None and algorithm is not None:  # issue 18: the last step's pending Eq. 7 term
+        last = run.loop.warp_gradient()
+        if last is not None:
+            run.algorithm_state, _ = algorithm.on_step(run.algorithm_state, last)
     return TaskOutcome(run.trajectory, run.steps, run.algorithm_state, contribution)
