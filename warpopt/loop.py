@@ -167,7 +167,8 @@ class Loop:
         self.theta: Tensors = list(self.theta0)
         self.states: list[dict[str, torch.Tensor]] = [{} for _ in self.theta0]
         self.phi: Tensors = self._alias_phi()
-        self.mismatch: Optional[torch.Tensor] = None  # device flag: the loop's loss was not the task's
+        # (the loop's gradient at the model output, the task loss's), per step: must agree (``check``)
+        self.compare: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.pending: Optional[tuple[torch.Tensor, Tensors, Any]] = None  # Eq. 7 term: (loss, φ_k, meta batch)
         self.merged: Optional[Tensors] = None  # its φ gradient, when computed with the θ0 term
         self.faithful = True  # every step so far was the loop's (its forward and loss seen): θ_k is the live θ_k
@@ -304,10 +305,8 @@ class Loop:
                 # to θ_k only: g_k still depends on φ_k (Eq. 7), but ∇φ L_task is not needed
                 g = _zeros_for_none(torch.autograd.grad(outs, entry.theta, grad_outputs=dout, create_graph=True,
                                                         allow_unused=True), entry.theta)
-                with torch.no_grad():  # on the device: read once, at the end of the task (``check``)
-                    for u, d in zip(grads, dout):
-                        bad = ~torch.isclose(u, d, rtol=1e-5, atol=1e-8).all()
-                        self.mismatch = bad if self.mismatch is None else self.mismatch | bad
+                # compared at the end of the task, all steps at once (``check``)
+                self.compare.extend((u.detach(), d.detach()) for u, d in zip(grads, dout))
                 self.graph_grads = g if entry.step == self.step_index else None
                 plain = [x.detach() for x in g]
             else:  # not the step's one matched backward: the plain product, the graph gradient later
@@ -400,7 +399,14 @@ class Loop:
     def check(self) -> None:
         """Raise if, at some step, the gradient the loop's loss sent into the model output was not
         the task loss's (one host synchronisation, at the end of the task)."""
-        if self.mismatch is not None and bool(self.mismatch):
+        if not self.compare:
+            return
+        with torch.no_grad():
+            mismatch = not bool(torch.isclose(torch.cat([u.reshape(-1) for u, _ in self.compare]),
+                                              torch.cat([d.reshape(-1) for _, d in self.compare]),
+                                              rtol=1e-5, atol=1e-8).all())
+        self.compare = []
+        if mismatch:
             raise ValueError(
                 "MAML differentiates the task's loss on the loop's batches, but the loss this loop "
                 "backpropagated gave the model output a different gradient (a different criterion, a "
