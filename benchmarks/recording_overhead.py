@@ -43,7 +43,7 @@ p = parser(__doc__)
 p.add_argument("--steps", type=int, default=50)
 p.add_argument("--batch", type=int, default=20)
 p.add_argument("--models", default="omniglot,mlp")
-p.add_argument("--variants", default="record,record+leap,record+leap(noL)",
+p.add_argument("--variants", default="record,record+leap,record+leap(probe),record+leap(noL)",
                help="comma-separated subset of: " + ", ".join(VARIANTS))
 args = p.parse_args()
 device = setup(args)

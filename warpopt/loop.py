@@ -289,7 +289,6 @@ class Loop:
     def _backward(self, entry: _Forward, grads: Tensors) -> None:
         """The tap's backward: the user's ``loss.backward()`` reached the model output."""
         entry.backwards += 1
-        n = len(entry.theta)
         with torch.enable_grad():
             matched = None
             if entry.backwards == 1 and sum(e.backwards for e in self.forwards) == 1:
@@ -300,11 +299,11 @@ class Loop:
                     except _Unmatched:
                         matched = None
             if matched is not None:
-                outs = entry.graph_outputs
-                dout = _zeros_for_none(torch.autograd.grad(matched, outs, create_graph=True, allow_unused=True), outs)
-                # to θ_k only: g_k still depends on φ_k (Eq. 7), but ∇φ L_task is not needed
-                g = _zeros_for_none(torch.autograd.grad(outs, entry.theta, grad_outputs=dout, create_graph=True,
-                                                        allow_unused=True), entry.theta)
+                # to θ_k (g_k still depends on φ_k for Eq. 7, but ∇φ L_task is not needed), and to
+                # the outputs for the check; one backward with its graph
+                wrt = entry.theta + entry.graph_outputs
+                both = _zeros_for_none(torch.autograd.grad(matched, wrt, create_graph=True, allow_unused=True), wrt)
+                g, dout = both[:len(entry.theta)], both[len(entry.theta):]
                 # compared at the end of the task, all steps at once (``check``)
                 self.compare.extend((u.detach(), d.detach()) for u, d in zip(grads, dout))
                 self.graph_grads = g if entry.step == self.step_index else None
