@@ -85,14 +85,13 @@ class _Unmatched(Exception):
 @dataclass
 class _Forward:
     """One forward of the user's loop: its inputs, its output (structure as returned) and, when
-    unrolled, the θ_k (and φ_k) it ran on and its output tensors that carry a graph."""
+    unrolled, the θ_k it ran on and its output tensors that carry a graph."""
 
     step: int
     args: tuple
     kwargs: dict
     output: Any
     theta: Tensors = field(default_factory=list)
-    phi: Tensors = field(default_factory=list)
     graph_outputs: Tensors = field(default_factory=list)
     backwards: int = 0
 
@@ -172,7 +171,7 @@ class Loop:
         self.pending: Optional[tuple[torch.Tensor, Tensors, Any]] = None  # Eq. 7 term: (loss, φ_k, meta batch)
         self.merged: Optional[Tensors] = None  # its φ gradient, when computed with the θ0 term
         self.faithful = True  # every step so far was the loop's (its forward and loss seen): θ_k is the live θ_k
-        self._anchor = torch.zeros((), requires_grad=True)  # see _Tap
+        self._anchors: dict[torch.device, torch.Tensor] = {}  # see _Tap
         self._inside: Optional[contextlib.ExitStack] = None
         self._handles = [module.register_forward_pre_hook(self._pre, with_kwargs=True),
                          module.register_forward_hook(self._post, with_kwargs=True, always_call=True)]
@@ -218,12 +217,16 @@ class Loop:
             return None
         leaves, spec = pytree.tree_flatten(output)
         graph = [i for i, t in enumerate(leaves) if isinstance(t, torch.Tensor) and t.requires_grad]
-        entry = _Forward(self.step_index, args, kwargs, output, list(self.theta), list(self.phi),
+        entry = _Forward(self.step_index, args, kwargs, output, list(self.theta),
                          [leaves[i] for i in graph])
         self.forwards.append(entry)
         if not graph:
             return None
-        tapped = _Tap.apply(self, entry, self._anchor, *(o.detach() for o in entry.graph_outputs))
+        device = entry.graph_outputs[0].device
+        anchor = self._anchors.get(device)
+        if anchor is None:
+            anchor = self._anchors[device] = torch.zeros((), device=device, requires_grad=True)
+        tapped = _Tap.apply(self, entry, anchor, *(o.detach() for o in entry.graph_outputs))
         for i, t in zip(graph, tapped):
             leaves[i] = t
         return pytree.tree_unflatten(leaves, spec)
