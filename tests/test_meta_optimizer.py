@@ -250,19 +250,53 @@ def test_leap_train_loss_costs_no_forward_and_probe_costs_one_per_step():
     assert calls == {"train": 3, "probe": 3 + 1 + 3}  # probe: L(θ_0) once, then one per step
 
 
-def test_leap_train_loss_needs_the_loops_batches():
-    """A one-shot iterable the loop consumed by itself: the loss of a step is unknown; the error
-    says what to do and the task is rolled back."""
-    model = make_model()
+class _Loader:
+    """A re-iterable source that is not a sequence (like a DataLoader)."""
+
+    def __init__(self, batches):
+        self.batches = batches
+
+    def __iter__(self):
+        return iter(self.batches)
+
+
+def test_leap_falls_back_to_the_probe_when_the_loops_batches_are_unknown():
+    """A loader the loop iterates by itself (no closure): the task takes ΔL on a probe batch, as
+    leap(loss="probe") does; a loss that goes missing after the first step is an error that says
+    what to do, and the task is rolled back."""
     data = make_tasks(1, batches=3)[0]
-    opt = warpopt.WarpGradMetaOptimizer(model, lr=0.1, initialisation=warpopt.leap())
-    gen = iter(data)
-    with pytest.raises(ValueError, match="iterate.*task"):
-        with opt.task(gen, loss_fn):
-            for x, y in gen:
+    moved = {}
+    for loss in ("train", "probe"):
+        model = make_model()
+        opt = warpopt.WarpGradMetaOptimizer(model, lr=0.1, meta_lr=0.0, init_lr=1.0, meta_optimizer=torch.optim.SGD,
+                                            algorithm=warpopt.algorithms.Algorithm(),
+                                            initialisation=warpopt.leap(loss=loss))
+        theta0 = [t.detach().clone() for t in opt.theta0]
+        loader = _Loader(data)
+        with opt.task(loader, loss_fn):
+            for x, y in loader:
                 opt.zero_grad()
                 loss_fn(model(x), y).backward()
                 opt.step()
+        opt.meta_step()
+        moved[loss] = [a - b for a, b in zip(theta0, opt.theta0)]
+    assert sum(m.abs().sum() for m in moved["train"]) > 1e-3
+    for a, b in zip(moved["train"], moved["probe"]):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-14)
+    model = make_model()
+    opt = warpopt.WarpGradMetaOptimizer(model, lr=0.1, initialisation=warpopt.leap())
+    with pytest.raises(ValueError, match="iterate the task"):
+        with opt.task(_Loader(data), loss_fn) as task:
+            for k, (x, y) in enumerate(task):  # batches 0, 1 seen through the task ...
+                opt.zero_grad()
+                loss_fn(model(x), y).backward()
+                opt.step()
+                if k == 1:
+                    break
+            x, y = data[2]  # ... batch 2 not
+            opt.zero_grad()
+            loss_fn(model(x), y).backward()
+            opt.step()
     assert opt.counters["tasks"] == 0
     assert all(torch.equal(p, t) for p, t in zip(model.adapt_parameters(), opt.theta0))
     with pytest.raises(ValueError, match="loss"):

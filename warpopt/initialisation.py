@@ -113,7 +113,9 @@ class Leap(InitialisationLearner):
       the loss ``opt.step(closure)`` returns; no extra forward when the loop's inputs are the
       task's batch). The segments run over k = 1..K−1: the loop never evaluates L(θ_K), so the
       last step's segment is left out (as in the original). ΔL_k mixes the change of L with the
-      difference between consecutive batches.
+      difference between consecutive batches. A task whose loop batches cannot be known (a
+      loader the loop iterates by itself, no closure) uses the probe instead, decided at its
+      first step.
     - ``loss="probe"``: L(θ_k) on one probe batch drawn at the start of the task (one forward
       per step), so that ΔL_k measures the change of one function; all K segments.
 
@@ -133,8 +135,9 @@ class Leap(InitialisationLearner):
         return self.loss_term and self.loss == "train"
 
     @staticmethod
-    def _probe_loss(view: TaskView, probe: Any) -> torch.Tensor:
-        forward = view.context.forward_at([p.detach() for p in view.params], view.buffers)
+    def _probe_loss(view: TaskView, probe: Any, params: Optional[Sequence[torch.Tensor]] = None) -> torch.Tensor:
+        forward = view.context.forward_at([p.detach() for p in (view.params if params is None else params)],
+                                          view.buffers)
         with torch.no_grad():
             return view.task.task_loss(forward, probe).detach()
 
@@ -179,7 +182,17 @@ class Leap(InitialisationLearner):
             if not self.loss_term:
                 self._segment(state, grads, self._advance(state, view), None)
                 return state
-            if self.loss == "probe":
+            if self.loss == "train" and view.loss is None:  # the loop's batches are unknown
+                if view.steps > 0 or state.probe is not None:
+                    if state.probe is None:
+                        raise ValueError(
+                            f"leap(): the loop's training loss at step {view.steps} is unknown (its batch was "
+                            "not seen): iterate the task (`for x, y in task`), return the loss from "
+                            "opt.step(closure), or use warpopt.leap(loss='probe')")
+                else:  # first step: this task takes ΔL on a probe batch, from θ_0 (still in state.last)
+                    probe = view.task.task_batch(0)
+                    state = state._replace(probe=probe, loss=self._probe_loss(view, probe, state.last))
+            if self.loss == "probe" or state.probe is not None:
                 sq = self._advance(state, view)
                 loss = self._probe_loss(view, state.probe)
                 self._segment(state, grads, sq, loss - state.loss)

@@ -256,14 +256,13 @@ class Loop:
         except ValueError:
             return _Unmatched
 
-    def loss(self, k: int, params: Sequence[torch.Tensor]) -> torch.Tensor:
+    def loss(self, k: int, params: Sequence[torch.Tensor]) -> Optional[torch.Tensor]:
         """L_task(θ_k) on the loop's batch k, from the loop's own forward when its inputs were
-        the batch's, else by a forward at ``params`` (θ_k) with the adapt buffers copied."""
-        try:
-            batch = self.task.loop_batch(k)
-        except ValueError as e:
-            raise ValueError(f"{e}; for Leap's training-loss ΔL, opt.step(closure) can also hand over the "
-                             "loss, or use warpopt.leap(loss='probe')") from None
+        the batch's, else by a forward at ``params`` (θ_k) with the adapt buffers copied; None
+        when the batch is unknown (a one-shot iterable or loader the loop iterates by itself)."""
+        batch = self._loop_batch(k)
+        if batch is _Unmatched:
+            return None
         with torch.no_grad():
             for entry in self.forwards:
                 if entry.step == k:
