@@ -227,7 +227,7 @@ class WarpoptMAML(Contender):
         self.model, self.opt, self.how = warpopt_model(
             net, s.lr, meta_optimizer=meta_optimizer, meta_lr=meta_lr, init_lr=meta_lr,
             algorithm=no_warp_learning(), initialisation=warpopt.maml())
-        self.names = list(self.opt.core.adapt_names)
+        self.names = list(self.opt.core.adapt_names)  # an unwarped model's parameters are all θ
 
     def meta_step(self, tasks: list[Episode]) -> None:
         for support, query in tasks:
@@ -241,8 +241,9 @@ class WarpoptMAML(Contender):
 
     def learned(self) -> dict[str, torch.Tensor]:
         theta0 = {k: v.detach() for k, v in zip(self.names, self.opt.theta0)}
-        warps = self.model.named_warp_parameters() if self.learns_warps else ()
-        return {**theta0, **{k: v.detach() for k, v in warps}}
+        if not self.learns_warps:
+            return theta0
+        return {**theta0, **{k: v.detach() for k, v in self.model.named_warp_parameters()}}
 
 
 class WarpMAML(WarpoptMAML):

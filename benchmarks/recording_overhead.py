@@ -7,8 +7,10 @@ adaptation:
   mlp       784-1024-1024-10 ReLU MLP with the default (linear) warps: |θ| = 1,863,690
 Contenders, interleaved with the plain loop in every repeat (medians of per-repeat ratios):
   record            offline recording, no θ0 learner (``initialisation=warpopt.none()``)
-  record+leap       recording + Leap (the default θ0 learner: a probe forward per step for ΔL)
-  record+leap(noL)  recording + ``warpopt.leap(loss_term=False)`` (no probe: path length in θ only)
+  record+leap       recording + Leap, the default ``warpopt.leap()``: ΔL from the loop's own training
+                    losses (``loss="train"``: read off the loop's forward, no extra forward)
+  record+leap(probe) recording + ``warpopt.leap(loss="probe")``: ΔL on a probe batch, a forward per step
+  record+leap(noL)  recording + ``warpopt.leap(loss_term=False)`` (path length in θ only)
   record fp16 / record every 5   (``--variants``: half-precision storage, every 5th step)
 Targets (issue 18): record ≤ 1.05, record + Leap ≤ 1.10. Also printed: ``step()`` alone
 (gradients already in place) plain SGD vs recorded, per step.
@@ -29,7 +31,8 @@ from _common import (adapt_task, count, interleaved, load_average, machine, medi
 
 VARIANTS = {
     "record": dict(initialisation=warpopt.none),
-    "record+leap": dict(initialisation=warpopt.leap),
+    "record+leap": dict(initialisation=lambda: warpopt.leap(loss="train")),
+    "record+leap(probe)": dict(initialisation=lambda: warpopt.leap(loss="probe")),
     "record+leap(noL)": dict(initialisation=lambda: warpopt.leap(loss_term=False)),
     "record fp16": dict(initialisation=warpopt.none, dtype=torch.float16),
     "record every 5": dict(initialisation=warpopt.none, every=5),
@@ -40,7 +43,7 @@ p = parser(__doc__)
 p.add_argument("--steps", type=int, default=50)
 p.add_argument("--batch", type=int, default=20)
 p.add_argument("--models", default="omniglot,mlp")
-p.add_argument("--variants", default="record,record+leap,record+leap(noL)",
+p.add_argument("--variants", default="record,record+leap,record+leap(probe),record+leap(noL)",
                help="comma-separated subset of: " + ", ".join(VARIANTS))
 args = p.parse_args()
 device = setup(args)

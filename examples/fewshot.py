@@ -192,7 +192,10 @@ class Learner:
                 self.model, lr=cfg["lr"], meta_lr=cfg["meta_lr"], init_lr=cfg["init_lr"],
                 objective=warpopt.exact if cfg["objective"] == "exact" else warpopt.approx,
                 algorithm=warpopt.online(),
-                initialisation=warpopt.maml() if kind == "warp-maml" else warpopt.leap(), **task_kwargs)
+                # warp-leap: multi-shot tasks draw a random batch per step, so ΔL on a probe batch
+                # (the change of one function) rather than on consecutive training batches
+                initialisation=warpopt.maml() if kind == "warp-maml" else warpopt.leap(loss="probe"),
+                **task_kwargs)
             self.names = [n for n, _ in self.model.named_adapt_parameters()]
         else:  # MAML / FOMAML: θ0-only meta-learning of the plain net through the same optimizer
             self.model = net

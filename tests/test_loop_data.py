@@ -107,7 +107,7 @@ def test_a_re_iterable_source_is_drawn_by_an_iterator_of_its_own():
 
 def test_a_loop_that_iterates_the_generator_itself_is_warned_that_it_lost_the_probe_batch():
     model = make_model()
-    opt = warpopt.WarpGradMetaOptimizer(model, lr=0.1)  # Leap's probe draws at the task's start
+    opt = warpopt.WarpGradMetaOptimizer(model, lr=0.1, initialisation=warpopt.leap(loss="probe"))  # draws at the start
     gen = (b for b in batches(1))
     seen = 0
     with pytest.warns(RuntimeWarning, match=r"1 batch\(es\) of your one-shot data.*Iterate the task"):
@@ -123,7 +123,7 @@ def test_a_loop_that_iterates_the_generator_itself_is_warned_that_it_lost_the_pr
 
 def test_an_exhausted_generator_fails_at_the_task_start_with_the_fix_and_changes_nothing():
     model = make_model()
-    opt = warpopt.WarpGradMetaOptimizer(model, lr=0.1)
+    opt = warpopt.WarpGradMetaOptimizer(model, lr=0.1, initialisation=warpopt.leap(loss="probe"))
     gen = (b for b in batches(1))
     list(gen)
     theta = [p.detach().clone() for p in model.parameters()]

@@ -166,13 +166,141 @@ def test_leap_gradient_matches_eq13():
     model = make_model()
     data = make_tasks(1, batches=1)[0]  # one batch: the probe batch is the training batch
     opt = warpopt.WarpGradMetaOptimizer(model, lr=0.1, meta_lr=0.0, init_lr=1.0, objective=warpopt.approx,
-                                        meta_optimizer=torch.optim.SGD, initialisation=warpopt.leap())
+                                        meta_optimizer=torch.optim.SGD, initialisation=warpopt.leap(loss="probe"))
     theta0 = [t.detach().clone() for t in opt.theta0]
     adapt(opt, model, [data], steps=4)
     opt.meta_step()
     expected = _explicit_leap_gradient(model, theta0, data, 0.1, 4)
     for t_new, t_old, g in zip(opt.theta0, theta0, expected):
         assert torch.allclose(t_old - t_new, g, atol=1e-12)
+
+
+def _explicit_leap_train_gradient(model, theta0, batches, lr):
+    """Eq. 13 by hand with the training losses of consecutive steps (Leap's own implementation):
+    segment k (θ_{k-1} → θ_k) uses L(θ_k) on batch k, L(θ_{k-1}) on batch k-1, ∇L(θ_{k-1})."""
+    params = list(model.adapt_parameters())
+    with torch.no_grad():
+        for p, t in zip(params, theta0):
+            p.copy_(t)
+    total = [torch.zeros_like(p) for p in params]
+    prev = None
+    for x, y in batches:
+        loss = loss_fn(model(x), y)
+        grads = torch.autograd.grad(loss, params)
+        with torch.no_grad():
+            if prev is not None:
+                prev_params, prev_grads, prev_loss = prev
+                dl = loss - prev_loss
+                dtheta = [p - q for p, q in zip(params, prev_params)]
+                norm = torch.sqrt(sum(d.pow(2).sum() for d in dtheta) + dl ** 2)
+                for acc, g, d in zip(total, prev_grads, dtheta):
+                    acc.sub_((dl * g + d) / norm)
+            prev = ([p.clone() for p in params], grads, loss.detach())
+            for p, g in zip(params, grads):
+                p.sub_(lr * g)
+    return total
+
+
+@pytest.mark.parametrize("how", ["forward", "closure", "one_shot_through_the_task"])
+def test_leap_train_loss_gradient_matches_eq13(how):
+    """leap(loss="train"): ΔL from the loop's own losses on its (different) batches, no probe."""
+    model = make_model()
+    data = make_tasks(1, batches=4)[0]
+    opt = warpopt.WarpGradMetaOptimizer(model, lr=0.1, meta_lr=0.0, init_lr=1.0, meta_optimizer=torch.optim.SGD,
+                                        algorithm=warpopt.algorithms.Algorithm(),  # θ0 only: nothing replayed
+                                        initialisation=warpopt.leap(loss="train"))
+    theta0 = [t.detach().clone() for t in opt.theta0]
+    with opt.task(data if how != "one_shot_through_the_task" else iter(data), loss_fn) as task:
+        for x, y in (task if how == "one_shot_through_the_task" else data):
+            if how == "closure":
+                def closure(x=x, y=y):
+                    opt.zero_grad()
+                    loss = loss_fn(model(x), y)
+                    loss.backward()
+                    return loss
+                opt.step(closure)
+            else:
+                opt.zero_grad()
+                loss_fn(model(x), y).backward()
+                opt.step()
+    opt.meta_step()
+    expected = _explicit_leap_train_gradient(model, theta0, data, 0.1)
+    assert sum(e.abs().sum() for e in expected) > 1e-3  # K - 1 = 3 segments with a loss term
+    for t_new, t_old, g in zip(opt.theta0, theta0, expected):
+        assert torch.allclose(t_old - t_new, g, atol=1e-12)
+
+
+def test_leap_train_loss_costs_no_forward_and_probe_costs_one_per_step():
+    """The training loss is read off the loop's forward; the probe runs one more per step."""
+    calls = {}
+    for loss in ("train", "probe"):
+        model = make_model()
+        data = make_tasks(1, batches=3)[0]
+        opt = warpopt.WarpGradMetaOptimizer(model, lr=0.1, initialisation=warpopt.leap(loss=loss),
+                                            algorithm=warpopt.algorithms.Algorithm())
+        count = [0]
+        handle = model.register_forward_hook(lambda *_: count.__setitem__(0, count[0] + 1))
+        with opt.task(data, loss_fn):
+            for x, y in data:
+                opt.zero_grad()
+                loss_fn(model(x), y).backward()
+                opt.step()
+        handle.remove()
+        calls[loss] = count[0]
+    assert calls == {"train": 3, "probe": 3 + 1 + 3}  # probe: L(θ_0) once, then one per step
+
+
+class _Loader:
+    """A re-iterable source that is not a sequence (like a DataLoader)."""
+
+    def __init__(self, batches):
+        self.batches = batches
+
+    def __iter__(self):
+        return iter(self.batches)
+
+
+def test_leap_falls_back_to_the_probe_when_the_loops_batches_are_unknown():
+    """A loader the loop iterates by itself (no closure): the task takes ΔL on a probe batch, as
+    leap(loss="probe") does; a loss that goes missing after the first step is an error that says
+    what to do, and the task is rolled back."""
+    data = make_tasks(1, batches=3)[0]
+    moved = {}
+    for loss in ("train", "probe"):
+        model = make_model()
+        opt = warpopt.WarpGradMetaOptimizer(model, lr=0.1, meta_lr=0.0, init_lr=1.0, meta_optimizer=torch.optim.SGD,
+                                            algorithm=warpopt.algorithms.Algorithm(),
+                                            initialisation=warpopt.leap(loss=loss))
+        theta0 = [t.detach().clone() for t in opt.theta0]
+        loader = _Loader(data)
+        with opt.task(loader, loss_fn):
+            for x, y in loader:
+                opt.zero_grad()
+                loss_fn(model(x), y).backward()
+                opt.step()
+        opt.meta_step()
+        moved[loss] = [a - b for a, b in zip(theta0, opt.theta0)]
+    assert sum(m.abs().sum() for m in moved["train"]) > 1e-3
+    for a, b in zip(moved["train"], moved["probe"]):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-14)
+    model = make_model()
+    opt = warpopt.WarpGradMetaOptimizer(model, lr=0.1, initialisation=warpopt.leap())
+    with pytest.raises(ValueError, match="iterate the task"):
+        with opt.task(_Loader(data), loss_fn) as task:
+            for k, (x, y) in enumerate(task):  # batches 0, 1 seen through the task ...
+                opt.zero_grad()
+                loss_fn(model(x), y).backward()
+                opt.step()
+                if k == 1:
+                    break
+            x, y = data[2]  # ... batch 2 not
+            opt.zero_grad()
+            loss_fn(model(x), y).backward()
+            opt.step()
+    assert opt.counters["tasks"] == 0
+    assert all(torch.equal(p, t) for p, t in zip(model.adapt_parameters(), opt.theta0))
+    with pytest.raises(ValueError, match="loss"):
+        warpopt.leap(loss="test")
 
 
 def test_maml_gradient_matches_finite_differences():

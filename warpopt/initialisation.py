@@ -6,13 +6,17 @@ averages contributions over the tasks of a meta-batch and applies them with lear
 (optax style; all optional to override):
 
 - ``begin_task(view) -> state``: the task starts at θ0 (``view.params`` hold θ0).
-- ``after_step(state, view, previous, grads) -> state``: θ_{k-1} = ``previous``, its task
-  gradient ``grads``, θ_k = ``view.params`` (live), k = ``view.steps``.
+- ``after_step(state, view, previous, grads) -> state``: called after every task step; θ_k =
+  ``previous`` (a copy, or None unless the learner sets ``needs_previous``), its task gradient
+  ``grads``, θ_{k+1} = ``view.params`` (live), k = ``view.steps``; ``view.loss`` is the loop's
+  training loss L(θ_k) on its batch when the learner sets ``needs_loss`` (else None).
 - ``end_task(state, view) -> list[Tensor] | None``: ∇C(θ0) for this task (None: none).
 
 ``view`` is the task's read-only view (``warpopt.session.TaskView``): ``task``, ``context``
-(a ``ReplayContext``), live ``params``/``buffers``, the start ``theta0``/``start_buffers``
-and ``steps``. A learner keeps nothing between calls except what it returns.
+(a ``ReplayContext``), live ``params``/``buffers``, the start ``theta0``/``start_buffers``,
+``steps``, ``loss`` and ``loop`` (``warpopt.loop.Loop``: with ``unrolls`` set, the
+differentiable trajectory θ0 → θ_k the task loop built). A learner keeps nothing between calls
+except what it returns.
 Subclass ``InitialisationLearner`` to plug in your own.
 """
 from __future__ import annotations
@@ -40,13 +44,19 @@ class TaskView(Protocol):
     theta0: list[torch.Tensor]
     start_buffers: list[torch.Tensor]
     steps: int
+    loss: Optional[torch.Tensor]
+    loop: Any
 
 
 class InitialisationLearner:
     """Base class: a fixed θ0 (no contribution); tasks start from θ0."""
 
-    #: whether ``after_step`` needs θ_{k-1} (costs one parameter copy per step)
+    #: whether ``after_step`` needs θ_k before the step (costs one parameter copy per step)
     needs_previous: bool = False
+    #: whether ``after_step`` needs the loop's training loss L(θ_k) (``view.loss``)
+    needs_loss: bool = False
+    #: whether the task loop builds the differentiable trajectory (``view.loop``; MAML)
+    unrolls: bool = False
     #: whether θ0 is meta-learned at all
     learns: bool = True
 
@@ -70,12 +80,22 @@ class NoInitialisation(InitialisationLearner):
     learns = False
 
 
+LEAP_LOSSES = ("train", "probe")
+
+
 class LeapState(NamedTuple):
-    """Leap's per-task state: the running meta-gradient, the probe batch and L(θ_{k-1}) on it."""
+    """Leap's per-task state (its tensors are task-local buffers, updated in place: no
+    allocation per step): the running meta-gradient ``grad``; θ_k, where the next segment starts
+    (``last``); the probe batch; the loss at the start of the open segment; for the training
+    loss, the open segment (θ_{k-1} → θ_k) waiting for L(θ_k): Δθ, |Δθ|², ∇L(θ_{k-1})."""
 
     grad: Tensors
+    last: Tensors
+    delta: Tensors
     probe: Any = None
     loss: Optional[torch.Tensor] = None
+    last_grad: Optional[Tensors] = None
+    sq: Optional[torch.Tensor] = None
 
 
 class Leap(InitialisationLearner):
@@ -86,55 +106,112 @@ class Leap(InitialisationLearner):
 
         ∇C_Leap(θ0) ≈ − Σ_k (ΔL_k ∇L(θ_{k-1}) + Δθ_k) / ‖ϑ_k − ϑ_{k-1}‖₂.
 
-    ∇L(θ_{k-1}) is the task gradient of the step the user took; L(θ_k) is evaluated on one
-    probe batch of the task's data drawn at the start of the task (a forward pass per step),
-    so that ΔL_k measures the change of one function rather than batch-to-batch noise.
+    ∇L(θ_{k-1}) is the task gradient of the step the user took. Where L comes from:
+
+    - ``loss="train"`` (default, as Leap's own implementation): L(θ_k) is the training loss the
+      loop computed at step k on its batch (``warpopt.loop``: read off the loop's forward, or
+      the loss ``opt.step(closure)`` returns; no extra forward when the loop's inputs are the
+      task's batch). The segments run over k = 1..K−1: the loop never evaluates L(θ_K), so the
+      last step's segment is left out (as in the original). ΔL_k mixes the change of L with the
+      difference between consecutive batches. A task whose loop batches cannot be known (a
+      loader the loop iterates by itself, no closure) uses the probe instead, decided at its
+      first step.
+    - ``loss="probe"``: L(θ_k) on one probe batch drawn at the start of the task (one forward
+      per step), so that ΔL_k measures the change of one function; all K segments.
 
     Args:
         loss_term: include the loss coordinate of ϑ (Eq. 10); False gives the pure
-            parameter-space path length.
+            parameter-space path length (all K segments, no loss needed).
+        loss: ``"train"`` or ``"probe"``, see above.
     """
 
-    needs_previous = True
+    def __init__(self, loss_term: bool = True, loss: str = "train") -> None:
+        if loss not in LEAP_LOSSES:
+            raise ValueError(f"leap(loss=...) must be one of {LEAP_LOSSES}, got {loss!r}")
+        self.loss_term, self.loss = loss_term, loss
 
-    def __init__(self, loss_term: bool = True) -> None:
-        self.loss_term = loss_term
+    @property
+    def needs_loss(self) -> bool:  # type: ignore[override]
+        return self.loss_term and self.loss == "train"
 
     @staticmethod
-    def _probe_loss(view: TaskView, probe: Any) -> torch.Tensor:
-        forward = view.context.forward_at([p.detach() for p in view.params], view.buffers)
+    def _probe_loss(view: TaskView, probe: Any, params: Optional[Sequence[torch.Tensor]] = None) -> torch.Tensor:
+        forward = view.context.forward_at([p.detach() for p in (view.params if params is None else params)],
+                                          view.buffers)
         with torch.no_grad():
             return view.task.task_loss(forward, probe).detach()
 
     def begin_task(self, view: TaskView) -> LeapState:
-        grad = [torch.zeros_like(p) for p in view.params]
+        with torch.no_grad():
+            grad = [torch.zeros_like(p) for p in view.params]
+            last = [p.detach().clone() for p in view.params]
+            delta = [torch.empty_like(p) for p in view.params]
         if not self.loss_term:
-            return LeapState(grad)
+            return LeapState(grad, last, delta)
+        if self.loss == "train":
+            return LeapState(grad, last, delta, last_grad=[torch.empty_like(p) for p in view.params])
         probe = view.task.task_batch(0)
-        return LeapState(grad, probe, self._probe_loss(view, probe))
+        return LeapState(grad, last, delta, probe, self._probe_loss(view, probe))
 
-    def after_step(self, state: LeapState, view: TaskView, previous: Sequence[torch.Tensor],
+    @staticmethod
+    def _advance(state: LeapState, view: TaskView) -> torch.Tensor:
+        """Δθ = θ_{k+1} − θ_k into ``state.delta``, θ_{k+1} into ``state.last``; returns |Δθ|²."""
+        for d, p, q in zip(state.delta, view.params, state.last):
+            torch.sub(p.detach(), q, out=d)
+            q.copy_(p.detach())
+        return torch.stack(torch._foreach_norm(state.delta)).pow(2).sum()
+
+    @staticmethod
+    def _segment(state: LeapState, grads: Sequence[torch.Tensor], sq: torch.Tensor,
+                 dloss: Optional[torch.Tensor]) -> None:
+        """grad −= (ΔL ∇L + Δθ) / ‖(Δθ, ΔL)‖ (Eq. 13), in place."""
+        if dloss is not None:
+            sq = sq + dloss.pow(2)
+        inv = sq.sqrt().clamp_min(torch.finfo(sq.dtype).tiny).reciprocal()
+        for a, d in zip(state.grad, state.delta):
+            a.addcmul_(d, inv.to(a.dtype), value=-1)
+        if dloss is not None:
+            scale = dloss * inv
+            for a, g in zip(state.grad, grads):
+                a.addcmul_(g, scale.to(a.dtype), value=-1)
+
+    def after_step(self, state: LeapState, view: TaskView, previous: Optional[Sequence[torch.Tensor]],
                    grads: Sequence[torch.Tensor]) -> LeapState:
-        # state.grad is task-local (dropped with the task on failure): updated in place.
-        delta = [p.detach() - q for p, q in zip(view.params, previous)]
-        sq = torch.stack([d.pow(2).sum() for d in delta]).sum()
-        if not self.loss_term:
-            norm = sq.sqrt().clamp_min(torch.finfo(sq.dtype).tiny)
-            for a, d in zip(state.grad, delta):
-                a.sub_(d / norm)
-            return state
-        loss = self._probe_loss(view, state.probe)
-        dloss = loss - state.loss
-        norm = (sq + dloss.pow(2)).sqrt().clamp_min(torch.finfo(sq.dtype).tiny)
-        for a, d, g in zip(state.grad, delta, grads):
-            a.sub_((dloss * g + d) / norm)
-        return state._replace(loss=loss)
+        # The state's tensors are task-local (dropped with the task on failure): updated in place.
+        with torch.no_grad():
+            if not self.loss_term:
+                self._segment(state, grads, self._advance(state, view), None)
+                return state
+            if self.loss == "train" and view.loss is None:  # the loop's batches are unknown
+                if view.steps > 0 or state.probe is not None:
+                    if state.probe is None:
+                        raise ValueError(
+                            f"leap(): the loop's training loss at step {view.steps} is unknown (its batch was "
+                            "not seen): iterate the task (`for x, y in task`), return the loss from "
+                            "opt.step(closure), or use warpopt.leap(loss='probe')")
+                else:  # first step: this task takes ΔL on a probe batch, from θ_0 (still in state.last)
+                    probe = view.task.task_batch(0)
+                    state = state._replace(probe=probe, loss=self._probe_loss(view, probe, state.last))
+            if self.loss == "probe" or state.probe is not None:
+                sq = self._advance(state, view)
+                loss = self._probe_loss(view, state.probe)
+                self._segment(state, grads, sq, loss - state.loss)
+                return state._replace(loss=loss)
+            loss = view.loss  # L(θ_k) on the loop's batch k: closes the open segment θ_{k-1} → θ_k
+            if loss is None:
+                raise RuntimeError("leap(loss='train') got no training loss for this step")
+            loss = loss.detach().to(state.grad[0].device)
+            if state.sq is not None:  # the open segment's Δθ is in state.delta, its ∇L in last_grad
+                self._segment(state, state.last_grad, state.sq, loss - state.loss)
+            sq = self._advance(state, view)  # opens θ_k → θ_{k+1}
+            torch._foreach_copy_(state.last_grad, [g.detach() for g in grads])
+            return state._replace(loss=loss, sq=sq)
 
     def end_task(self, state: LeapState, view: TaskView) -> Optional[Tensors]:
         return state.grad
 
     def __repr__(self) -> str:
-        return f"Leap(loss_term={self.loss_term})"
+        return f"Leap(loss_term={self.loss_term}, loss={self.loss!r})"
 
 
 class Reptile(InitialisationLearner):
@@ -154,28 +231,55 @@ class FOMAML(InitialisationLearner):
         return list(torch.autograd.grad(loss, theta))
 
 
+MAML_UNROLLS = ("loop", "replay")
+
+
 class MAML(InitialisationLearner):
     """MAML (Finn et al., 2017; Eq. 1 with P = I), second order through all K task steps.
 
-    The K steps are replayed differentiably from θ0 with the task optimizer's update rule on
-    the batches the training loop used (``Task.loop_batch``: for few-shot tasks, the support
-    set), so the gradient is that of the trajectory taken; L_meta is taken on a meta batch
-    (the query set). Warp parameters are held fixed in this term (Eq. 11 applies C only to θ0).
+    The gradient is that of the trajectory the loop took: the task loss on the loop's batches
+    (``Task.loop_batch``: for few-shot tasks, the support set), stepped with the task optimizer's
+    update rule from θ0; L_meta is taken on a meta batch (the query set) with the adapt buffers
+    the task started from. Warp parameters are held fixed in this term (Eq. 11 applies C only to
+    θ0).
+
+    Args:
+        unroll: ``"loop"`` (default): the task loop itself builds the differentiable trajectory
+            (``warpopt.loop``): each step's forward and backward run once, as in a hand-written
+            MAML. ``"replay"``: the loop runs as usual and the K steps are replayed
+            differentiably from θ0 when the task ends (each step's forward and backward run
+            twice; no hooks on the model).
     """
+
+    def __init__(self, unroll: str = "loop") -> None:
+        if unroll not in MAML_UNROLLS:
+            raise ValueError(f"maml(unroll=...) must be one of {MAML_UNROLLS}, got {unroll!r}")
+        self.unroll = unroll
+
+    @property
+    def unrolls(self) -> bool:  # type: ignore[override]
+        return self.unroll == "loop"
 
     def end_task(self, state: Any, view: TaskView) -> Optional[Tensors]:
         ctx, task = view.context, view.task
-        batches = [task.loop_batch(k) for k in range(view.steps)]  # fails before any work if unknown
-        theta0 = [t.detach().requires_grad_(True) for t in view.theta0]
-        theta: Sequence[torch.Tensor] = theta0
-        states: list[dict[str, torch.Tensor]] = [{} for _ in theta0]
         buffers = [b.detach() for b in view.start_buffers]
-        for batch in batches:
-            loss = task.task_loss(ctx.forward_at(theta, buffers), batch)
-            grads = torch.autograd.grad(loss, theta, create_graph=True)
-            theta, states = ctx.step(theta, grads, states, ctx.hypers)
+        loop = getattr(view, "loop", None)
+        if loop is not None and loop.unroll:  # θ_K is already a graph of θ0: the loop built it
+            return loop.theta0_gradient(task.meta_batch(view.steps), lambda theta: ctx.forward_at(theta, buffers))
+        else:
+            batches = [task.loop_batch(k) for k in range(view.steps)]  # fails before any work if unknown
+            theta0 = [t.detach().requires_grad_(True) for t in view.theta0]
+            theta = theta0
+            states: list[dict[str, torch.Tensor]] = [{} for _ in theta0]
+            for batch in batches:
+                loss = task.task_loss(ctx.forward_at(theta, buffers), batch)
+                grads = torch.autograd.grad(loss, theta, create_graph=True)
+                theta, states = ctx.step(theta, grads, states, ctx.hypers)
         loss = task.meta_loss(ctx.forward_at(theta, buffers), task.meta_batch(view.steps))
         return list(torch.autograd.grad(loss, theta0))
+
+    def __repr__(self) -> str:
+        return f"MAML(unroll={self.unroll!r})"
 
 
 class MultiTask(InitialisationLearner):
@@ -188,8 +292,8 @@ class MultiTask(InitialisationLearner):
         return list(torch.autograd.grad(loss, theta))
 
 
-def leap(loss_term: bool = True) -> Leap:
-    return Leap(loss_term)
+def leap(loss_term: bool = True, loss: str = "train") -> Leap:
+    return Leap(loss_term, loss)
 
 
 def reptile() -> Reptile:
@@ -200,8 +304,8 @@ def fomaml() -> FOMAML:
     return FOMAML()
 
 
-def maml() -> MAML:
-    return MAML()
+def maml(unroll: str = "loop") -> MAML:
+    return MAML(unroll)
 
 
 def multitask() -> MultiTask:

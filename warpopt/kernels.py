@@ -81,10 +81,11 @@ def _has_rnn(model: nn.Module | None) -> bool:
 
 
 @contextlib.contextmanager
-def replay_kernels(model: nn.Module | None = None) -> Iterator[None]:
+def replay_kernels(model: nn.Module | None = None, *, rnn: bool | None = None) -> Iterator[None]:
     """Context in which the replay evaluates ``model``: attention by the twice-differentiable
     math kernel, no ``nn.MultiheadAttention`` / ``nn.TransformerEncoderLayer`` fast path, and
-    no cuDNN if ``model`` contains an RNN/LSTM/GRU.
+    no cuDNN if ``model`` contains an RNN/LSTM/GRU (``rnn``: whether it does, when the caller
+    already knows; saves walking the module tree at every forward).
 
     These are process-wide flags in torch (not thread-local); they are restored on exit, also
     when the body raises. Nesting is safe.
@@ -92,7 +93,7 @@ def replay_kernels(model: nn.Module | None = None) -> Iterator[None]:
     with contextlib.ExitStack() as stack:
         stack.enter_context(_math_attention())
         stack.enter_context(_no_mha_fastpath())
-        if _has_rnn(model):
+        if _has_rnn(model) if rnn is None else rnn:
             stack.enter_context(_no_cudnn())
         yield
 

@@ -168,11 +168,11 @@ class WarpGradMetaOptimizer(torch.optim.Optimizer):
         self._follow()
         run = session.begin(self.core, task, reset=self.algorithm.resets if reset is None else reset, learn=learn,
                             algorithm=self.algorithm, initialisation=self.initialisation, replay=self.replay,
-                            algorithm_state=self.algorithm_state)
+                            algorithm_state=self.algorithm_state, objective=self.objective)
         self._run = run
         try:
             yield task
-            outcome = session.end(self.core, run, self.initialisation, self.on_nonfinite)
+            outcome = session.end(self.core, run, self.initialisation, self.on_nonfinite, self.algorithm)
             if outcome is not None and learn:
                 self._commit(outcome)
             elif outcome is not None:
@@ -199,7 +199,10 @@ class WarpGradMetaOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------ task step
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], torch.Tensor]] = None) -> Optional[torch.Tensor]:
-        """One task update of the adapt parameters, recorded (the user's inner-loop step)."""
+        """One task update of the adapt parameters, recorded (the user's inner-loop step).
+
+        ``closure`` (optional, as in torch.optim): re-evaluates the model and returns the loss;
+        that loss is also the training loss Leap's ΔL uses (``warpopt.leap(loss="train")``)."""
         for group in self.param_groups:
             check_rate("lr", group["lr"])
         loss = None
@@ -209,7 +212,7 @@ class WarpGradMetaOptimizer(torch.optim.Optimizer):
         if self._run is None and self.algorithm.resets:
             raise RuntimeError("step() outside a task: wrap the task loop in `with opt.task(data, loss_fn):`")
         state, due = session.step(self.core, self._run, algorithm=self.algorithm, initialisation=self.initialisation,
-                                  objective=self.objective, algorithm_state=self.algorithm_state)
+                                  objective=self.objective, algorithm_state=self.algorithm_state, loss=loss)
         if self._run is None:  # continual steps outside a task count at once; a task's when it ends
             self.algorithm_state = state
             self.counters["task_steps"] += 1

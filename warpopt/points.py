@@ -7,15 +7,20 @@ and step, on the parameters' device, no host round trip. Every tensor keeps its 
 the caller asks for a lower storage precision for parameters and moments (``dtype=``); step
 counts and non-floating tensors (integer buffers) are never cast, so a model mixing float32 and
 float64 parameters, or an int64 counter above 2⁵³, replays bit-exactly.
+
+The vectors come from an ``Arena`` when one is given: flat tensors allocated once and handed out
+again after their point is released, so recording a step writes into memory the process already
+owns (a fresh |θ|-sized tensor per step costs page faults on CPU and allocator traffic on GPU).
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 import torch
 
-__all__ = ["Point", "State", "flatten_point", "unflatten_point"]
+__all__ = ["Arena", "Point", "State", "flatten_point", "unflatten_point"]
 
 State = dict[str, torch.Tensor]
 
@@ -91,13 +96,69 @@ class Point:
         return sum(v.numel() * v.element_size() for v in self.vectors if v.device.type != "meta")
 
 
+def _storage_count(t: torch.Tensor) -> Optional[int]:
+    """How many tensors hold ``t``'s memory (None where torch does not say)."""
+    counter = getattr(torch._C, "_storage_Use_Count", None)
+    if counter is None:
+        return None
+    return counter(t.untyped_storage()._cdata)
+
+
+class Arena:
+    """Flat vectors for recorded points, allocated once and reused (one free list per
+    device, dtype and length).
+
+    ``take`` hands out a vector: a released one when there is one that nothing else still
+    holds (a view kept by a caller, e.g. a ``Sample`` from ``ReplayBuffer.sample``, makes it
+    unavailable: it is dropped and a new one allocated, so memory a caller holds never
+    changes), else a new one. ``give_back`` returns vectors this arena made; anything else is
+    ignored. The memory stays with the arena between meta-steps; ``clear`` lets it go.
+    """
+
+    def __init__(self) -> None:
+        self._free: dict[tuple[torch.device, torch.dtype, int], list[torch.Tensor]] = {}
+        self._owned: dict[int, weakref.ref] = {}
+        self._alone = _storage_count(torch.empty(1))  # the count of a vector nobody else holds
+
+    def take(self, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        free = self._free.get((device, dtype, numel))
+        while free:
+            vector = free.pop()
+            if self._alone is not None and _storage_count(vector) == self._alone:
+                return vector
+            self._owned.pop(id(vector), None)  # still viewed by someone: theirs now
+        vector = torch.empty(numel, dtype=dtype, device=device)
+        self._owned[id(vector)] = weakref.ref(vector)
+        return vector
+
+    def give_back(self, vectors: Iterable[torch.Tensor]) -> None:
+        for v in vectors:
+            ref = self._owned.get(id(v))
+            if ref is not None and ref() is v:
+                self._free.setdefault((v.device, v.dtype, v.numel()), []).append(v)
+
+    def nbytes(self) -> int:
+        """Bytes held in free vectors (memory kept for the next recordings)."""
+        return sum(v.numel() * v.element_size() for free in self._free.values() for v in free)
+
+    def clear(self) -> None:
+        """Let the free vectors go (vectors still in points stay valid)."""
+        self._free.clear()
+        self._owned = {k: r for k, r in self._owned.items() if r() is not None}
+
+    def __getstate__(self) -> dict[str, Any]:  # weak references do not pickle: a copy starts empty
+        return {"_free": {}, "_owned": {}, "_alone": self._alone}
+
+
 def flatten_point(step: int, params: Sequence[torch.Tensor], states: Sequence[State],
-                  buffers: Sequence[torch.Tensor], dtype: Optional[torch.dtype] = None) -> Point:
+                  buffers: Sequence[torch.Tensor], dtype: Optional[torch.dtype] = None,
+                  arena: Optional[Arena] = None) -> Point:
     """Copy θ_k, its optimizer state and buffers into one flat vector per storage dtype.
 
     ``dtype`` (e.g. ``torch.float16``) is the storage precision of floating parameters, moments
-    and buffers; ``None`` keeps each tensor's own dtype. Nothing here waits for the device:
-    device tensors are concatenated on the device, host-side step counts are read on the host.
+    and buffers; ``None`` keeps each tensor's own dtype. ``arena``: where the vectors come from
+    (default: freshly allocated). Nothing here waits for the device: device tensors are copied
+    on the device, host-side step counts are read on the host.
     """
     items: list[tuple[str, torch.Tensor]] = [("param", p) for p in params]
     for s in states:
@@ -110,9 +171,23 @@ def flatten_point(step: int, params: Sequence[torch.Tensor], states: Sequence[St
         if g == HOST:
             host.append(t.item())
         else:
-            parts[g].append(t.detach().reshape(-1).to(layout.dtypes[g]))
-    vectors = tuple(torch.cat(p) for p in parts)
-    return Point(step, vectors, layout, host=tuple(host))
+            parts[g].append(t.detach().reshape(-1))
+    vectors = []
+    for g, group in enumerate(parts):
+        store = layout.dtypes[g]
+        if arena is None:
+            vectors.append(torch.cat([t.to(store) for t in group]))
+            continue
+        out = arena.take(sum(t.numel() for t in group), store, group[0].device)
+        if all(t.dtype == store for t in group):
+            torch.cat(group, out=out)  # one kernel, into memory the arena already holds
+        else:  # a cast on the way in (half-precision storage): tensor by tensor, still no allocation
+            offset = 0
+            for t in group:
+                out[offset:offset + t.numel()].copy_(t)
+                offset += t.numel()
+        vectors.append(out)
+    return Point(step, tuple(vectors), layout, host=tuple(host))
 
 
 def unflatten_point(point: Point, device: torch.device) -> tuple[list[torch.Tensor], list[State], list[torch.Tensor]]:

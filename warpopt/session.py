@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Optional
 
 import torch
@@ -19,8 +19,9 @@ from torch import nn
 from .algorithms import Accumulator, Algorithm
 from .clipping import check_max_norm
 from .initialisation import InitialisationLearner
-from .objectives import Objective, ReplayContext, meta_gradient
 from . import step_check, warping
+from .loop import Loop
+from .objectives import Objective, ReplayContext, exact, meta_gradient
 from .step_hypers import StepHypers, capture
 from .task_optimizers import functional_step_for, optimizer_states
 from .tasks import Task
@@ -154,6 +155,10 @@ class TaskRun:
     step_hypers: list[StepHypers] = field(default_factory=list)  # per step k (shared objects; for θ0 learners)
     guard: Optional[step_check.GradGuard] = None  # set while the task's first step is to be checked
     check: Optional[step_check.Before] = None  # the first step, compared where the loop took θ_1 to
+    # issue 18: the loop seen from the optimizer (warpopt/loop.py) and the loop's training loss
+    # L(θ_k) of the step being taken, for θ0 learners that ask for them (``unrolls``/``needs_loss``)
+    loop: Optional[Loop] = None
+    loss: Optional[torch.Tensor] = None
 
     def sample(self, states: list[dict[str, torch.Tensor]]) -> Sample:
         """The live θ_k as a replay sample (for the online algorithms)."""
@@ -172,7 +177,8 @@ class TaskOutcome:
 
 
 def begin(model: Model, task: Task, *, reset: bool, learn: bool, algorithm: Algorithm,
-          initialisation: InitialisationLearner, replay: ReplayBuffer, algorithm_state: Accumulator) -> TaskRun:
+          initialisation: InitialisationLearner, replay: ReplayBuffer, algorithm_state: Accumulator,
+          objective: Optional[Objective] = None) -> TaskRun:
     """Start a task: θ ← θ0 (if ``reset``), φ frozen (unless harvested), recording on."""
     buffers = model.live_buffers()
     with torch.no_grad():
@@ -211,12 +217,24 @@ def begin(model: Model, task: Task, *, reset: bool, learn: bool, algorithm: Algo
             for p in model.warp:
                 p.requires_grad_(False)  # frozen while the task adapts: no φ work in its backward
         # Issue 14: sampled tasks check that their first step is the one the replay would take.
-        if learn and model.meta_parameters() and not algorithm.harvests and step_check.due(model.tasks_begun):
+        # (Not when the θ0 learner unrolls the loop: warpopt/loop.py writes .grad itself and checks the loss.)
+        if (learn and model.meta_parameters() and not algorithm.harvests and not initialisation.unrolls
+                and step_check.due(model.tasks_begun)):
             run.guard = step_check.GradGuard(model.adapt)
         model.tasks_begun += 1
+        # ---- issue 18: the loop seen from the optimizer (warpopt/loop.py) ----------------------
+        # MAML builds its differentiable trajectory in the loop; Warp-MAML (online, exact, no learned
+        # hyper-parameters) also reads its per-step warp meta-gradient off it; Leap's training loss
+        # is read off the loop's forwards.
+        if learn and (initialisation.unrolls or initialisation.needs_loss):
+            warp_term = (initialisation.unrolls and objective is not None and not algorithm.harvests
+                         and algorithm.step_objective(objective) is exact and bool(model.warp) and not model.learned)
+            run.loop = Loop(model.module, task, model.adapt_names, model.adapt, model.buffer_names, buffers, start,
+                            model.warp, unroll=initialisation.unrolls, warp_term=warp_term)
+        # ---- end issue 18 ------------------------------------------------------------------------
         if learn:
             run.init_state = initialisation.begin_task(run)
-    except BaseException:  # e.g. a probe's draw from empty data: leave nothing half-begun
+    except BaseException:  # e.g. a probe's draw from empty data: nothing of this task may outlive it
         finish(model, run)
         abort(model, run)
         raise
@@ -224,10 +242,11 @@ def begin(model: Model, task: Task, *, reset: bool, learn: bool, algorithm: Algo
 
 
 def step(model: Model, run: Optional[TaskRun], *, algorithm: Algorithm, initialisation: InitialisationLearner,
-         objective: Objective, algorithm_state: Accumulator) -> tuple[Accumulator, Optional[list[torch.Tensor]]]:
+         objective: Objective, algorithm_state: Accumulator,
+         loss: Optional[torch.Tensor] = None) -> tuple[Accumulator, Optional[list[torch.Tensor]]]:
     """One task update of θ, recorded; returns the algorithm's new state (``run``'s tentative
     one inside a task) and a warp gradient that is due now (continual), if any. ``run`` is
-    None for continual steps outside a task."""
+    None for continual steps outside a task. ``loss``: what ``step(closure)`` returned."""
     if run is not None:
         algorithm_state = run.algorithm_state
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in model.adapt]
@@ -248,6 +267,15 @@ def step(model: Model, run: Optional[TaskRun], *, algorithm: Algorithm, initiali
                                               run.guard, run.task)
                 run.guard.remove()
                 run.guard = None
+    # ---- issue 18: the unrolled step θ_{k+1} = U(θ_k, g_k), a graph node of θ0 (MAML) ----------
+    loop = run.loop if run is not None else None
+    unrolled = None
+    if loop is not None and loop.unroll:
+        g_theta = loop.gradient(run.steps)  # type: ignore[union-attr]
+        with torch.enable_grad():  # step() runs under no_grad (torch.optim): this update is differentiated
+            # the step as taken: this step's hyper-parameters and clipping (issue 14)
+            unrolled = run.context.apply_step(loop.theta, g_theta, loop.states, run.hypers)  # type: ignore[union-attr]
+    # ---- end issue 18 --------------------------------------------------------------------------
     step_grads = None
     if learn and model.meta_parameters():  # θ0-only meta-learning has no per-step φ work
         if algorithm.harvests:
@@ -259,16 +287,32 @@ def step(model: Model, run: Optional[TaskRun], *, algorithm: Algorithm, initiali
             if step_objective is not None:
                 if run is None:
                     raise RuntimeError(f"{algorithm!r} needs the task's data: step inside `with opt.task(...)`")
-                with torch.enable_grad():
-                    step_grads, _ = meta_gradient(step_objective, run.context, [run.sample(model.states())],
-                                                  model.meta_parameters())
+                sample, fast = run.sample, False
+                if unrolled is not None and loop.warp:  # type: ignore[union-attr]
+                    # issue 18: Warp-MAML's Eq. 7 term read off the unrolled step (no second inner step):
+                    # the previous step's term is due now, this step's waits (see Loop.warp_loss); when
+                    # the objective's inner step is not the loop's, it is replayed as below
+                    step_grads = loop.warp_gradient()  # type: ignore[union-attr]
+                    drawn = loop.warp_loss(run.steps, unrolled[0])  # type: ignore[union-attr]
+                    fast = drawn is None
+                    if not fast:
+                        sample = lambda states: replace(run.sample(states), task_batch=drawn[0],  # noqa: E731
+                                                        meta_batch=drawn[1])
+                if not fast:
+                    with torch.enable_grad():
+                        step_grads, _ = meta_gradient(step_objective, run.context, [sample(model.states())],
+                                                      model.meta_parameters())
+    if loop is not None and initialisation.needs_loss:  # issue 18: the loop's training loss L(θ_k)
+        run.loss = loss.detach() if loss is not None else loop.loss(run.steps, model.adapt)  # type: ignore[union-attr]
     previous = ([p.detach().clone() for p in model.adapt]
                 if run is not None and learn and initialisation.needs_previous else None)
     model.task_optimizer.step()
     due = None
     if run is not None:
-        if previous is not None:
+        if learn:
             run.init_state = initialisation.after_step(run.init_state, run, previous, grads)
+        if loop is not None:  # issue 18
+            loop.advance(*(unrolled or ((), ())))
         run.steps += 1
     if learn and step_grads is not None:
         algorithm_state, due = algorithm.on_step(algorithm_state, step_grads)
@@ -285,6 +329,8 @@ def finish(model: Model, run: TaskRun) -> None:
     if run.guard is not None:
         run.guard.remove()
         run.guard = None
+    if run.loop is not None:  # issue 18: the model's hooks come off with the task
+        run.loop.remove()
     for p, flag in zip(model.warp, run.requires_grad):
         p.requires_grad_(flag)
 
@@ -292,6 +338,9 @@ def finish(model: Model, run: TaskRun) -> None:
 def abort(model: Model, run: TaskRun) -> None:
     """Put θ, the adapt buffers and the task optimizer's state back to before ``begin``."""
     params, buffers, optimizer_state = run.restore
+    run.loop = None  # issue 18: drop the unrolled graph now
+    if run.trajectory is not None:  # issue 18: its recorded vectors go back to the buffer's arena
+        run.trajectory.discard()
     with torch.no_grad():
         for p, s in zip(model.adapt, params):
             p.copy_(s)
@@ -300,7 +349,8 @@ def abort(model: Model, run: TaskRun) -> None:
     model.task_optimizer.load_state_dict(optimizer_state)
 
 
-def end(model: Model, run: TaskRun, initialisation: InitialisationLearner, on_nonfinite: str) -> Optional[TaskOutcome]:
+def end(model: Model, run: TaskRun, initialisation: InitialisationLearner, on_nonfinite: str,
+        algorithm: Optional[Algorithm] = None) -> Optional[TaskOutcome]:
     """The task's outcome; None if a task gradient became NaN/inf: then θ is restored and the
     task dropped with a warning (``on_nonfinite="skip"``) or a ``FloatingPointError``."""
     finish(model, run)
@@ -318,9 +368,15 @@ def end(model: Model, run: TaskRun, initialisation: InitialisationLearner, on_no
         return None
     if not run.learn:
         return TaskOutcome(None, run.steps, run.algorithm_state, None)
+    if run.loop is not None:  # issue 18: the loop's loss was the task's at every step (else ValueError)
+        run.loop.check()
     contribution = initialisation.end_task(run.init_state, run)
     if contribution is not None:
         contribution = [c.detach() for c in contribution]
+    if run.loop is not None and algorithm is not None:  # issue 18: the last step's pending Eq. 7 term
+        last = run.loop.warp_gradient()
+        if last is not None:
+            run.algorithm_state, _ = algorithm.on_step(run.algorithm_state, last)
     return TaskOutcome(run.trajectory, run.steps, run.algorithm_state, contribution)
 
 

@@ -7,7 +7,10 @@ committed to a ``ReplayBuffer`` that the offline algorithm draws mini-batches fr
 Each recorded point (``warpopt.points``) holds θ_k, the task optimizer's state at θ_k and the
 adaptable buffers as one flat vector per dtype (a single copy per step, on the parameters'
 device, no host round trip); optionally in half precision. Where points live (device, pinned
-CPU memory, disk) is a ``Storage`` (``warpopt.storage``).
+CPU memory, disk) is a ``Storage`` (``warpopt.storage``). The buffer records into an ``Arena``
+(``warpopt.points``): each point's vectors are allocated once and reused after the point is
+released (the buffer cleared, a point replaced, a task dropped), so the task loop does no large
+allocation per step after the first meta-batch.
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ from typing import Any, Iterator, Optional, Sequence
 
 import torch
 
-from .points import Point, State, flatten_point, unflatten_point
+from .points import Arena, Point, State, flatten_point, unflatten_point
 from .step_hypers import StepHypers, from_plain, to_plain
 from .storage import CPUStorage, DeviceStorage, DiskStorage, Storage
 from .tasks import Task
@@ -54,6 +57,7 @@ class Trajectory:
 
     Points are added with ``record``; ``every`` keeps every k-th step (θ_0 always).
     ``hypers[k]``: what the step from θ_k used (``note_hypers``; host-side, beside the points).
+    With an ``arena`` the points' vectors come from it; ``discard`` gives them back (a dropped task).
     """
 
     task: Task
@@ -61,11 +65,19 @@ class Trajectory:
     dtype: Optional[torch.dtype] = None
     points: list[Point] = field(default_factory=list)
     hypers: dict[int, StepHypers] = field(default_factory=dict)
+    arena: Optional[Arena] = None
 
     def record(self, step: int, params: Sequence[torch.Tensor], states: Sequence[State],
                buffers: Sequence[torch.Tensor]) -> None:
         if step % self.every == 0:
-            self.points.append(flatten_point(step, params, states, buffers, self.dtype))
+            self.points.append(flatten_point(step, params, states, buffers, self.dtype, self.arena))
+
+    def discard(self) -> None:
+        """Drop the points (the task is not committed); their memory goes back to the arena."""
+        if self.arena is not None:
+            for point in self.points:
+                self.arena.give_back(point.vectors)
+        self.points = []
 
     def note_hypers(self, step: int, hypers: StepHypers) -> None:
         """Keep what the step from θ_``step`` used (issue 14: the step replayed is the step taken)."""
@@ -101,6 +113,7 @@ class ReplayBuffer:
         self.capacity, self.every, self.dtype, self.include_final = capacity, every, dtype, include_final
         self.generator = generator or torch.Generator().manual_seed(0)
         self._points: list[tuple[int, Point]] = []  # (task id, point)
+        self._arena = Arena()  # the recorded vectors, reused across tasks and meta-steps
         self._tasks: dict[int, Task] = {}
         self._hypers: dict[int, dict[int, StepHypers]] = {}  # task id -> step -> what the step used
         self._offered = 0
@@ -108,7 +121,7 @@ class ReplayBuffer:
 
     def trajectory(self, task: Task) -> Trajectory:
         """A fresh trajectory for ``task`` recorded with this buffer's settings."""
-        return Trajectory(task, self.every, self.dtype)
+        return Trajectory(task, self.every, self.dtype, arena=self._arena)
 
     def commit(self, trajectory: Trajectory, steps: int) -> int:
         """Add a finished task's points (Algorithm 2, line 9); returns the task's id.
@@ -120,8 +133,9 @@ class ReplayBuffer:
         its generator are as they were.
         """
         points = list(trajectory.points)
+        dropped = []  # recorded but not kept: their vectors go back to the arena once committed
         if not self.include_final and steps > 0 and points and points[-1].step == steps:
-            points.pop()
+            dropped.append(points.pop())
         task_id = self.next_task_id()
         generator_state, offered = self.generator.get_state(), self._offered
         plan: list[tuple[int, Point]] = []  # (slot, point): a slot past the end appends
@@ -135,6 +149,8 @@ class ReplayBuffer:
             slot = int(torch.randint(self._offered, (1,), generator=self.generator))
             if slot < self.capacity:  # reservoir sampling: replace a uniformly chosen slot
                 plan.append((slot, point))
+            else:
+                dropped.append(point)
         try:
             stored = self.storage.put_many([point for _, point in plan])
         except BaseException:
@@ -154,6 +170,12 @@ class ReplayBuffer:
         for old in replaced:  # only now: a failed commit must leave them in place
             if id(old) not in live:
                 self.storage.release(old)
+                self._arena.give_back(old.vectors)
+        for (_, recorded), kept in zip(plan, stored):  # stored elsewhere (disk, host): recorded copy free
+            self._arena.give_back(v for v, w in zip(recorded.vectors, kept.vectors) if v is not w)
+        for point in dropped:
+            self._arena.give_back(point.vectors)
+        trajectory.points = []  # the buffer owns them now (a second commit would store nothing twice)
         tasks = {i for i, _ in entries}
         self._tasks = {i: t for i, t in self._tasks.items() if i in tasks}
         self._hypers = {i: h for i, h in self._hypers.items() if i in tasks}
@@ -206,14 +228,27 @@ class ReplayBuffer:
         return math.ceil(len(self._points) / batch_size)
 
     def clear(self) -> None:
+        """Drop every point; their memory stays in the buffer's arena for the next recordings
+        (``close()`` lets it go)."""
         for _, point in self._points:
             self.storage.release(point)
+            self._arena.give_back(point.vectors)
         self.storage.clear()
         self._points.clear()
         self._tasks.clear()
         self._hypers.clear()
         self._offered = 0
         self._next_id = 0
+
+    def close(self) -> None:
+        """``clear()``, then free the recording memory kept for reuse and close the storage."""
+        self.clear()
+        self._arena.clear()
+        self.storage.close()
+
+    def arena_nbytes(self) -> int:
+        """Bytes of recording memory kept for reuse (not in any point)."""
+        return self._arena.nbytes()
 
     def state_dict(self) -> dict[str, Any]:
         return {"generator": self.generator.get_state(), "offered": self._offered}

@@ -1,0 +1,321 @@
+"""The task loop seen from the optimizer (warpopt/loop.py): MAML's trajectory built by the loop,
+Warp-MAML's Eq. 7 term read off it, the fallbacks, and that nothing of it outlives a task."""
+import copy
+import functools
+
+import pytest
+import torch
+from torch import nn
+
+import warpopt
+
+DTYPE = torch.float64
+loss_fn = nn.functional.mse_loss
+
+
+def make_net(seed=0, bn=False):
+    torch.manual_seed(seed)
+    layers = [nn.Linear(3, 5), nn.Tanh()] + ([nn.BatchNorm1d(5)] if bn else []) + [nn.Linear(5, 5), nn.Tanh(),
+                                                                                   nn.Linear(5, 1)]
+    return nn.Sequential(*layers).to(DTYPE)
+
+
+def batches(seed, n=3):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(3, 1, generator=g, dtype=DTYPE)
+    out = []
+    for _ in range(n):
+        x = torch.randn(6, 3, generator=g, dtype=DTYPE)
+        out.append((x, torch.sin(x @ w)))
+    return out
+
+
+def maml_opt(model, unroll="loop", task_optimizer=torch.optim.SGD, algorithm=None, **kwargs):
+    return warpopt.WarpGradMetaOptimizer(
+        model, lr=0.3, meta_optimizer=torch.optim.SGD, meta_lr=1.0, init_lr=1.0, task_optimizer=task_optimizer,
+        algorithm=algorithm if algorithm is not None else warpopt.algorithms.Algorithm(),
+        initialisation=warpopt.maml(unroll=unroll), **kwargs)
+
+
+def theta0_step(opt, model, tasks, loop):
+    """One meta-step; returns θ0 − θ0' (the meta-gradient with SGD(lr=1))."""
+    before = [t.detach().clone() for t in opt.theta0]
+    for data, query in tasks:
+        with opt.task(data, loss_fn, meta_data=lambda k, q=query: q) as task:
+            loop(opt, model, task, data)
+    opt.meta_step()
+    return [a - b for a, b in zip(before, opt.theta0)]
+
+
+def plain_loop(opt, model, task, data):
+    for x, y in task:
+        opt.zero_grad()
+        loss_fn(model(x), y).backward()
+        opt.step()
+
+
+def fd_maml(net, theta0, tasks, lr=0.3, eps=1e-6):
+    """Central differences of the mean over tasks of L_meta(θ_K(θ0)), by hand (plain SGD)."""
+    params = list(net.parameters())
+
+    def objective(point):
+        total = 0.0
+        for data, query in tasks:
+            with torch.no_grad():
+                for p, t in zip(params, point):
+                    p.copy_(t)
+            for x, y in data:
+                grads = torch.autograd.grad(loss_fn(net(x), y), params)
+                with torch.no_grad():
+                    for p, g in zip(params, grads):
+                        p.sub_(lr * g)
+            with torch.no_grad():
+                total += loss_fn(net(query[0]), query[1]).item() / len(tasks)
+        return total
+
+    out = []
+    for i, t in enumerate(theta0):
+        g = torch.zeros_like(t)
+        for j in range(t.numel()):
+            up = [s.clone() for s in theta0]
+            up[i].view(-1)[j] += eps
+            down = [s.clone() for s in theta0]
+            down[i].view(-1)[j] -= eps
+            g.view(-1)[j] = (objective(up) - objective(down)) / (2 * eps)
+        out.append(g)
+    return out
+
+
+def two_tasks():
+    return [(batches(1), batches(9, n=1)[0]), (batches(2), batches(8, n=1)[0])]
+
+
+def test_maml_in_the_loop_equals_finite_differences_and_the_replay():
+    """The new path (the loop builds the trajectory) gives the second-order MAML meta-gradient:
+    central differences in float64, and the replay of the K steps after the loop."""
+    tasks = two_tasks()
+    net = make_net()
+    theta0 = [p.detach().clone() for p in net.parameters()]
+    loop = theta0_step(maml_opt(net), net, tasks, plain_loop)
+    net2 = make_net()
+    replay = theta0_step(maml_opt(net2, unroll="replay"), net2, tasks, plain_loop)
+    fd = fd_maml(make_net(), theta0, tasks)
+    assert sum(g.abs().sum() for g in loop) > 1e-2
+    for a, b, c in zip(loop, replay, fd):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+        torch.testing.assert_close(a, c, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("task_optimizer", [functools.partial(torch.optim.SGD, momentum=0.9, nesterov=True),
+                                            torch.optim.Adam])
+def test_maml_in_the_loop_equals_the_replay_with_optimizer_state(task_optimizer):
+    tasks = two_tasks()
+    grads = {}
+    for unroll in ("loop", "replay"):
+        net = make_net()
+        grads[unroll] = theta0_step(maml_opt(net, unroll, task_optimizer), net, tasks, plain_loop)
+    for a, b in zip(grads["loop"], grads["replay"]):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_the_loops_grad_is_the_plain_task_gradient_and_the_loop_runs_each_forward_once():
+    """After ``loss.backward()`` the live parameters hold ∇θ L_task(θ_k), as without MAML, and
+    the model runs one forward per step plus the query (the replay ran each step twice)."""
+    data, query = batches(3), batches(4, n=1)[0]
+    counts = {}
+    for unroll in ("loop", "replay"):
+        net = make_net()
+        ref = copy.deepcopy(net)
+        ref_opt = torch.optim.SGD(ref.parameters(), lr=0.3)
+        opt = maml_opt(net, unroll)
+        calls = [0]
+        net.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+        with opt.task(data, loss_fn, meta_data=lambda k: query) as task:
+            for x, y in task:
+                opt.zero_grad()
+                loss_fn(net(x), y).backward()
+                ref_opt.zero_grad()
+                loss_fn(ref(x), y).backward()
+                for p, q in zip(net.parameters(), ref.parameters()):
+                    torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=1e-14)
+                opt.step()
+                ref_opt.step()
+        counts[unroll] = calls[0]
+        for p, q in zip(net.parameters(), ref.parameters()):  # the live trajectory is torch.optim's
+            torch.testing.assert_close(p, q, rtol=0, atol=1e-14)
+    assert counts == {"loop": 3 + 1, "replay": 3 + 3 + 1}
+
+
+def logging_loop(opt, model, task, data):
+    """A second forward per step (logging under no_grad, then a grad one on a copy of x)."""
+    for x, y in task:
+        with torch.no_grad():
+            model(x)
+        opt.zero_grad()
+        loss_fn(model(x.clone()), y).backward()  # not the loop batch's tensor: no fast path
+        opt.step()
+
+
+def accumulating_loop(opt, model, task, data):
+    """Two backwards per step (gradient accumulation over halves of the batch)."""
+    for x, y in task:
+        opt.zero_grad()
+        (loss_fn(model(x[:3]), y[:3]) / 2).backward()
+        (loss_fn(model(x[3:]), y[3:]) / 2).backward()
+        opt.step()
+
+
+def submodule_loop(opt, model, task, data):
+    """The loop calls the layers itself, not the root module: nothing is intercepted."""
+    for x, y in task:
+        opt.zero_grad()
+        h = x
+        for layer in model:
+            h = layer(h)
+        loss_fn(h, y).backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("loop", [logging_loop, accumulating_loop, submodule_loop])
+def test_loops_off_the_fast_path_still_give_the_replayed_meta_gradient(loop):
+    """Forwards that are not the loop batch's, several backwards per step, calls below the root
+    module: the step's graph gradient is recomputed (the old cost) and the meta-gradient is the
+    replay's, the live trajectory the user's."""
+    tasks = two_tasks()
+    grads, finals = {}, {}
+    for unroll in ("loop", "replay"):
+        net = make_net()
+        grads[unroll] = theta0_step(maml_opt(net, unroll), net, tasks, loop)
+        finals[unroll] = [p.detach().clone() for p in net.parameters()]
+    for a, b in zip(grads["loop"], grads["replay"]):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    for a, b in zip(finals["loop"], finals["replay"]):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-14)
+
+
+def test_a_loop_loss_that_is_not_the_task_loss_is_refused_and_rolled_back():
+    net = make_net()
+    opt = maml_opt(net)
+    theta0 = [t.detach().clone() for t in opt.theta0]
+    data, query = batches(3), batches(4, n=1)[0]
+    with pytest.raises(ValueError, match="task's loss"):
+        with opt.task(data, loss_fn, meta_data=lambda k: query) as task:
+            for x, y in task:
+                opt.zero_grad()
+                (2 * loss_fn(net(x), y)).backward()
+                opt.step()
+    assert opt.counters["tasks"] == 0 and not opt.contributions.total.count
+    assert all(torch.equal(p, t) for p, t in zip(net.parameters(), theta0))
+    assert not net._forward_hooks and not net._forward_pre_hooks
+
+
+def test_nothing_of_the_loop_outlives_a_task():
+    """Hooks off, live nn.Parameters back in the module, kernel flags restored: after a task,
+    after an exception inside the forward and after one between steps."""
+    net = make_net()
+    live = list(net.parameters())
+    opt = maml_opt(net)
+    data, query = batches(3), batches(4, n=1)[0]
+    math_only = torch.backends.cuda.flash_sdp_enabled()
+
+    def check():
+        assert not net._forward_hooks and not net._forward_pre_hooks
+        assert list(net.parameters()) == live and all(isinstance(p, nn.Parameter) for p in net.parameters())
+        assert torch.backends.cuda.flash_sdp_enabled() == math_only
+
+    with opt.task(data, loss_fn, meta_data=lambda k: query) as task:
+        assert net._forward_hooks
+        plain_loop(opt, net, task, data)
+    check()
+    with pytest.raises(RuntimeError):
+        with opt.task(data, loss_fn, meta_data=lambda k: query) as task:
+            for x, y in task:
+                net(x[:, :2])  # wrong shape: raises inside the forward, with θ_k swapped in
+    check()
+    with pytest.raises(KeyboardInterrupt):
+        with opt.task(data, loss_fn, meta_data=lambda k: query) as task:
+            plain_loop(opt, net, task, data)
+            raise KeyboardInterrupt
+    check()
+    opt.meta_step()  # the first task's contribution only
+    with torch.no_grad():
+        out = net(data[0][0])  # a plain forward with the live parameters
+    assert not out.requires_grad
+
+
+def test_maml_in_the_loop_on_a_warped_model_recorded_offline():
+    """Offline recording and the unroll together; BatchNorm buffers (train mode); the result is
+    the replay's."""
+    tasks = two_tasks()
+    grads, points = {}, {}
+    for unroll in ("loop", "replay"):
+        model = warpopt.warp(make_net(bn=True))
+        opt = maml_opt(model, unroll, algorithm=warpopt.offline(), objective=warpopt.approx)
+        grads[unroll] = theta0_step(opt, model, tasks, plain_loop)
+        points[unroll] = opt.counters["warp_updates"]
+    assert points["loop"] == points["replay"] == 2 * 4
+    for a, b in zip(grads["loop"], grads["replay"]):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def warp_maml(model, objective):
+    return warpopt.WarpGradMetaOptimizer(model, lr=0.3, meta_optimizer=torch.optim.SGD, meta_lr=1.0, init_lr=1.0,
+                                         objective=objective, algorithm=warpopt.online(),
+                                         initialisation=warpopt.maml())
+
+
+def exact_by_another_name(context, sample):
+    return warpopt.exact(context, sample)
+
+
+@pytest.mark.parametrize("bn", [False, True])
+def test_warp_maml_reads_eq7_off_the_loop_and_equals_the_replayed_objective(bn, monkeypatch):
+    """online() + exact + maml(): the Eq. 7 term taken from the unrolled step (and, without adapt
+    buffers, merged with the θ0 term's query pass) equals the objective replayed at each live
+    θ_k (the same function under another name takes the old path); φ and θ0 both move."""
+    # forwards are counted below: leave out the sampled first-step check (one forward per checked task)
+    monkeypatch.setattr(warpopt.step_check, "due", lambda task_index: False)
+    tasks = two_tasks()
+    result, forwards = {}, {}
+    for name, objective in (("fast", warpopt.exact), ("replayed", exact_by_another_name)):
+        model = warpopt.warp(make_net(bn=bn))
+        opt = warp_maml(model, objective)
+        phi = [p.detach().clone() for p in model.warp_parameters()]
+        calls = [0]
+        model.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+        theta = theta0_step(opt, model, tasks, plain_loop)
+        result[name] = theta + [a - b for a, b in zip(phi, model.warp_parameters())]
+        forwards[name] = calls[0]
+    assert sum(g.abs().sum() for g in result["fast"]) > 1e-2
+    # per task of 3 steps: the loop's forward and the query's per step (+ the θ0 term's own query
+    # with adapt buffers); replayed: + the objective's inner forward per step
+    assert forwards == {"fast": 2 * (3 * 2 + bn), "replayed": 2 * (3 * 3 + 1)}
+    for a, b in zip(result["fast"], result["replayed"]):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_warp_maml_with_fresh_task_batches_replays_the_objective():
+    """When the objective's task batch is not the loop's (a source drawing fresh batches), Eq. 7
+    is replayed on the batches it drew, as before."""
+    result = {}
+    for name, objective in (("fast", warpopt.exact), ("replayed", exact_by_another_name)):
+        model = warpopt.warp(make_net())
+        opt = warp_maml(model, objective)
+        phi = [p.detach().clone() for p in model.warp_parameters()]
+        data, query = batches(5, n=4), batches(6, n=1)[0]
+        with opt.task(lambda k: data[k % 4], loss_fn, meta_data=lambda k: query):
+            for k in range(3):
+                x, y = data[(k + 1) % 4]  # the loop trains on another batch than task_batch(k)
+                opt.zero_grad()
+                loss_fn(model(x), y).backward()
+                opt.step()
+        opt.meta_step()
+        result[name] = [a - b for a, b in zip(phi, model.warp_parameters())]
+    for a, b in zip(result["fast"], result["replayed"]):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_maml_unroll_is_validated():
+    with pytest.raises(ValueError, match="unroll"):
+        warpopt.maml(unroll="twice")
+    assert warpopt.maml().unrolls and not warpopt.maml(unroll="replay").unrolls
