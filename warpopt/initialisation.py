@@ -19,17 +19,34 @@ differentiable trajectory θ0 → θ_k the task loop built). A learner keeps not
 except what it returns.
 Subclass ``InitialisationLearner`` to plug in your own.
 """
+
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional, Protocol, Sequence
+from collections.abc import Sequence
+from typing import Any, NamedTuple, Protocol
 
 import torch
 
 from .objectives import ReplayContext
 from .tasks import Task
 
-__all__ = ["InitialisationLearner", "Leap", "LeapState", "Reptile", "FOMAML", "MAML", "MultiTask",
-           "NoInitialisation", "TaskView", "leap", "reptile", "fomaml", "maml", "multitask", "none"]
+__all__ = [
+    "InitialisationLearner",
+    "Leap",
+    "LeapState",
+    "Reptile",
+    "FOMAML",
+    "MAML",
+    "MultiTask",
+    "NoInitialisation",
+    "TaskView",
+    "leap",
+    "reptile",
+    "fomaml",
+    "maml",
+    "multitask",
+    "none",
+]
 
 Tensors = list[torch.Tensor]
 
@@ -39,12 +56,12 @@ class TaskView(Protocol):
 
     task: Task
     context: ReplayContext
-    params: list[torch.Tensor]
+    params: Sequence[torch.Tensor]
     buffers: list[torch.Tensor]
     theta0: list[torch.Tensor]
     start_buffers: list[torch.Tensor]
     steps: int
-    loss: Optional[torch.Tensor]
+    loss: torch.Tensor | None
     loop: Any
 
 
@@ -63,11 +80,12 @@ class InitialisationLearner:
     def begin_task(self, view: TaskView) -> Any:
         return None
 
-    def after_step(self, state: Any, view: TaskView, previous: Sequence[torch.Tensor],
-                   grads: Sequence[torch.Tensor]) -> Any:
+    def after_step(
+        self, state: Any, view: TaskView, previous: Sequence[torch.Tensor] | None, grads: Sequence[torch.Tensor]
+    ) -> Any:
         return state
 
-    def end_task(self, state: Any, view: TaskView) -> Optional[Tensors]:
+    def end_task(self, state: Any, view: TaskView) -> Tensors | None:
         return None
 
     def __repr__(self) -> str:
@@ -93,9 +111,9 @@ class LeapState(NamedTuple):
     last: Tensors
     delta: Tensors
     probe: Any = None
-    loss: Optional[torch.Tensor] = None
-    last_grad: Optional[Tensors] = None
-    sq: Optional[torch.Tensor] = None
+    loss: torch.Tensor | None = None
+    last_grad: Tensors | None = None
+    sq: torch.Tensor | None = None
 
 
 class Leap(InitialisationLearner):
@@ -135,9 +153,10 @@ class Leap(InitialisationLearner):
         return self.loss_term and self.loss == "train"
 
     @staticmethod
-    def _probe_loss(view: TaskView, probe: Any, params: Optional[Sequence[torch.Tensor]] = None) -> torch.Tensor:
-        forward = view.context.forward_at([p.detach() for p in (view.params if params is None else params)],
-                                          view.buffers)
+    def _probe_loss(view: TaskView, probe: Any, params: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+        forward = view.context.forward_at(
+            [p.detach() for p in (view.params if params is None else params)], view.buffers
+        )
         with torch.no_grad():
             return view.task.task_loss(forward, probe).detach()
 
@@ -162,8 +181,7 @@ class Leap(InitialisationLearner):
         return torch.stack(torch._foreach_norm(state.delta)).pow(2).sum()
 
     @staticmethod
-    def _segment(state: LeapState, grads: Sequence[torch.Tensor], sq: torch.Tensor,
-                 dloss: Optional[torch.Tensor]) -> None:
+    def _segment(state: LeapState, grads: Sequence[torch.Tensor], sq: torch.Tensor, dloss: torch.Tensor | None) -> None:
         """grad −= (ΔL ∇L + Δθ) / ‖(Δθ, ΔL)‖ (Eq. 13), in place."""
         if dloss is not None:
             sq = sq + dloss.pow(2)
@@ -175,8 +193,9 @@ class Leap(InitialisationLearner):
             for a, g in zip(state.grad, grads):
                 a.addcmul_(g, scale.to(a.dtype), value=-1)
 
-    def after_step(self, state: LeapState, view: TaskView, previous: Optional[Sequence[torch.Tensor]],
-                   grads: Sequence[torch.Tensor]) -> LeapState:
+    def after_step(
+        self, state: LeapState, view: TaskView, previous: Sequence[torch.Tensor] | None, grads: Sequence[torch.Tensor]
+    ) -> LeapState:
         # The state's tensors are task-local (dropped with the task on failure): updated in place.
         with torch.no_grad():
             if not self.loss_term:
@@ -188,26 +207,30 @@ class Leap(InitialisationLearner):
                         raise ValueError(
                             f"leap(): the loop's training loss at step {view.steps} is unknown (its batch was "
                             "not seen): iterate the task (`for x, y in task`), return the loss from "
-                            "opt.step(closure), or use warpopt.leap(loss='probe')")
+                            "opt.step(closure), or use warpopt.leap(loss='probe')"
+                        )
                 else:  # first step: this task takes ΔL on a probe batch, from θ_0 (still in state.last)
                     probe = view.task.task_batch(0)
                     state = state._replace(probe=probe, loss=self._probe_loss(view, probe, state.last))
             if self.loss == "probe" or state.probe is not None:
                 sq = self._advance(state, view)
                 loss = self._probe_loss(view, state.probe)
+                assert state.loss is not None  # set with the probe
                 self._segment(state, grads, sq, loss - state.loss)
                 return state._replace(loss=loss)
-            loss = view.loss  # L(θ_k) on the loop's batch k: closes the open segment θ_{k-1} → θ_k
-            if loss is None:
+            view_loss = view.loss  # L(θ_k) on the loop's batch k: closes the open segment θ_{k-1} → θ_k
+            if view_loss is None:
                 raise RuntimeError("leap(loss='train') got no training loss for this step")
-            loss = loss.detach().to(state.grad[0].device)
+            loss = view_loss.detach().to(state.grad[0].device)
+            assert state.last_grad is not None  # allocated at begin_task for loss="train"
             if state.sq is not None:  # the open segment's Δθ is in state.delta, its ∇L in last_grad
+                assert state.loss is not None
                 self._segment(state, state.last_grad, state.sq, loss - state.loss)
             sq = self._advance(state, view)  # opens θ_k → θ_{k+1}
             torch._foreach_copy_(state.last_grad, [g.detach() for g in grads])
             return state._replace(loss=loss, sq=sq)
 
-    def end_task(self, state: LeapState, view: TaskView) -> Optional[Tensors]:
+    def end_task(self, state: LeapState, view: TaskView) -> Tensors | None:
         return state.grad
 
     def __repr__(self) -> str:
@@ -217,14 +240,14 @@ class Leap(InitialisationLearner):
 class Reptile(InitialisationLearner):
     """Reptile (Nichol et al., 2018): move θ0 towards θ_K; the gradient is θ0 − θ_K."""
 
-    def end_task(self, state: Any, view: TaskView) -> Optional[Tensors]:
+    def end_task(self, state: Any, view: TaskView) -> Tensors | None:
         return [t0.detach() - p.detach() for t0, p in zip(view.theta0, view.params)]
 
 
 class FOMAML(InitialisationLearner):
     """First-order MAML: ∇_θ L_meta(θ_K), the query loss gradient at the adapted point."""
 
-    def end_task(self, state: Any, view: TaskView) -> Optional[Tensors]:
+    def end_task(self, state: Any, view: TaskView) -> Tensors | None:
         theta = [p.detach().requires_grad_(True) for p in view.params]
         task = view.task
         loss = task.meta_loss(view.context.forward_at(theta, view.buffers), task.meta_batch(view.steps))
@@ -260,7 +283,7 @@ class MAML(InitialisationLearner):
     def unrolls(self) -> bool:  # type: ignore[override]
         return self.unroll == "loop"
 
-    def end_task(self, state: Any, view: TaskView) -> Optional[Tensors]:
+    def end_task(self, state: Any, view: TaskView) -> Tensors | None:
         ctx, task = view.context, view.task
         buffers = [b.detach() for b in view.start_buffers]
         loop = getattr(view, "loop", None)
@@ -285,7 +308,7 @@ class MAML(InitialisationLearner):
 class MultiTask(InitialisationLearner):
     """Multi-task objective C_multi(θ0) = E_τ L_task(θ0) (Section 2.5 (a), Algorithm 3)."""
 
-    def end_task(self, state: Any, view: TaskView) -> Optional[Tensors]:
+    def end_task(self, state: Any, view: TaskView) -> Tensors | None:
         theta = [t.detach().requires_grad_(True) for t in view.theta0]
         task = view.task
         loss = task.task_loss(view.context.forward_at(theta, view.start_buffers), task.task_batch(0))

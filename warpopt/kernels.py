@@ -29,6 +29,7 @@ sends that model's convolutions to PyTorch's native kernels during the replay on
 The selection is made when the forward runs; the backward of the math kernel is ordinary
 autograd, so nothing needs to be active when the graph is later differentiated.
 """
+
 from __future__ import annotations
 
 import contextlib

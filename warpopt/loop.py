@@ -37,11 +37,13 @@ per step whose output the loss uses, and a loss equal to the task's loss on the 
 the step's graph gradient is then recomputed by a functional forward (the old cost) and the
 user's ``.grad`` is the plain vector-Jacobian product of their own backward.
 """
+
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -66,15 +68,20 @@ def same(a: Any, b: Any) -> bool:
             return False
         if a.layout != torch.strided or b.layout != torch.strided or a.device.type == "meta":
             return False
-        return (a.device == b.device and a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride()
-                and a.data_ptr() == b.data_ptr())
+        return (
+            a.device == b.device
+            and a.dtype == b.dtype
+            and a.shape == b.shape
+            and a.stride() == b.stride()
+            and a.data_ptr() == b.data_ptr()
+        )
     if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
         return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
     if isinstance(a, dict) and isinstance(b, dict):
         return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
     try:
         return bool(a == b)
-    except Exception:  # noqa: BLE001 - arrays and the like: not provably the same
+    except Exception:
         return False
 
 
@@ -104,8 +111,9 @@ class _Tap(torch.autograd.Function):
     (a ``None`` gradient alone would not stop the engine from visiting, and freeing, them)."""
 
     @staticmethod
-    def forward(ctx: Any, loop: "Loop", entry: _Forward, anchor: torch.Tensor,
-                *outputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(
+        ctx: Any, loop: Loop, entry: _Forward, anchor: torch.Tensor, *outputs: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
         ctx.loop, ctx.entry = loop, entry
         return tuple(o.view_as(o) for o in outputs)
 
@@ -115,7 +123,7 @@ class _Tap(torch.autograd.Function):
         return (None, None, None) + (None,) * len(grads)
 
 
-def _zeros_for_none(grads: Sequence[Optional[torch.Tensor]], like: Sequence[torch.Tensor]) -> Tensors:
+def _zeros_for_none(grads: Sequence[torch.Tensor | None], like: Sequence[torch.Tensor]) -> Tensors:
     return [g if g is not None else torch.zeros_like(t) for g, t in zip(grads, like)]
 
 
@@ -132,9 +140,20 @@ class Loop:
         unroll: build the differentiable trajectory (MAML); else only capture forwards.
     """
 
-    def __init__(self, module: nn.Module, task: Task, adapt_names: Sequence[str], live: Sequence[torch.Tensor],
-                 buffer_names: Sequence[str], buffers: Sequence[torch.Tensor], theta0: Sequence[torch.Tensor],
-                 warp: Sequence[torch.Tensor] = (), *, unroll: bool = False, warp_term: bool = False) -> None:
+    def __init__(
+        self,
+        module: nn.Module,
+        task: Task,
+        adapt_names: Sequence[str],
+        live: Sequence[torch.Tensor],
+        buffer_names: Sequence[str],
+        buffers: Sequence[torch.Tensor],
+        theta0: Sequence[torch.Tensor],
+        warp: Sequence[torch.Tensor] = (),
+        *,
+        unroll: bool = False,
+        warp_term: bool = False,
+    ) -> None:
         self.module, self.task = module, task
         self.adapt_names, self.live = list(adapt_names), list(live)
         self.buffer_names, self.buffers = list(buffer_names), list(buffers)
@@ -160,7 +179,7 @@ class Loop:
             self._kernels.enter_context(replay_kernels(module, rnn=self._rnn))
         self.step_index = 0
         self.forwards: list[_Forward] = []
-        self.graph_grads: Optional[Tensors] = None  # g_k with its graph, from the tap
+        self.graph_grads: Tensors | None = None  # g_k with its graph, from the tap
         # θ_0's leaves alias ``theta0`` (the session's private copy of where the task starts)
         self.theta0: Tensors = [t.detach().requires_grad_(True) for t in theta0] if unroll else []
         self.theta: Tensors = list(self.theta0)
@@ -168,13 +187,15 @@ class Loop:
         self.phi: Tensors = self._alias_phi()
         # (the loop's gradient at the model output, the task loss's), per step: must agree (``check``)
         self.compare: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self.pending: Optional[tuple[torch.Tensor, Tensors, Any]] = None  # Eq. 7 term: (loss, φ_k, meta batch)
-        self.merged: Optional[Tensors] = None  # its φ gradient, when computed with the θ0 term
+        self.pending: tuple[torch.Tensor, Tensors, Any] | None = None  # Eq. 7 term: (loss, φ_k, meta batch)
+        self.merged: Tensors | None = None  # its φ gradient, when computed with the θ0 term
         self.faithful = True  # every step so far was the loop's (its forward and loss seen): θ_k is the live θ_k
         self._anchors: dict[torch.device, torch.Tensor] = {}  # see _Tap
-        self._inside: Optional[contextlib.ExitStack] = None
-        self._handles = [module.register_forward_pre_hook(self._pre, with_kwargs=True),
-                         module.register_forward_hook(self._post, with_kwargs=True, always_call=True)]
+        self._inside: contextlib.ExitStack | None = None
+        self._handles = [
+            module.register_forward_pre_hook(self._pre, with_kwargs=True),
+            module.register_forward_hook(self._post, with_kwargs=True, always_call=True),
+        ]
 
     # ------------------------------------------------------------------ hooks
     def _is_users(self) -> bool:
@@ -217,8 +238,7 @@ class Loop:
             return None
         leaves, spec = pytree.tree_flatten(output)
         graph = [i for i, t in enumerate(leaves) if isinstance(t, torch.Tensor) and t.requires_grad]
-        entry = _Forward(self.step_index, args, kwargs, output, list(self.theta),
-                         [leaves[i] for i in graph])
+        entry = _Forward(self.step_index, args, kwargs, output, list(self.theta), [leaves[i] for i in graph])
         self.forwards.append(entry)
         if not graph:
             return None
@@ -244,10 +264,12 @@ class Loop:
     # ------------------------------------------------------------------ the loop's losses
     def _replaying(self, entry: _Forward) -> Callable[..., Any]:
         """A ``forward`` for the task loss that returns ``entry``'s output for its own inputs."""
+
         def forward(*args: Any, **kwargs: Any) -> Any:
             if same(args, entry.args) and same(kwargs, entry.kwargs):
                 return entry.output
             raise _Unmatched
+
         return forward
 
     def _loop_batch(self, k: int) -> Any:
@@ -256,7 +278,7 @@ class Loop:
         except ValueError:
             return _Unmatched
 
-    def loss(self, k: int, params: Sequence[torch.Tensor]) -> Optional[torch.Tensor]:
+    def loss(self, k: int, params: Sequence[torch.Tensor]) -> torch.Tensor | None:
         """L_task(θ_k) on the loop's batch k, from the loop's own forward when its inputs were
         the batch's, else by a forward at ``params`` (θ_k) with the adapt buffers copied; None
         when the batch is unknown (a one-shot iterable or loader the loop iterates by itself)."""
@@ -305,21 +327,25 @@ class Loop:
                 # the outputs for the check; one backward with its graph
                 wrt = entry.theta + entry.graph_outputs
                 both = _zeros_for_none(torch.autograd.grad(matched, wrt, create_graph=True, allow_unused=True), wrt)
-                g, dout = both[:len(entry.theta)], both[len(entry.theta):]
+                g, dout = both[: len(entry.theta)], both[len(entry.theta) :]
                 # compared at the end of the task, all steps at once (``check``)
                 self.compare.extend((u.detach(), d.detach()) for u, d in zip(grads, dout))
                 self.graph_grads = g if entry.step == self.step_index else None
-                plain = [x.detach() for x in g]
+                plain = [x.detach() for x in g]  # list[Tensor]
             else:  # not the step's one matched backward: the plain product, the graph gradient later
                 self.graph_grads = None
-                plain = _zeros_for_none(torch.autograd.grad(entry.graph_outputs, entry.theta, grad_outputs=grads,
-                                                            retain_graph=True, allow_unused=True), entry.theta)
+                plain = _zeros_for_none(
+                    torch.autograd.grad(
+                        entry.graph_outputs, entry.theta, grad_outputs=grads, retain_graph=True, allow_unused=True
+                    ),
+                    entry.theta,
+                )
         with torch.no_grad():
-            for p, g in zip(self.live, plain):
+            for p, g_p in zip(self.live, plain):
                 if p.grad is None:
-                    p.grad = g.clone()  # the graph's own tensor stays out of the user's reach
+                    p.grad = g_p.clone()  # the graph's own tensor stays out of the user's reach
                 else:
-                    p.grad.add_(g)
+                    p.grad.add_(g_p)
 
     def gradient(self, k: int) -> Tensors:
         """g_k = ∇θ_k L_task(θ_k; loop batch k) with its graph (of θ_k and, for Warp-MAML, φ_k):
@@ -332,11 +358,12 @@ class Loop:
             batch = self.task.loop_batch(k)  # unknown batch: ValueError naming the fixes
             with torch.enable_grad():
                 loss = self.task.task_loss(self._functional(self.theta, self.phi), batch)
-                grads = _zeros_for_none(torch.autograd.grad(loss, self.theta, create_graph=True, allow_unused=True),
-                                        self.theta)
+                grads = _zeros_for_none(
+                    torch.autograd.grad(loss, self.theta, create_graph=True, allow_unused=True), self.theta
+                )
         return grads
 
-    def warp_loss(self, k: int, theta: Sequence[torch.Tensor]) -> Optional[tuple[Any, Any]]:
+    def warp_loss(self, k: int, theta: Sequence[torch.Tensor]) -> tuple[Any, Any] | None:
         """Eq. 7 at θ_k with θ_k fixed, read off the unrolled step: L_meta(θ_{k+1}; φ_k) with
         θ_{k+1} = ``theta`` = U(θ_k, g_k(φ_k)); its gradient to φ_k stops at θ_k.
 
@@ -356,7 +383,7 @@ class Loop:
         self.pending = (loss, list(self.phi), meta_batch)
         return None
 
-    def warp_gradient(self) -> Optional[Tensors]:
+    def warp_gradient(self) -> Tensors | None:
         """The pending Eq. 7 term's gradient to φ (None if nothing is pending)."""
         if self.pending is None:
             return None
@@ -368,8 +395,9 @@ class Loop:
         with torch.enable_grad():  # retained: the step's graph is still needed by the θ0 term
             return _zeros_for_none(torch.autograd.grad(loss, phi, retain_graph=True, allow_unused=True), phi)
 
-    def theta0_gradient(self, meta_batch: Any, forward: Callable[[Sequence[torch.Tensor]], Callable[..., Any]]
-                        ) -> Tensors:
+    def theta0_gradient(
+        self, meta_batch: Any, forward: Callable[[Sequence[torch.Tensor]], Callable[..., Any]]
+    ) -> Tensors:
         """∇θ0 L_meta(θ_K) through the unrolled steps (MAML). When the pending Eq. 7 term is
         L_meta(θ_K; φ_{K-1}) on this same meta batch, its forward and backward serve both terms
         (φ held fixed in this one: only θ0 is asked for here; a model with adapt buffers is
@@ -384,8 +412,7 @@ class Loop:
                 return _zeros_for_none(grads[:n], self.theta0)
             if self.pending is not None:  # its own backward first: the one below frees the steps' graphs
                 loss, phi, _ = self.pending
-                self.merged = _zeros_for_none(torch.autograd.grad(loss, phi, retain_graph=True,
-                                                                  allow_unused=True), phi)
+                self.merged = _zeros_for_none(torch.autograd.grad(loss, phi, retain_graph=True, allow_unused=True), phi)
             loss = self.task.meta_loss(forward(self.theta), meta_batch)
             return _zeros_for_none(torch.autograd.grad(loss, self.theta0, allow_unused=True), self.theta0)
 
@@ -403,13 +430,19 @@ class Loop:
         if not self.compare:
             return
         with torch.no_grad():
-            mismatch = not bool(torch.isclose(torch.cat([u.reshape(-1) for u, _ in self.compare]),
-                                              torch.cat([d.reshape(-1) for _, d in self.compare]),
-                                              rtol=1e-5, atol=1e-8).all())
+            mismatch = not bool(
+                torch.isclose(
+                    torch.cat([u.reshape(-1) for u, _ in self.compare]),
+                    torch.cat([d.reshape(-1) for _, d in self.compare]),
+                    rtol=1e-5,
+                    atol=1e-8,
+                ).all()
+            )
         self.compare = []
         if mismatch:
             raise ValueError(
                 "MAML differentiates the task's loss on the loop's batches, but the loss this loop "
                 "backpropagated gave the model output a different gradient (a different criterion, a "
                 "scaled or regularised loss): pass the loop's loss as the task's loss_fn / batch_loss, or "
-                "use warpopt.maml(unroll='replay') to replay the task loss after the loop")
+                "use warpopt.maml(unroll='replay') to replay the task loss after the loop"
+            )

@@ -14,11 +14,13 @@ work as with any torch optimizer; the task session (``warpopt.session``) resets,
 records; the meta update (``warpopt.meta_update``) replays, reduces and applies; algorithms
 and θ0 learners are pure functions of explicit state held here.
 """
+
 from __future__ import annotations
 
 import contextlib
 from collections import OrderedDict
-from typing import Any, Callable, Iterable, Iterator, Optional
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -60,54 +62,84 @@ class WarpGradMetaOptimizer(torch.optim.Optimizer):
             all-reduce mean across processes (``warpopt.distributed``); identity by default.
     """
 
-    def __init__(self, model: nn.Module, lr: float = 0.1, *, params: Optional[Iterable[Any]] = None,
-                 task_optimizer: Callable[..., torch.optim.Optimizer] = torch.optim.SGD, meta_lr: float = 1e-3,
-                 meta_optimizer: Callable[..., torch.optim.Optimizer] = torch.optim.Adam,
-                 objective: Objective = exact, algorithm: Optional[Algorithm] = None,
-                 initialisation: Optional[InitialisationLearner] = None, init_lr: Optional[float] = None,
-                 replay: Optional[ReplayBuffer] = None, learn_lr: bool = False, learn_momentum: bool = False,
-                 learned_lr: float = 1e-3, learned_clip: Optional[float] = 1e-3, on_nonfinite: str = "raise",
-                 reduce: Optional[Callable[[list[torch.Tensor]], list[torch.Tensor]]] = None,
-                 **task_kwargs: Any) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float = 0.1,
+        *,
+        params: Iterable[Any] | None = None,
+        task_optimizer: Callable[..., torch.optim.Optimizer] = torch.optim.SGD,
+        meta_lr: float = 1e-3,
+        meta_optimizer: Callable[..., torch.optim.Optimizer] = torch.optim.Adam,
+        objective: Objective = exact,
+        algorithm: Algorithm | None = None,
+        initialisation: InitialisationLearner | None = None,
+        init_lr: float | None = None,
+        replay: ReplayBuffer | None = None,
+        learn_lr: bool = False,
+        learn_momentum: bool = False,
+        learned_lr: float = 1e-3,
+        learned_clip: float | None = 1e-3,
+        on_nonfinite: str = "raise",
+        reduce: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None,
+        **task_kwargs: Any,
+    ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"WarpGradMetaOptimizer needs an nn.Module, got {type(model).__name__}")
         if on_nonfinite not in ("raise", "skip"):
             raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
-        for name, value in (("lr", lr), ("meta_lr", meta_lr), ("init_lr", meta_lr if init_lr is None else init_lr),
-                            ("learned_lr", learned_lr)):
+        for name, value in (
+            ("lr", lr),
+            ("meta_lr", meta_lr),
+            ("init_lr", meta_lr if init_lr is None else init_lr),
+            ("learned_lr", learned_lr),
+        ):
             check_rate(name, value)
         algorithm = algorithm if algorithm is not None else Offline()
         initialisation = initialisation if initialisation is not None else Leap()
         if (learn_lr or learn_momentum) and objective is approx:
-            raise ValueError("learn_lr/learn_momentum need objective=exact: Eq. 8 stops the gradient "
-                             "through the task update, so α would get no meta-gradient")
+            raise ValueError(
+                "learn_lr/learn_momentum need objective=exact: Eq. 8 stops the gradient "
+                "through the task update, so α would get no meta-gradient"
+            )
         self.core = session.build(model, params, task_optimizer, lr, task_kwargs, learn_lr, learn_momentum)
         if not self.core.meta_parameters() and not initialisation.learns:
-            raise ValueError("nothing to meta-learn: the model has no warp parameters (call "
-                             "`warpopt.warp(model)`) and initialisation=none() keeps θ0 fixed")
+            raise ValueError(
+                "nothing to meta-learn: the model has no warp parameters (call "
+                "`warpopt.warp(model)`) and initialisation=none() keeps θ0 fixed"
+            )
         super().__init__(self.core.task_optimizer.param_groups, self.core.task_optimizer.defaults)
         self.task_optimizer = self.core.task_optimizer  # from here on, param_groups/state/defaults are the inner's
         self.model = model
-        self.meta = MetaParameters.build(self.core, meta_optimizer, meta_lr, meta_lr if init_lr is None else init_lr,
-                                         learned_lr, initialisation.learns, reduce, on_nonfinite, learned_clip)
+        self.meta = MetaParameters.build(
+            self.core,
+            meta_optimizer,
+            meta_lr,
+            meta_lr if init_lr is None else init_lr,
+            learned_lr,
+            initialisation.learns,
+            reduce,
+            on_nonfinite,
+            learned_clip,
+        )
         self.objective, self.algorithm, self.initialisation = objective, algorithm, initialisation
         self.replay = replay if replay is not None else ReplayBuffer()
         self.on_nonfinite = on_nonfinite
         self.algorithm_state = algorithm.init()
         self.contributions = Contributions()
         self.counters = {"tasks": 0, "task_steps": 0, "meta_steps": 0, "warp_updates": 0}
-        self._run: Optional[session.TaskRun] = None
+        self._run: session.TaskRun | None = None
         self._meta_step_pre_hooks: OrderedDict[int, Callable] = OrderedDict()
         self._meta_step_post_hooks: OrderedDict[int, Callable] = OrderedDict()
 
     # The task optimizer's param_groups and state *are* this optimizer's (torch.optim contract);
     # torch replaces both objects on load_state_dict, so delegate rather than alias.
     def _delegate(name: str) -> property:  # type: ignore[misc]
-        def get(self: "WarpGradMetaOptimizer") -> Any:
+        def get(self: WarpGradMetaOptimizer) -> Any:
             inner = self.__dict__.get("task_optimizer")
             return getattr(inner, name) if inner is not None else self.__dict__["_own_" + name]
 
-        def set(self: "WarpGradMetaOptimizer", value: Any) -> None:
+        def set(self: WarpGradMetaOptimizer, value: Any) -> None:
             inner = self.__dict__.get("task_optimizer")
             if inner is not None:
                 setattr(inner, name, value)
@@ -133,7 +165,7 @@ class WarpGradMetaOptimizer(torch.optim.Optimizer):
         pending = bool(len(self.replay) or self.algorithm_state.count or self.contributions.total.count)
         placement.follow(self.core, self.meta, pending)
 
-    def meta_parameters(self) -> list[torch.Tensor]:
+    def meta_parameters(self) -> list[nn.Parameter]:
         """The parameters the warp objective differentiates: φ and learned hyper-parameters."""
         return self.core.meta_parameters()
 
@@ -147,8 +179,15 @@ class WarpGradMetaOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ tasks
     @contextlib.contextmanager
-    def task(self, data: Any, loss_fn: Optional[Callable] = None, *, reset: Optional[bool] = None,
-             learn: bool = True, **task_kwargs: Any) -> Iterator[Task]:
+    def task(
+        self,
+        data: Any,
+        loss_fn: Callable | None = None,
+        *,
+        reset: bool | None = None,
+        learn: bool = True,
+        **task_kwargs: Any,
+    ) -> Iterator[Task]:
         """Adapt to one task: reset θ ← θ0, record its trajectory, commit it at the end.
 
         ``data`` is the task's data (an iterable of batches, a callable, or a ``Task``) from
@@ -166,9 +205,17 @@ class WarpGradMetaOptimizer(torch.optim.Optimizer):
             raise TypeError("task data is None: pass an iterable of batches, a callable k -> batch or a Task")
         task = data if isinstance(data, Task) else Task(data, loss_fn, **task_kwargs)
         self._follow()
-        run = session.begin(self.core, task, reset=self.algorithm.resets if reset is None else reset, learn=learn,
-                            algorithm=self.algorithm, initialisation=self.initialisation, replay=self.replay,
-                            algorithm_state=self.algorithm_state, objective=self.objective)
+        run = session.begin(
+            self.core,
+            task,
+            reset=self.algorithm.resets if reset is None else reset,
+            learn=learn,
+            algorithm=self.algorithm,
+            initialisation=self.initialisation,
+            replay=self.replay,
+            algorithm_state=self.algorithm_state,
+            objective=self.objective,
+        )
         self._run = run
         try:
             yield task
@@ -188,8 +235,11 @@ class WarpGradMetaOptimizer(torch.optim.Optimizer):
         """Keep a finished task: its points (all or none), its meta-gradients, its θ0 term."""
         keyed = isinstance(self.algorithm, Offline) and self.algorithm.theta0 == "mini_batch"
         task_id = self.replay.next_task_id() if keyed else None
-        contributions = (self.contributions if outcome.contribution is None
-                         else add_contribution(self.contributions, outcome.contribution, task_id))
+        contributions = (
+            self.contributions
+            if outcome.contribution is None
+            else add_contribution(self.contributions, outcome.contribution, task_id)
+        )
         if outcome.trajectory is not None:  # the one step that can fail (storage): all or nothing
             self.replay.commit(outcome.trajectory, outcome.steps)
         self.algorithm_state, self.contributions = outcome.algorithm_state, contributions
@@ -198,7 +248,7 @@ class WarpGradMetaOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ task step
     @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], torch.Tensor]] = None) -> Optional[torch.Tensor]:
+    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:  # type: ignore[override]  # torch stubs split this into overloads; same contract
         """One task update of the adapt parameters, recorded (the user's inner-loop step).
 
         ``closure`` (optional, as in torch.optim): re-evaluates the model and returns the loss;
@@ -211,8 +261,15 @@ class WarpGradMetaOptimizer(torch.optim.Optimizer):
                 loss = closure()
         if self._run is None and self.algorithm.resets:
             raise RuntimeError("step() outside a task: wrap the task loop in `with opt.task(data, loss_fn):`")
-        state, due = session.step(self.core, self._run, algorithm=self.algorithm, initialisation=self.initialisation,
-                                  objective=self.objective, algorithm_state=self.algorithm_state, loss=loss)
+        state, due = session.step(
+            self.core,
+            self._run,
+            algorithm=self.algorithm,
+            initialisation=self.initialisation,
+            objective=self.objective,
+            algorithm_state=self.algorithm_state,
+            loss=loss,
+        )
         if self._run is None:  # continual steps outside a task count at once; a task's when it ends
             self.algorithm_state = state
             self.counters["task_steps"] += 1
@@ -220,8 +277,9 @@ class WarpGradMetaOptimizer(torch.optim.Optimizer):
             self.counters["warp_updates"] += 1
         return loss
 
-    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0,
-                        error_if_nonfinite: bool = False) -> torch.Tensor:
+    def clip_grad_norm_(
+        self, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False
+    ) -> torch.Tensor:
         """``torch.nn.utils.clip_grad_norm_`` over the adapt parameters, recorded with the next
         ``step()`` so that the replay clips the same way (differentiably, Eq. 7)."""
         return session.clip_grad_norm_(self.core, self._run, max_norm, norm_type, error_if_nonfinite)
@@ -235,16 +293,30 @@ class WarpGradMetaOptimizer(torch.optim.Optimizer):
         """
         if self._run is not None:
             raise RuntimeError("meta_step() inside a task: call it after the `with opt.task(...)` blocks")
-        if not len(self.replay) and not self.algorithm.pending(self.algorithm_state) and not self.contributions.total.count:
-            raise RuntimeError("nothing to meta-learn from: the replay buffer is empty. Adapt at least one "
-                               "task inside `with opt.task(data, loss_fn): ...` before meta_step()")
+        if (
+            not len(self.replay)
+            and not self.algorithm.pending(self.algorithm_state)
+            and not self.contributions.total.count
+        ):
+            raise RuntimeError(
+                "nothing to meta-learn from: the replay buffer is empty. Adapt at least one "
+                "task inside `with opt.task(data, loss_fn): ...` before meta_step()"
+            )
         self._follow()
         saved = (self.algorithm_state, self.contributions, dict(self.counters))
         with transaction(self.meta, self.replay, saved, self._restore):
             for hook in list(self._meta_step_pre_hooks.values()):
                 hook(self)
-            stats, self.algorithm_state = meta_update(self.meta, self.core, self.algorithm, self.algorithm_state,
-                                                      self.contributions, self.replay, self.objective, self.device)
+            stats, self.algorithm_state = meta_update(
+                self.meta,
+                self.core,
+                self.algorithm,
+                self.algorithm_state,
+                self.contributions,
+                self.replay,
+                self.objective,
+                self.device,
+            )
             self.contributions = Contributions()
             self.counters["warp_updates"] += stats["warp_updates"]
             self.counters["meta_steps"] += 1
@@ -263,11 +335,11 @@ class WarpGradMetaOptimizer(torch.optim.Optimizer):
         hooks[handle.id] = hook
         return handle
 
-    def register_meta_step_pre_hook(self, hook: Callable[["WarpGradMetaOptimizer"], None]) -> RemovableHandle:
+    def register_meta_step_pre_hook(self, hook: Callable[[WarpGradMetaOptimizer], None]) -> RemovableHandle:
         """``hook(optimizer)`` before each ``meta_step`` (inside it: a raising hook undoes it)."""
         return self._register(self._meta_step_pre_hooks, hook)
 
-    def register_meta_step_post_hook(self, hook: Callable[["WarpGradMetaOptimizer", dict], None]) -> RemovableHandle:
+    def register_meta_step_post_hook(self, hook: Callable[[WarpGradMetaOptimizer, dict], None]) -> RemovableHandle:
         """``hook(optimizer, stats)`` after each ``meta_step`` (inside it: a raising hook undoes it)."""
         return self._register(self._meta_step_post_hooks, hook)
 
@@ -280,7 +352,7 @@ class WarpGradMetaOptimizer(torch.optim.Optimizer):
         self._follow()
         return checkpoint.state_dict(self, include_rng)
 
-    def load_state_dict(self, state_dict: dict[str, Any], tasks: Optional[Any] = None) -> None:
+    def load_state_dict(self, state_dict: dict[str, Any], tasks: Any | None = None) -> None:
         """Restore a ``state_dict()``: the whole dict is validated against this optimizer's
         configuration first; on a mismatch a ``ValueError`` names the field and nothing changes.
         A dict saved mid meta-batch needs ``tasks``: a ``Task`` per pending task, in the order

@@ -12,11 +12,13 @@ The vectors come from an ``Arena`` when one is given: flat tensors allocated onc
 again after their point is released, so recording a step writes into memory the process already
 owns (a fresh |θ|-sized tensor per step costs page faults on CPU and allocator traffic on GPU).
 """
+
 from __future__ import annotations
 
 import weakref
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any
 
 import torch
 
@@ -27,7 +29,7 @@ State = dict[str, torch.Tensor]
 HOST = -1  # vector index of a step count kept on the host as a Python number
 
 
-def _storage_dtype(key: str, t: torch.Tensor, dtype: Optional[torch.dtype]) -> Optional[torch.dtype]:
+def _storage_dtype(key: str, t: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype | None:
     """The dtype ``t`` is stored in, or ``None`` for a host-side number.
 
     Step counts drive Adam's bias correction and integer buffers count batches: a cast of
@@ -56,8 +58,11 @@ class _Layout:
     entries: tuple[tuple[int, int, int, torch.Size, torch.dtype], ...]
 
     @staticmethod
-    def of(tensors: Sequence[tuple[str, torch.Tensor]], state_keys: tuple[tuple[str, ...], ...],
-           dtype: Optional[torch.dtype] = None) -> "_Layout":
+    def of(
+        tensors: Sequence[tuple[str, torch.Tensor]],
+        state_keys: tuple[tuple[str, ...], ...],
+        dtype: torch.dtype | None = None,
+    ) -> _Layout:
         groups: dict[torch.dtype, int] = {}
         sizes: list[int] = []
         host = 0
@@ -88,7 +93,7 @@ class Point:
     step: int
     vectors: tuple[torch.Tensor, ...]
     layout: _Layout
-    path: Optional[str] = None  # set when the vectors live on disk
+    path: str | None = None  # set when the vectors live on disk
     host: tuple[float, ...] = ()
 
     def nbytes(self) -> int:
@@ -96,7 +101,7 @@ class Point:
         return sum(v.numel() * v.element_size() for v in self.vectors if v.device.type != "meta")
 
 
-def _storage_count(t: torch.Tensor) -> Optional[int]:
+def _storage_count(t: torch.Tensor) -> int | None:
     """How many tensors hold ``t``'s memory (None where torch does not say)."""
     counter = getattr(torch._C, "_storage_Use_Count", None)
     if counter is None:
@@ -150,9 +155,14 @@ class Arena:
         return {"_free": {}, "_owned": {}, "_alone": self._alone}
 
 
-def flatten_point(step: int, params: Sequence[torch.Tensor], states: Sequence[State],
-                  buffers: Sequence[torch.Tensor], dtype: Optional[torch.dtype] = None,
-                  arena: Optional[Arena] = None) -> Point:
+def flatten_point(
+    step: int,
+    params: Sequence[torch.Tensor],
+    states: Sequence[State],
+    buffers: Sequence[torch.Tensor],
+    dtype: torch.dtype | None = None,
+    arena: Arena | None = None,
+) -> Point:
     """Copy θ_k, its optimizer state and buffers into one flat vector per storage dtype.
 
     ``dtype`` (e.g. ``torch.float16``) is the storage precision of floating parameters, moments
@@ -184,7 +194,7 @@ def flatten_point(step: int, params: Sequence[torch.Tensor], states: Sequence[St
         else:  # a cast on the way in (half-precision storage): tensor by tensor, still no allocation
             offset = 0
             for t in group:
-                out[offset:offset + t.numel()].copy_(t)
+                out[offset : offset + t.numel()].copy_(t)
                 offset += t.numel()
         vectors.append(out)
     return Point(step, tuple(vectors), layout, host=tuple(host))
@@ -201,7 +211,7 @@ def unflatten_point(point: Point, device: torch.device) -> tuple[list[torch.Tens
         if g == HOST:
             tensors.append(torch.tensor(point.host[offset], dtype=dtype).view(shape))
         else:
-            tensors.append(vectors[g][offset:offset + numel].view(shape).to(dtype))
+            tensors.append(vectors[g][offset : offset + numel].view(shape).to(dtype))
     n_params = len(point.layout.state_keys)
     params, rest = tensors[:n_params], iter(tensors[n_params:])
     states = [{key: next(rest) for key in keys} for keys in point.layout.state_keys]

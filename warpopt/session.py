@@ -6,20 +6,22 @@ produced (its trajectory, its online meta-gradient sum, its θ0 contribution) fo
 meta-optimizer to commit; ``abort`` puts parameters, buffers and the task optimizer's state
 back to where they were before ``begin``. Nothing here changes φ, θ0 or any meta state.
 """
+
 from __future__ import annotations
 
 import copy
 import warnings
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Iterable, Optional
+from typing import Any
 
 import torch
 from torch import nn
 
+from . import step_check, warping
 from .algorithms import Accumulator, Algorithm
 from .clipping import check_max_norm
 from .initialisation import InitialisationLearner
-from . import step_check, warping
 from .loop import Loop
 from .objectives import Objective, ReplayContext, exact, meta_gradient
 from .step_hypers import StepHypers, capture
@@ -50,7 +52,7 @@ class Model:
     initial_buffers: list[torch.Tensor]
     # The loop side (issue 14): the clipping ``clip_grad_norm_`` asked for the next step, how
     # many tasks have begun (the step check samples them), the mismatches already reported.
-    clip: Optional[tuple[float, float]] = None
+    clip: tuple[float, float] | None = None
     tasks_begun: int = 0
     reported: set = field(default_factory=set)
 
@@ -69,13 +71,21 @@ class Model:
         """Functional view of the model and the task update rule for replay (Eq. 7/8)."""
         groups = self.task_optimizer.param_groups
         index = {id(p): i for i, g in enumerate(groups) for p in g["params"]}
-        hypers = [{**groups[index[id(p)]], **self.learned} if self.learned else groups[index[id(p)]]
-                  for p in self.adapt]
-        return ReplayContext(self.module, self.adapt_names, self.buffer_names, self.step_fn, hypers,
-                             [index[id(p)] for p in self.adapt], dict(self.learned))
+        hypers = [
+            {**groups[index[id(p)]], **self.learned} if self.learned else groups[index[id(p)]] for p in self.adapt
+        ]
+        return ReplayContext(
+            self.module,
+            self.adapt_names,
+            self.buffer_names,
+            self.step_fn,
+            hypers,
+            [index[id(p)] for p in self.adapt],
+            dict(self.learned),
+        )
 
 
-def task_groups(params: Optional[Iterable[Any]], named_adapt: list) -> list[dict[str, Any]]:
+def task_groups(params: Iterable[Any] | None, named_adapt: list) -> list[dict[str, Any]]:
     """Param groups for the task optimizer: all adapt parameters, or the user's groups (checked)."""
     adapt_ids = {id(p) for _, p in named_adapt}
     if params is None:
@@ -92,7 +102,8 @@ def task_groups(params: Optional[Iterable[Any]], named_adapt: list) -> list[dict
             if id(p) not in adapt_ids:
                 raise ValueError(
                     f"a parameter of shape {tuple(p.shape)} passed in params is not an adapt "
-                    "parameter of the warped model; pass parameters from model.adapt_parameters()")
+                    "parameter of the warped model; pass parameters from model.adapt_parameters()"
+                )
         group["params"] = group_params
     return groups
 
@@ -101,12 +112,22 @@ def _partition(module: nn.Module) -> tuple[list, list, list]:
     """(named adapt parameters, warp parameters, adapt buffer names); an unwarped model is all θ."""
     if not warping.is_warped(module):
         return list(module.named_parameters()), [], [n for n, _ in module.named_buffers()]
-    return (list(warping.named_adapt_parameters(module)), [p for _, p in warping.named_warp_parameters(module)],
-            [n for n, _ in warping.named_adapt_buffers(module)])
+    return (
+        list(warping.named_adapt_parameters(module)),
+        [p for _, p in warping.named_warp_parameters(module)],
+        [n for n, _ in warping.named_adapt_buffers(module)],
+    )
 
 
-def build(module: nn.Module, params: Optional[Any], task_optimizer: Callable[..., torch.optim.Optimizer],
-          lr: float, task_kwargs: dict[str, Any], learn_lr: bool, learn_momentum: bool) -> Model:
+def build(
+    module: nn.Module,
+    params: Any | None,
+    task_optimizer: Callable[..., torch.optim.Optimizer],
+    lr: float,
+    task_kwargs: dict[str, Any],
+    learn_lr: bool,
+    learn_momentum: bool,
+) -> Model:
     """Partition ``module``, build the task optimizer (checked: its update rule must be
     replayable), θ0 and the learned hyper-parameters."""
     # torch.compile(model) wraps the module: the loop may call the compiled one, the replay runs
@@ -128,8 +149,18 @@ def build(module: nn.Module, params: Optional[Any], task_optimizer: Callable[...
             if key not in inner.param_groups[0]:
                 raise ValueError(f"learn_{key} needs a task optimizer with a {key!r} hyper-parameter")
             learned[key] = nn.Parameter(torch.tensor(float(inner.param_groups[0][key]), device=device))
-    return Model(module, [p for _, p in adapt], [n for n, _ in adapt], buffer_names, warp_params, learned, inner,
-                 step_fn, theta0, initial_buffers)
+    return Model(
+        module,
+        [p for _, p in adapt],
+        [n for n, _ in adapt],
+        buffer_names,
+        warp_params,
+        learned,
+        inner,
+        step_fn,
+        theta0,
+        initial_buffers,
+    )
 
 
 @dataclass
@@ -138,7 +169,7 @@ class TaskRun:
 
     task: Task
     context: ReplayContext
-    params: list[torch.Tensor]
+    params: Sequence[torch.Tensor]
     buffers: list[torch.Tensor]
     theta0: list[torch.Tensor]
     start_buffers: list[torch.Tensor]
@@ -147,44 +178,63 @@ class TaskRun:
     requires_grad: list[bool]
     finite: torch.Tensor
     steps: int = 0
-    trajectory: Optional[Trajectory] = None
+    trajectory: Trajectory | None = None
     init_state: Any = None
     hook: Any = None
     algorithm_state: Accumulator = field(default_factory=Accumulator)  # tentative until the task ends
-    hypers: Optional[StepHypers] = None  # what the latest step used (recorded with its point)
+    hypers: StepHypers | None = None  # what the latest step used (recorded with its point)
     step_hypers: list[StepHypers] = field(default_factory=list)  # per step k (shared objects; for θ0 learners)
-    guard: Optional[step_check.GradGuard] = None  # set while the task's first step is to be checked
-    check: Optional[step_check.Before] = None  # the first step, compared where the loop took θ_1 to
+    guard: step_check.GradGuard | None = None  # set while the task's first step is to be checked
+    check: step_check.Before | None = None  # the first step, compared where the loop took θ_1 to
     # issue 18: the loop seen from the optimizer (warpopt/loop.py) and the loop's training loss
     # L(θ_k) of the step being taken, for θ0 learners that ask for them (``unrolls``/``needs_loss``)
-    loop: Optional[Loop] = None
-    loss: Optional[torch.Tensor] = None
+    loop: Loop | None = None
+    loss: torch.Tensor | None = None
 
     def sample(self, states: list[dict[str, torch.Tensor]]) -> Sample:
         """The live θ_k as a replay sample (for the online algorithms)."""
-        return Sample(self.task, -1, self.steps, [p.detach() for p in self.params], list(states),
-                      [b.detach() for b in self.buffers], hypers=self.hypers)
+        return Sample(
+            self.task,
+            -1,
+            self.steps,
+            [p.detach() for p in self.params],
+            list(states),
+            [b.detach() for b in self.buffers],
+            hypers=self.hypers,
+        )
 
 
 @dataclass
 class TaskOutcome:
     """What a cleanly finished task hands to the meta-optimizer to commit."""
 
-    trajectory: Optional[Trajectory]
+    trajectory: Trajectory | None
     steps: int
     algorithm_state: Accumulator
-    contribution: Optional[list[torch.Tensor]]
+    contribution: list[torch.Tensor] | None
 
 
-def begin(model: Model, task: Task, *, reset: bool, learn: bool, algorithm: Algorithm,
-          initialisation: InitialisationLearner, replay: ReplayBuffer, algorithm_state: Accumulator,
-          objective: Optional[Objective] = None) -> TaskRun:
+def begin(
+    model: Model,
+    task: Task,
+    *,
+    reset: bool,
+    learn: bool,
+    algorithm: Algorithm,
+    initialisation: InitialisationLearner,
+    replay: ReplayBuffer,
+    algorithm_state: Accumulator,
+    objective: Objective | None = None,
+) -> TaskRun:
     """Start a task: θ ← θ0 (if ``reset``), φ frozen (unless harvested), recording on."""
     buffers = model.live_buffers()
     with torch.no_grad():
         # What a failed task restores: the state before this task touched anything.
-        restore = ([p.detach().clone() for p in model.adapt], [b.detach().clone() for b in buffers],
-                   copy.deepcopy(model.task_optimizer.state_dict()))
+        restore = (
+            [p.detach().clone() for p in model.adapt],
+            [b.detach().clone() for b in buffers],
+            copy.deepcopy(model.task_optimizer.state_dict()),
+        )
         if reset:
             for p, t0 in zip(model.adapt, model.theta0):
                 p.copy_(t0)
@@ -198,10 +248,19 @@ def begin(model: Model, task: Task, *, reset: bool, learn: bool, algorithm: Algo
         start = [p.detach().clone() for p in model.adapt]
         start_buffers = [b.detach().clone() for b in buffers]
     records = learn and algorithm.records and bool(model.meta_parameters())
-    run = TaskRun(task, model.context(), model.adapt, buffers, start, start_buffers, learn, restore,
-                  [p.requires_grad for p in model.warp],
-                  torch.ones((), dtype=torch.bool, device=model.adapt[0].device),
-                  algorithm_state=algorithm_state)
+    run = TaskRun(
+        task,
+        model.context(),
+        model.adapt,
+        buffers,
+        start,
+        start_buffers,
+        learn,
+        restore,
+        [p.requires_grad for p in model.warp],
+        torch.ones((), dtype=torch.bool, device=model.adapt[0].device),
+        algorithm_state=algorithm_state,
+    )
     task.start_loop()
     model.clip = None
     try:
@@ -218,8 +277,13 @@ def begin(model: Model, task: Task, *, reset: bool, learn: bool, algorithm: Algo
                 p.requires_grad_(False)  # frozen while the task adapts: no φ work in its backward
         # Issue 14: sampled tasks check that their first step is the one the replay would take.
         # (Not when the θ0 learner unrolls the loop: warpopt/loop.py writes .grad itself and checks the loss.)
-        if (learn and model.meta_parameters() and not algorithm.harvests and not initialisation.unrolls
-                and step_check.due(model.tasks_begun)):
+        if (
+            learn
+            and model.meta_parameters()
+            and not algorithm.harvests
+            and not initialisation.unrolls
+            and step_check.due(model.tasks_begun)
+        ):
             run.guard = step_check.GradGuard(model.adapt)
         model.tasks_begun += 1
         # ---- issue 18: the loop seen from the optimizer (warpopt/loop.py) ----------------------
@@ -227,10 +291,26 @@ def begin(model: Model, task: Task, *, reset: bool, learn: bool, algorithm: Algo
         # hyper-parameters) also reads its per-step warp meta-gradient off it; Leap's training loss
         # is read off the loop's forwards.
         if learn and (initialisation.unrolls or initialisation.needs_loss):
-            warp_term = (initialisation.unrolls and objective is not None and not algorithm.harvests
-                         and algorithm.step_objective(objective) is exact and bool(model.warp) and not model.learned)
-            run.loop = Loop(model.module, task, model.adapt_names, model.adapt, model.buffer_names, buffers, start,
-                            model.warp, unroll=initialisation.unrolls, warp_term=warp_term)
+            warp_term = (
+                initialisation.unrolls
+                and objective is not None
+                and not algorithm.harvests
+                and algorithm.step_objective(objective) is exact
+                and bool(model.warp)
+                and not model.learned
+            )
+            run.loop = Loop(
+                model.module,
+                task,
+                model.adapt_names,
+                model.adapt,
+                model.buffer_names,
+                buffers,
+                start,
+                model.warp,
+                unroll=initialisation.unrolls,
+                warp_term=warp_term,
+            )
         # ---- end issue 18 ------------------------------------------------------------------------
         if learn:
             run.init_state = initialisation.begin_task(run)
@@ -241,9 +321,16 @@ def begin(model: Model, task: Task, *, reset: bool, learn: bool, algorithm: Algo
     return run
 
 
-def step(model: Model, run: Optional[TaskRun], *, algorithm: Algorithm, initialisation: InitialisationLearner,
-         objective: Objective, algorithm_state: Accumulator,
-         loss: Optional[torch.Tensor] = None) -> tuple[Accumulator, Optional[list[torch.Tensor]]]:
+def step(
+    model: Model,
+    run: TaskRun | None,
+    *,
+    algorithm: Algorithm,
+    initialisation: InitialisationLearner,
+    objective: Objective,
+    algorithm_state: Accumulator,
+    loss: torch.Tensor | None = None,
+) -> tuple[Accumulator, list[torch.Tensor] | None]:
     """One task update of θ, recorded; returns the algorithm's new state (``run``'s tentative
     one inside a task) and a warp gradient that is due now (continual), if any. ``run`` is
     None for continual steps outside a task. ``loss``: what ``step(closure)`` returned."""
@@ -263,8 +350,9 @@ def step(model: Model, run: Optional[TaskRun], *, algorithm: Algorithm, initiali
         if run.steps == 0:
             _check_loop_reads_task(model, run)
             if run.guard is not None:
-                run.check = step_check.before(model.adapt, model.states(), grads, run.buffers, run.hypers,
-                                              run.guard, run.task)
+                run.check = step_check.before(
+                    model.adapt, model.states(), grads, run.buffers, run.hypers, run.guard, run.task
+                )
                 run.guard.remove()
                 run.guard = None
     # ---- issue 18: the unrolled step θ_{k+1} = U(θ_k, g_k), a graph node of θ0 (MAML) ----------
@@ -295,17 +383,24 @@ def step(model: Model, run: Optional[TaskRun], *, algorithm: Algorithm, initiali
                     step_grads = loop.warp_gradient()  # type: ignore[union-attr]
                     drawn = loop.warp_loss(run.steps, unrolled[0])  # type: ignore[union-attr]
                     fast = drawn is None
-                    if not fast:
-                        sample = lambda states: replace(run.sample(states), task_batch=drawn[0],  # noqa: E731
-                                                        meta_batch=drawn[1])
+                    if drawn is not None:
+                        task_batch, meta_batch = drawn
+
+                        def sample(states: Any) -> Sample:
+                            return replace(run.sample(states), task_batch=task_batch, meta_batch=meta_batch)
+
                 if not fast:
                     with torch.enable_grad():
-                        step_grads, _ = meta_gradient(step_objective, run.context, [sample(model.states())],
-                                                      model.meta_parameters())
+                        step_grads, _ = meta_gradient(
+                            step_objective, run.context, [sample(model.states())], model.meta_parameters()
+                        )
     if loop is not None and initialisation.needs_loss:  # issue 18: the loop's training loss L(θ_k)
         run.loss = loss.detach() if loss is not None else loop.loss(run.steps, model.adapt)  # type: ignore[union-attr]
-    previous = ([p.detach().clone() for p in model.adapt]
-                if run is not None and learn and initialisation.needs_previous else None)
+    previous = (
+        [p.detach().clone() for p in model.adapt]
+        if run is not None and learn and initialisation.needs_previous
+        else None
+    )
     model.task_optimizer.step()
     due = None
     if run is not None:
@@ -349,8 +444,13 @@ def abort(model: Model, run: TaskRun) -> None:
     model.task_optimizer.load_state_dict(optimizer_state)
 
 
-def end(model: Model, run: TaskRun, initialisation: InitialisationLearner, on_nonfinite: str,
-        algorithm: Optional[Algorithm] = None) -> Optional[TaskOutcome]:
+def end(
+    model: Model,
+    run: TaskRun,
+    initialisation: InitialisationLearner,
+    on_nonfinite: str,
+    algorithm: Algorithm | None = None,
+) -> TaskOutcome | None:
     """The task's outcome; None if a task gradient became NaN/inf: then θ is restored and the
     task dropped with a warning (``on_nonfinite="skip"``) or a ``FloatingPointError``."""
     finish(model, run)
@@ -360,8 +460,10 @@ def end(model: Model, run: TaskRun, initialisation: InitialisationLearner, on_no
         run.trajectory.note_hypers(run.steps, capture(model.task_optimizer, None, run.hypers))
     if not bool(run.finite):  # the one host synchronisation per task
         abort(model, run)
-        message = (f"a task gradient became NaN/inf while adapting {run.task!r}; its trajectory was "
-                   "dropped and the parameters restored")
+        message = (
+            f"a task gradient became NaN/inf while adapting {run.task!r}; its trajectory was "
+            "dropped and the parameters restored"
+        )
         if on_nonfinite == "raise":
             raise FloatingPointError(message + " (pass on_nonfinite='skip' to skip such tasks)")
         warnings.warn(message, RuntimeWarning, stacklevel=4)
@@ -380,15 +482,17 @@ def end(model: Model, run: TaskRun, initialisation: InitialisationLearner, on_no
     return TaskOutcome(run.trajectory, run.steps, run.algorithm_state, contribution)
 
 
-def clip_grad_norm_(model: Model, run: Optional[TaskRun], max_norm: float, norm_type: float = 2.0,
-                    error_if_nonfinite: bool = False) -> torch.Tensor:
+def clip_grad_norm_(
+    model: Model, run: TaskRun | None, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False
+) -> torch.Tensor:
     """``torch.nn.utils.clip_grad_norm_`` on the adapt parameters, recorded for the next step so
     that the replay clips the same way, differentiably (``warpopt.clipping``). Returns the total
     norm of the gradients before clipping."""
     max_norm, norm_type = check_max_norm(max_norm, norm_type)
     if model.clip is not None and model.clip[1] != norm_type:
-        raise ValueError(f"clip_grad_norm_ was already called for this step with norm_type={model.clip[1]}: clip "
-                         "once per step")
+        raise ValueError(
+            f"clip_grad_norm_ was already called for this step with norm_type={model.clip[1]}: clip once per step"
+        )
     total = torch.nn.utils.clip_grad_norm_(model.adapt, max_norm, norm_type, error_if_nonfinite)
     # Clipping twice by the same norm is clipping once by the smaller bound.
     model.clip = (max_norm if model.clip is None else min(max_norm, model.clip[0]), norm_type)
@@ -414,8 +518,12 @@ def _check_loop_reads_task(model: Model, run: TaskRun) -> None:
     ahead = run.task.read_ahead()
     if ahead and not run.task.batches_seen() and "data" not in model.reported:
         model.reported.add("data")
-        warnings.warn(f"{run.task!r}: {ahead} batch(es) of your one-shot data (a generator or iterator) were read by "
-                      "warpopt before your loop's first step (a probe or a replay draw) and your loop does not "
-                      "iterate the task, so it will not see them. Iterate the task instead: `with opt.task(gen, "
-                      "loss_fn) as task: for x, y in task: ...` (every batch reaches the loop and is kept for the "
-                      "replay). Reported once.", RuntimeWarning, stacklevel=4)
+        warnings.warn(
+            f"{run.task!r}: {ahead} batch(es) of your one-shot data (a generator or iterator) were read by "
+            "warpopt before your loop's first step (a probe or a replay draw) and your loop does not "
+            "iterate the task, so it will not see them. Iterate the task instead: `with opt.task(gen, "
+            "loss_fn) as task: for x, y in task: ...` (every batch reaches the loop and is kept for the "
+            "replay). Reported once.",
+            RuntimeWarning,
+            stacklevel=4,
+        )

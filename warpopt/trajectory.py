@@ -12,11 +12,13 @@ CPU memory, disk) is a ``Storage`` (``warpopt.storage``). The buffer records int
 released (the buffer cleared, a point replaced, a task dropped), so the task loop does no large
 allocation per step after the first meta-batch.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any
 
 import torch
 
@@ -25,8 +27,18 @@ from .step_hypers import StepHypers, from_plain, to_plain
 from .storage import CPUStorage, DeviceStorage, DiskStorage, Storage
 from .tasks import Task
 
-__all__ = ["Point", "Sample", "Trajectory", "ReplayBuffer", "Storage",
-           "DeviceStorage", "CPUStorage", "DiskStorage", "flatten_point", "unflatten_point"]
+__all__ = [
+    "Point",
+    "Sample",
+    "Trajectory",
+    "ReplayBuffer",
+    "Storage",
+    "DeviceStorage",
+    "CPUStorage",
+    "DiskStorage",
+    "flatten_point",
+    "unflatten_point",
+]
 
 
 @dataclass
@@ -48,7 +60,7 @@ class Sample:
     buffers: list[torch.Tensor]
     task_batch: Any = None  # drawn at replay time (``warpopt.objectives.with_batches``)
     meta_batch: Any = None
-    hypers: Optional[StepHypers] = None
+    hypers: StepHypers | None = None
 
 
 @dataclass
@@ -62,13 +74,14 @@ class Trajectory:
 
     task: Task
     every: int = 1
-    dtype: Optional[torch.dtype] = None
+    dtype: torch.dtype | None = None
     points: list[Point] = field(default_factory=list)
     hypers: dict[int, StepHypers] = field(default_factory=dict)
-    arena: Optional[Arena] = None
+    arena: Arena | None = None
 
-    def record(self, step: int, params: Sequence[torch.Tensor], states: Sequence[State],
-               buffers: Sequence[torch.Tensor]) -> None:
+    def record(
+        self, step: int, params: Sequence[torch.Tensor], states: Sequence[State], buffers: Sequence[torch.Tensor]
+    ) -> None:
         if step % self.every == 0:
             self.points.append(flatten_point(step, params, states, buffers, self.dtype, self.arena))
 
@@ -102,9 +115,15 @@ class ReplayBuffer:
         generator: torch.Generator for reservoir sampling and mini-batch order.
     """
 
-    def __init__(self, storage: Optional[Storage] = None, capacity: Optional[int] = None, every: int = 1,
-                 dtype: Optional[torch.dtype] = None, include_final: bool = True,
-                 generator: Optional[torch.Generator] = None) -> None:
+    def __init__(
+        self,
+        storage: Storage | None = None,
+        capacity: int | None = None,
+        every: int = 1,
+        dtype: torch.dtype | None = None,
+        include_final: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> None:
         if capacity is not None and capacity < 1:
             raise ValueError(f"capacity must be a positive number of points or None, got {capacity}")
         if every < 1:
@@ -209,15 +228,22 @@ class ReplayBuffer:
     def sample(self, index: int, device: torch.device) -> Sample:
         task_id, point = self._points[index]
         params, states, buffers = unflatten_point(self.storage.get(point), device)
-        return Sample(self._tasks[task_id], task_id, point.step, params, states, buffers,
-                      hypers=self._hypers.get(task_id, {}).get(point.step))
+        return Sample(
+            self._tasks[task_id],
+            task_id,
+            point.step,
+            params,
+            states,
+            buffers,
+            hypers=self._hypers.get(task_id, {}).get(point.step),
+        )
 
     def order(self, batch_size: int) -> list[list[int]]:
         """One pass over the buffer: mini-batches of indices drawn without replacement (Alg. 2, l. 14)."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         order = torch.randperm(len(self._points), generator=self.generator).tolist()
-        return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+        return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
 
     def batches(self, batch_size: int, device: torch.device) -> Iterator[list[Sample]]:
         """The samples of ``order(batch_size)``, one mini-batch at a time."""
@@ -261,11 +287,21 @@ class ReplayBuffer:
         points = []
         for task_id, point in self._points:
             params, states, buffers = unflatten_point(self.storage.get(point), torch.device("cpu"))
-            points.append({"task": task_id, "step": point.step, "params": [p.clone() for p in params],
-                           "states": [{k: v.clone() for k, v in st.items()} for st in states],
-                           "buffers": [b.clone() for b in buffers]})
-        return {"points": points, "tasks": sorted(self._tasks), "next_id": self._next_id,
-                "hypers": {i: {k: to_plain(h) for k, h in steps.items()} for i, steps in self._hypers.items()}}
+            points.append(
+                {
+                    "task": task_id,
+                    "step": point.step,
+                    "params": [p.clone() for p in params],
+                    "states": [{k: v.clone() for k, v in st.items()} for st in states],
+                    "buffers": [b.clone() for b in buffers],
+                }
+            )
+        return {
+            "points": points,
+            "tasks": sorted(self._tasks),
+            "next_id": self._next_id,
+            "hypers": {i: {k: to_plain(h) for k, h in steps.items()} for i, steps in self._hypers.items()},
+        }
 
     def restore(self, contents: dict[str, Any], tasks: dict[int, Task], device: torch.device) -> None:
         """Replace the buffer's points by ``contents()`` (recorded again with this buffer's
@@ -274,17 +310,22 @@ class ReplayBuffer:
         trajectories = []
         for c in contents["points"]:  # recorded as a task's loop records them (warpopt.points)
             trajectory = Trajectory(tasks[c["task"]], 1, self.dtype)
-            trajectory.record(int(c["step"]), [p.to(device) for p in c["params"]],
-                              [{k: v.to(device) if v.dim() else v for k, v in st.items()} for st in c["states"]],
-                              [b.to(device) for b in c["buffers"]])
+            trajectory.record(
+                int(c["step"]),
+                [p.to(device) for p in c["params"]],
+                [{k: v.to(device) if v.dim() else v for k, v in st.items()} for st in c["states"]],
+                [b.to(device) for b in c["buffers"]],
+            )
             trajectories.append(trajectory.points[0])
         stored = self.storage.put_many(trajectories)  # all or nothing; the old points are still there
         for _, point in self._points:
             self.storage.release(point)
         self._points = [(int(c["task"]), point) for c, point in zip(contents["points"], stored)]
         self._tasks = {int(i): tasks[int(i)] for i in contents["tasks"]}
-        self._hypers = {int(i): {int(k): from_plain(h) for k, h in steps.items()}  # type: ignore[misc]
-                        for i, steps in contents["hypers"].items()}
+        self._hypers = {
+            int(i): {int(k): from_plain(h) for k, h in steps.items()}  # type: ignore[misc]
+            for i, steps in contents["hypers"].items()
+        }
         self._next_id = int(contents["next_id"])
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
