@@ -8,7 +8,7 @@ import torch
 
 import harness
 
-EXAMPLES = ["quickstart", "synthetic_2d", "continual_sine", "omniglot", "fewshot", "maze"]
+EXAMPLES = ["quickstart", "synthetic_2d", "continual_sine", "omniglot", "fewshot", "maze", "ngd"]
 
 
 def _parser(name):
