@@ -33,11 +33,11 @@ import hashlib
 import os
 import re
 import zipfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import pairwise
 from pathlib import Path, PurePosixPath
-from typing import Any, Literal
+from typing import IO, Any, Literal
 
 import numpy as np
 import torch
@@ -269,7 +269,10 @@ def _list_pngs(
     ``opener()`` is a context manager giving ``open(entry) -> binary file`` (a folder or a zip).
     Alphabets sort by name, characters and drawings in natural order (``character2`` < ``character10``).
     """
-    alphabets, alphabet_of, char_index, names = [], [], [], []
+    alphabets: list[str] = []
+    alphabet_of: list[int] = []
+    char_index: list[int] = []
+    names: list[str] = []
     pngs: list[tuple[int, list[str]]] = []  # (set index, entries) per character
     for t, (where, tree, _) in enumerate(trees):
         for alpha in sorted(tree):
@@ -309,7 +312,7 @@ def _list_pngs(
 
 
 @contextlib.contextmanager
-def _open_files():
+def _open_files() -> Iterator[Callable[[str], IO[bytes]]]:
     yield lambda entry: open(entry, "rb")  # noqa: SIM115 - the caller's `with` closes each file
 
 
@@ -358,7 +361,7 @@ def _list_zips(root: Path, sets: Sequence[str]) -> _Listing:
 
 
 @contextlib.contextmanager
-def _open_zip(path: Path):
+def _open_zip(path: Path) -> Iterator[Callable[[str], IO[bytes]]]:
     with zipfile.ZipFile(path) as z:
         yield z.open
 
