@@ -216,6 +216,8 @@ REPRODUCTIONS = [
     Reproduction("continual_sine", "Continual sine regression", "Appendix J, Fig. 10", [["--quick"]], [[]],
                  continual_rows, [("curves.png", "Fig. 10: per-sub-task log-loss over the 100 steps, (a) "
                                                  "meta-training order, (b) random order [1, 3, 4, 2, 0]"),
+                                  ("fig11.png", "Fig. 11: predictions after each sub-task (ground truth, before "
+                                                "and after adaptation)"),
                                   ("meta_loss.png", "–")]),
     Reproduction("omniglot", "Multi-shot Omniglot (Warp-Leap)", "Section 4.1, Appendix E/F, Table 2, Fig. 3/6",
                  [["--quick"]],
@@ -230,7 +232,8 @@ REPRODUCTIONS = [
                  [["--dataset", d, "--ways", "5", "--shots", k, "--meta-learner", "warp-maml", "maml"]
                   for d in ("miniimagenet", "tieredimagenet") for k in ("1", "5")]
                  + [["--dataset", "tieredimagenet", "--protocol", "multishot"]],
-                 fewshot_rows, [("fewshot.png", "Table 1 (no figure); Fig. 8 for the multi-shot protocol")],
+                 fewshot_rows, [("fewshot.png", "Table 1 (no figure)"),
+                                ("fig8.png", "Fig. 8: multi-shot tieredImageNet learning curves (multishot runs only)")],
                  data="--dataset"),
     Reproduction("maze", "Maze navigation (Warp-RNN)", "Section 4.2, Appendix I, Fig. 3 right / Fig. 9",
                  [["--quick"]], [["--model", "warp-rnn", "rnn", "hyper-rnn", "tnets-rnn", *_seeds(10)]],
