@@ -30,18 +30,15 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import omniglot as og  # noqa: E402  (the Omniglot model, data, meta-training and evaluation)
-import harness  # noqa: E402
-from harness import no_progress, run_parallel  # noqa: E402
-from omniglot_report import mean_std  # noqa: E402
+import harness
+import omniglot as og  # the Omniglot model, data, meta-training and evaluation
+from harness import no_progress, run_parallel
+from omniglot_report import mean_std
 
 warpopt = og.warpopt
 ROWS = {  # method -> (Table 4 "Method", "Preconditioning", warp layer of omniglot.WARP_LAYERS, paper (mean, std))
@@ -54,41 +51,47 @@ QUICK = dict(filters=16, meta_steps=12, meta_batch=2, max_updates=40, num_eval_t
              workers=2)
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--method", nargs="+", default=list(ROWS), choices=list(ROWS))
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--seeds", type=int, nargs="+", help="several seeds in one call (overrides --seed)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--quick", action="store_true", help=f"2-core CPU mode: {QUICK}")
-    p.add_argument("--out", default=str(harness.ROOT / "runs" / "ngd"))
-    p.add_argument("--data-root", default=str(harness.data_root("omniglot")),
-                   help="Omniglot folder (default: $WARPOPT_DATA/omniglot, else ./data/omniglot)")
-    p.add_argument("--cache-dir", default=str(harness.ROOT / "runs" / ".cache"))
+NOTES = {"batch_size": "paper (Appendix G: 200)", "lr": "paper (Appendix G: 1.0)",
+         "num_pretrain": "main Omniglot experiment (25)", "steps": "main Omniglot experiment (100)",
+         "meta_batch": "main Omniglot experiment (20)", "meta_steps": "main Omniglot experiment (1000)",
+         "meta_lr": "main Omniglot experiment (0.1)", "replay_batch": "main Omniglot experiment (η = 1)",
+         "filters": "paper (64)", "kfac_damping": "ours (unstated in the paper)",
+         "kfac_factor_interval": "ours", "kfac_inverse_interval": "ours", "kfac_fisher": "ours",
+         "fig7_every": "ours (paper: every step)", "seeds": "paper (4)"}
+
+
+def parser():
+    p = harness.ExampleParser("ngd", __doc__, quick=QUICK, data="omniglot",
+                              quick_help="16 filters, 12 meta-steps of 2 tasks, up to 40 warp updates each, "
+                                         "Fig. 7 statistics every 20 steps, 2 processes")
+    p.add_argument("--method", nargs="+", default=list(ROWS), choices=list(ROWS), help="Table 4 rows")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="several seeds in one call (default: --seed)")
+    p.add_argument("--cache-dir", default="runs/cache", help="where the resized images are cached")
     p.add_argument("--report", action="store_true", help="only rebuild table.md and plots from --out/results.json")
-    p.add_argument("--num-pretrain", type=int, default=25)
-    p.add_argument("--num-eval-tasks", type=int, default=10)
-    p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--eval-steps", type=int, default=100)
-    p.add_argument("--batch-size", type=int, default=200, help="task batch (Appendix G: 200)")
-    p.add_argument("--lr", type=float, default=1.0, help="task learning rate (Appendix G: 1.0)")
-    p.add_argument("--filters", type=int, default=64)
-    p.add_argument("--meta-batch", type=int, default=20)
-    p.add_argument("--meta-steps", type=int, default=1000)
-    p.add_argument("--meta-lr", type=float, default=0.1)
-    p.add_argument("--meta-optimizer", default="sgd", choices=["sgd", "adam"])
-    p.add_argument("--replay-batch", type=int, default=1)
+    p.add_argument("--num-pretrain", type=int, default=25, help="N meta-training alphabets")
+    p.add_argument("--num-eval-tasks", type=int, default=10, help="held-out alphabets evaluated")
+    p.add_argument("--steps", type=int, default=100, help="task steps during meta-training")
+    p.add_argument("--eval-steps", type=int, default=100, help="task steps on held-out alphabets")
+    p.add_argument("--batch-size", type=int, default=200, help="task batch")
+    p.add_argument("--lr", type=float, default=1.0, help="task learning rate")
+    p.add_argument("--filters", type=int, default=64, help="conv filters per block")
+    p.add_argument("--meta-batch", type=int, default=20, help="tasks per meta-step")
+    p.add_argument("--meta-steps", type=int, default=1000, help="meta-training steps")
+    p.add_argument("--meta-lr", type=float, default=0.1, help="warp learning rate")
+    p.add_argument("--meta-optimizer", default="sgd", choices=["sgd", "adam"], help="meta optimizer of the warps")
+    p.add_argument("--replay-batch", type=int, default=1, help="η, points per warp update")
     p.add_argument("--max-updates", type=int, default=None, help="warp updates per meta-step (None: all points)")
     for k, v in og.KFAC_DEFAULTS.items():
-        p.add_argument(f"--kfac-{k.replace('_', '-')}", type=type(v), default=v)
+        p.add_argument(f"--kfac-{k.replace('_', '-')}", type=type(v), default=v, help=f"KFAC's {k.replace('_', ' ')}")
     p.add_argument("--fig7-every", type=int, default=10, help="Fig. 7 statistics every this many task steps")
-    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--workers", type=int, default=1)
-    known, _ = p.parse_known_args(argv)
-    if known.quick:
-        p.set_defaults(**QUICK)
-    args = p.parse_args(argv)
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                   help="conv weights in channels-last memory format (faster convolutions)")
+    p.add_argument("--workers", type=int, default=1, help="runs (method, seed) in parallel processes")
+    return p
+
+
+def parse_args(argv=None):
+    args = parser().parse_args(argv)
     args.seeds = args.seeds or [args.seed]
     # the names omniglot.py's functions read
     args.data, args.inner_lr, args.init_lr, args.objective, args.algorithm = \
@@ -236,20 +239,17 @@ def report(out: Path, quick: bool) -> str:
 
 def main(argv=None) -> str:
     args = parse_args(argv)
+    harness.start(args)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     if args.report:
         text = report(out, args.quick)
         print(text)
         return text
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    (out / "config.json").write_text(json.dumps({**vars(args), "sources": {
-        "batch_size, lr, initialisation none": "paper (Appendix G)", "rows and warp layers": "paper (Appendix G/F)",
-        "num_pretrain, steps, meta_batch, meta_steps, meta_lr, replay_batch, objective, algorithm":
-            "main Omniglot experiment (omniglot.py SOURCES)",
-        "kfac_*": "ours (unstated in the paper)", "fig7_every": "ours (paper: every step)",
-        "quick": f"ours: overrides {QUICK} for a 2-core CPU"}}, indent=2))
+    if args.download:
+        harness.fetch_data("omniglot", Path(args.download))
+    harness.require_data("omniglot", Path(args.data_root))
+    harness.write_config(args, NOTES, initialisation="none: a fixed random θ0 (paper, Appendix G)",
+                         rows="paper (Appendix G/F): " + ", ".join(ROWS))
     results = out / "results.json"
     runs = json.loads(results.read_text())["runs"] if results.exists() else []
     jobs = sorted(((m, s, args) for s in args.seeds for m in args.method), key=lambda j: ROWS[j[0]][2] is None)
@@ -258,13 +258,13 @@ def main(argv=None) -> str:
     t0 = time.perf_counter()
     for row in run_parallel(_job, jobs, workers=args.workers, threads=args.threads or 1, total=units, desc="ngd"):
         runs = [r for r in runs if key(r) != key(row)] + [row]
-        results.write_text(json.dumps({"runs": runs}, indent=1))
-        print(f"seed {row['seed']} {row['method']:14s} test acc {100 * row['test_acc']:.1f}%  "
-              f"({row['time_s']:.0f} s)", flush=True)
+        harness.write_json(out, "results.json", {"runs": runs})
+        harness.log(f"seed {row['seed']} {row['method']:14s} test acc {100 * row['test_acc']:.1f}%  "
+                    f"({row['time_s']:.0f} s)")
     text = report(out, args.quick)
     print(text + f"wall time {time.perf_counter() - t0:.0f} s; outputs in {out}")
     return text
 
 
 if __name__ == "__main__":
-    main()
+    harness.cli(main)

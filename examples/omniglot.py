@@ -9,8 +9,8 @@ the same harness and the same evaluation code.
     python examples/omniglot.py --quick                       # CPU check, Warp-Leap vs Leap vs SGD
     python examples/omniglot.py --quick --seeds 0 1 2
     python examples/omniglot.py --quick --download data/omniglot   # fetch the official archives first
-    python examples/omniglot.py --device cuda --seeds 0 1 2 3 4 5 6 7 8 9 --num-pretrain 25 \
-        --meta-learner warp-leap leap reptile fomaml finetune sgd        # full protocol (GPU)
+    python examples/omniglot.py --device cuda --seeds 0 1 2 3 4 5 6 7 8 9 --num-pretrain 25 --meta-learner \\
+        warp-leap leap reptile fomaml finetune sgd kfac                  # full protocol (GPU)
     python examples/omniglot_report.py runs/omniglot               # Table 2 / Fig. 6 from results
 
 Choices (all recorded in config.json with their source):

@@ -2,13 +2,14 @@
 import importlib
 import itertools
 import json
+import re
 
 import pytest
 import torch
 
 import harness
 
-EXAMPLES = ["quickstart", "synthetic_2d", "continual_sine", "omniglot", "fewshot", "maze"]
+EXAMPLES = ["quickstart", "synthetic_2d", "continual_sine", "omniglot", "fewshot", "maze", "ngd"]
 
 
 def _parser(name):
@@ -28,6 +29,8 @@ def test_every_example_takes_the_common_options_and_shows_every_default(name):
         text = formatter._expand_help(action)
         assert "default" in text, f"{name} {action.option_strings}: {text!r} does not show its default"
     assert parser.format_help()  # renders (no stray % in a help string)
+    # A "\\" continuation inside a (non-raw) docstring joins two command lines with a run of spaces.
+    assert not re.search(r"\S {4,}--", parser.description or ""), "a command line in the docstring was joined"
 
 
 def test_quick_values_show_in_help_and_apply_unless_given():

@@ -19,6 +19,9 @@ TINY = {
                 "--eval-episodes", "2", "--meta-learner", "warp-maml", "maml", "--equal-time", "--cache-dir", CACHE],
     "maze": ["--model", "warp-rnn", "rnn", "--episodes", "3", "--seeds", "0", "1", "--size", "7", "--episode-length",
              "6", "--batch", "3", "--hidden", "8", "--meta-hidden", "6", "--warp-every", "2"],
+    "ngd": ["--num-pretrain", "2", "--meta-batch", "2", "--meta-steps", "1", "--steps", "3", "--eval-steps", "3",
+            "--max-updates", "3", "--num-eval-tasks", "1", "--fig7-every", "1", "--filters", "8", "--batch-size", "20",
+            "--method", "sgd", "warp-linear", "--cache-dir", CACHE],
 }
 needs_omniglot = pytest.mark.skipif(not harness.data_present("omniglot", harness.data_root("omniglot")),
                                     reason="Omniglot not found (set WARPOPT_DATA)")
@@ -51,6 +54,7 @@ def test_quick_report_sets_every_result_beside_the_paper(tiny, tmp_path):
     assert any(r["comparison"].startswith("equal training time") for r in entries["fewshot"]["rows"])
     assert any("98.7" in r["paper"] for r in entries["fewshot"]["rows"])
     assert any(r["comparison"].startswith("equal iterations") for r in entries["maze"]["rows"])
+    assert [r["paper"] for r in entries["ngd"]["rows"]] == ["40.1 ± 6.1 %", "68.0 ± 4.4 %"]
     for e in report["entries"]:
         assert e["figures"], e["name"]
         for f in e["figures"]:
