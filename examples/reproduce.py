@@ -213,7 +213,7 @@ REPRODUCTIONS = [
                  synthetic_rows, [("trajectories.png", "Fig. 5: gradient descent (black) vs WarpGrad (magenta) on "
                                                        "three surfaces; warped space (top), native space (bottom)"),
                                   ("meta_loss.png", "–")]),
-    Reproduction("continual_sine", "Continual sine regression", "Appendix J, Fig. 10", [["--quick"]], [[]],
+    Reproduction("continual_sine", "Continual sine regression", "Appendix J, Fig. 10/11", [["--quick"]], [[]],
                  continual_rows, [("curves.png", "Fig. 10: per-sub-task log-loss over the 100 steps, (a) "
                                                  "meta-training order, (b) random order [1, 3, 4, 2, 0]"),
                                   ("fig11.png", "Fig. 11: predictions after each sub-task (ground truth, before "
