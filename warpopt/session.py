@@ -365,10 +365,11 @@ def step(
             unrolled = run.context.apply_step(loop.theta, g_theta, loop.states, run.hypers)  # type: ignore[union-attr]
     # ---- end issue 18 --------------------------------------------------------------------------
     step_grads = None
-    if learn and model.meta_parameters():  # θ0-only meta-learning has no per-step φ work
+    meta_params = model.meta_parameters()  # built once per step (a new list on every call)
+    if learn and meta_params:  # θ0-only meta-learning has no per-step φ work
         if algorithm.harvests:
-            step_grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in model.meta_parameters()]
-            for p in model.meta_parameters():
+            step_grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in meta_params]
+            for p in meta_params:
                 p.grad = None
         else:
             step_objective = algorithm.step_objective(objective)
@@ -392,7 +393,7 @@ def step(
                 if not fast:
                     with torch.enable_grad():
                         step_grads, _ = meta_gradient(
-                            step_objective, run.context, [sample(model.states())], model.meta_parameters()
+                            step_objective, run.context, [sample(model.states())], meta_params
                         )
     if loop is not None and initialisation.needs_loss:  # issue 18: the loop's training loss L(θ_k)
         run.loss = loss.detach() if loss is not None else loop.loss(run.steps, model.adapt)  # type: ignore[union-attr]
