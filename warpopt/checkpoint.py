@@ -26,6 +26,7 @@ from typing import Any, Protocol
 
 import torch
 
+from . import task_checkpoint
 from .algorithms import Accumulator, Algorithm
 from .initialisation import InitialisationLearner
 from .meta_update import Contributions, MetaParameters
@@ -47,6 +48,7 @@ class WarpGradMetaOptimizer(Protocol):
     contributions: Contributions
     counters: dict[str, int]
     _run: TaskRun | None
+    _resumed: dict[str, Any] | None
 
 
 __all__ = ["state_dict", "load_state_dict", "config", "validate"]
@@ -110,12 +112,15 @@ def _clone(x: Any) -> Any:
 
 
 def state_dict(opt: WarpGradMetaOptimizer, include_rng: bool = False) -> dict[str, Any]:
-    if opt._run is not None:
-        raise RuntimeError(
-            "state_dict() inside a task: call it between tasks (after the `with opt.task(...)` "
-            "block); a meta-batch's finished tasks are saved with it, a running one is not"
-        )
+    running = None
+    if opt._run is not None:  # between two steps of a task: the task in progress (warpopt.task_checkpoint)
+        running = _clone(task_checkpoint.save(opt.core, opt._run))
+    elif opt._resumed is not None:  # loaded, not yet continued: saved again as it was
+        running = _clone(opt._resumed)
     sd = _snapshot(opt)
+    if running is not None and "optimizer" not in running:
+        running["optimizer"] = sd["task"]  # the task optimizer at step k (one object: saved once)
+    sd["task_in_progress"] = running
     if include_rng:
         sd["rng"] = {
             "cpu": torch.get_rng_state(),
@@ -231,6 +236,53 @@ def validate(opt: WarpGradMetaOptimizer, sd: Any) -> None:
             live = opt.meta.phi if field == "algorithm_state" else opt.meta.theta0
             _check_tensors(field, total, [p.detach() for p in live])
     _check_rng(sd.get("rng"))
+    _check_running(opt, sd.get("task_in_progress"))
+
+
+def _check_running(opt: WarpGradMetaOptimizer, running: Any) -> None:
+    """A task in progress (``warpopt.task_checkpoint.save``) must fit the model and the θ0 learner."""
+    if running is None:
+        return
+    field = "task_in_progress"
+    if not isinstance(running, dict) or not set(task_checkpoint.KEYS) <= set(running):
+        missing = sorted(set(task_checkpoint.KEYS) - set(running)) if isinstance(running, dict) else "all"
+        raise ValueError(f"state_dict field {field!r} is malformed (missing {missing})")
+    steps = running["steps"]
+    if not isinstance(steps, int) or steps < 0 or not isinstance(running["learn"], bool):
+        raise ValueError(f"state_dict field {field!r}: steps {steps!r} / learn {running['learn']!r} malformed")
+    theta0, buffers = [p.detach() for p in opt.meta.theta0], opt.core.initial_buffers
+    for key, live in (("params", theta0), ("buffers", buffers), ("start", theta0), ("start_buffers", buffers)):
+        _check_tensors(f"{field}.{key}", running[key], live)
+    restore = running["restore"]
+    if not isinstance(restore, dict):
+        raise ValueError(f"state_dict field {field + '.restore'!r} is malformed")
+    _check_tensors(f"{field}.restore.params", restore.get("params"), theta0)
+    _check_tensors(f"{field}.restore.buffers", restore.get("buffers"), buffers)
+    for key in ("optimizer", "restore_optimizer"):
+        _check_optimizer_state(f"{field}.{key}", running[key], opt.core.task_optimizer)
+    finite = running["finite"]
+    if not isinstance(finite, torch.Tensor) or finite.dtype != torch.bool or finite.dim():
+        raise ValueError(f"state_dict field {field + '.finite'!r}: a 0-dim bool tensor expected")
+    total = running["algorithm_state"]["total"]
+    if total is not None:
+        _check_tensors(f"{field}.algorithm_state", total, [p.detach() for p in opt.meta.phi])
+    hypers = running["hypers"]
+    if not isinstance(hypers, list) or len(hypers) != steps:
+        raise ValueError(f"state_dict field {field + '.hypers'!r}: one entry per step taken ({steps}) expected")
+    trajectory = running["trajectory"]
+    if trajectory is not None:
+        _check_points(opt, f"{field}.trajectory.points", trajectory.get("points"))
+        if any(int(point["step"]) > steps for point in trajectory["points"]):
+            raise ValueError(f"state_dict field {field + '.trajectory'!r}: a point past step {steps}")
+    if running["learn"]:
+        task_checkpoint.decode(opt.initialisation, running["init_state"])
+    task, progress = running["task"], running["progress"]
+    if not isinstance(task, dict) or not {"kind", "tape", "task_source"} <= set(task):
+        raise ValueError(f"state_dict field {field + '.task'!r} is not a Task state_dict")
+    if not isinstance(progress, dict) or not isinstance(progress.get("seen"), list):
+        raise ValueError(f"state_dict field {field + '.progress'!r} is malformed")
+    if (running["loop"] is not None) != bool(running["learn"] and (opt.initialisation.unrolls or opt.initialisation.needs_loss)):
+        raise ValueError(f"state_dict field {field + '.loop'!r} does not fit {opt.initialisation!r}")
 
 
 def _check_rng(rng: Any) -> None:
@@ -281,11 +333,21 @@ def _check_pending(opt: WarpGradMetaOptimizer, pending: Any, tasks: Sequence[Tas
             task.check_state(saved)
         except ValueError as error:
             raise ValueError(f"tasks=[{i}]: {error}") from None
+    for j, point in enumerate(points):
+        if not isinstance(point, dict) or point.get("task") not in ids:
+            raise ValueError(f"state_dict field {f'pending.points[{j}]'!r}: no task of the pending tasks")
+    _check_points(opt, "pending.points", points)
+
+
+def _check_points(opt: WarpGradMetaOptimizer, field: str, points: Any) -> None:
+    """Recorded points (``ReplayBuffer.contents`` / a trajectory in progress) that fit the model."""
+    if not isinstance(points, list):
+        raise ValueError(f"state_dict field {field!r}: a list of points expected")
     theta0, buffers = [p.detach() for p in opt.meta.theta0], opt.core.initial_buffers
     for j, point in enumerate(points):
-        where = f"pending.points[{j}]"
-        if not isinstance(point, dict) or point.get("task") not in ids:
-            raise ValueError(f"state_dict field {where!r}: no task of the pending tasks")
+        where = f"{field}[{j}]"
+        if not isinstance(point, dict) or not {"step", "params", "states", "buffers"} <= set(point):
+            raise ValueError(f"state_dict field {where!r} is not a recorded point")
         _check_tensors(where + ".params", point["params"], theta0)
         _check_tensors(where + ".buffers", point["buffers"], buffers)
         states = point["states"]
@@ -301,7 +363,7 @@ def _check_pending(opt: WarpGradMetaOptimizer, pending: Any, tasks: Sequence[Tas
 
 def load_state_dict(opt: WarpGradMetaOptimizer, sd: dict[str, Any], tasks: Sequence[Task] | None = None) -> None:
     if opt._run is not None:
-        raise RuntimeError("load_state_dict() inside a task: call it between tasks")
+        raise RuntimeError("load_state_dict() inside a task: call it outside the `with opt.task(...)` block")
     validate(opt, sd)
     _check_pending(opt, sd.get("pending"), tasks)
     sd = copy.deepcopy(sd)  # the caller's dict stays theirs
@@ -312,6 +374,8 @@ def load_state_dict(opt: WarpGradMetaOptimizer, sd: dict[str, Any], tasks: Seque
     except BaseException:
         _write(opt, undo, undo_tasks)
         raise
+    # The next opt.task() continues it (warpopt.task_checkpoint.resume); nothing above may fail after this.
+    opt._resumed = sd.get("task_in_progress")
 
 
 def _restore_pending(opt: WarpGradMetaOptimizer, pending: dict[str, Any] | None, tasks: Sequence[Task] | None) -> None:

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from . import checkpoint, placement, session
+from . import checkpoint, placement, session, task_checkpoint
 from .algorithms import Algorithm, Offline
 from .initialisation import InitialisationLearner, Leap
 from .meta_update import Contributions, MetaParameters, add_contribution, check_rate, meta_update, transaction
@@ -129,6 +129,7 @@ class WarpGradMetaOptimizer(torch.optim.Optimizer):
         self.contributions = Contributions()
         self.counters = {"tasks": 0, "task_steps": 0, "meta_steps": 0, "warp_updates": 0}
         self._run: session.TaskRun | None = None
+        self._resumed: dict[str, Any] | None = None  # a task interrupted by a checkpoint, loaded, not yet continued
         self._meta_step_pre_hooks: OrderedDict[int, Callable] = OrderedDict()
         self._meta_step_post_hooks: OrderedDict[int, Callable] = OrderedDict()
 
@@ -198,24 +199,45 @@ class WarpGradMetaOptimizer(torch.optim.Optimizer):
         adapts without recording or meta-learning from the task (evaluation on held-out
         tasks). On an exception or a non-finite task gradient, parameters are restored and
         nothing is committed.
+
+        After ``load_state_dict`` of a checkpoint taken inside a task (``task_in_progress``), the
+        next ``task()`` continues that task at step k = ``task.start_step`` (θ_k, the optimizer
+        state, the points so far, the θ0 learner's state; ``reset`` is ignored). Pass its loss and
+        the data *from step k on*: the same callable ``k -> batch`` (the loop calls it from k), the
+        same re-iterable (``for batch in task`` skips the k batches already taken; a loop over the
+        data itself must skip them), for a one-shot source an iterator of the batches after the
+        ``task_in_progress["batches_read"]`` the task had read (or ``None``).
         """
         if self._run is not None:
             raise RuntimeError("tasks cannot be nested: finish the current `with opt.task(...)` block first")
-        if data is None:
+        if data is None and self._resumed is None:
             raise TypeError("task data is None: pass an iterable of batches, a callable k -> batch or a Task")
         task = data if isinstance(data, Task) else Task(data, loss_fn, **task_kwargs)
         self._follow()
-        run = session.begin(
-            self.core,
-            task,
-            reset=self.algorithm.resets if reset is None else reset,
-            learn=learn,
-            algorithm=self.algorithm,
-            initialisation=self.initialisation,
-            replay=self.replay,
-            algorithm_state=self.algorithm_state,
-            objective=self.objective,
-        )
+        if self._resumed is not None:  # continue the task a checkpoint interrupted (warpopt.task_checkpoint)
+            run = task_checkpoint.resume(
+                self.core,
+                task,
+                self._resumed,
+                algorithm=self.algorithm,
+                initialisation=self.initialisation,
+                replay=self.replay,
+                objective=self.objective,
+                learn=learn,
+            )
+            self._resumed = None
+        else:
+            run = session.begin(
+                self.core,
+                task,
+                reset=self.algorithm.resets if reset is None else reset,
+                learn=learn,
+                algorithm=self.algorithm,
+                initialisation=self.initialisation,
+                replay=self.replay,
+                algorithm_state=self.algorithm_state,
+                objective=self.objective,
+            )
         self._run = run
         try:
             yield task
@@ -261,6 +283,8 @@ class WarpGradMetaOptimizer(torch.optim.Optimizer):
                 loss = closure()
         if self._run is None and self.algorithm.resets:
             raise RuntimeError("step() outside a task: wrap the task loop in `with opt.task(data, loss_fn):`")
+        if self._run is None:
+            self._check_no_task_in_progress("step()")
         state, due = session.step(
             self.core,
             self._run,
@@ -293,6 +317,7 @@ class WarpGradMetaOptimizer(torch.optim.Optimizer):
         """
         if self._run is not None:
             raise RuntimeError("meta_step() inside a task: call it after the `with opt.task(...)` blocks")
+        self._check_no_task_in_progress("meta_step()")
         if (
             not len(self.replay)
             and not self.algorithm.pending(self.algorithm_state)
@@ -346,9 +371,12 @@ class WarpGradMetaOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------ (de)serialisation
     def state_dict(self, include_rng: bool = False) -> dict[str, Any]:
         """A snapshot (never mutated by later training) of everything needed to resume
-        meta-training bit-identically, between any two tasks: a meta-batch's pending points and
-        tasks' batches included (``warpopt.checkpoint``); ``include_rng``: the global torch
-        (and CUDA) RNG states too."""
+        meta-training bit-identically, between any two tasks or any two steps of a task: a
+        meta-batch's pending points and tasks' batches included, and inside a task (call it
+        right after ``step()``) the task in progress as ``"task_in_progress"`` (None between
+        tasks; ``warpopt.checkpoint``, ``warpopt.task_checkpoint``); ``include_rng``: the global
+        torch (and CUDA) RNG states too. Tensors and plain containers only: it goes through
+        ``torch.save`` and loads with ``torch.load(weights_only=True)``."""
         self._follow()
         return checkpoint.state_dict(self, include_rng)
 
@@ -356,6 +384,31 @@ class WarpGradMetaOptimizer(torch.optim.Optimizer):
         """Restore a ``state_dict()``: the whole dict is validated against this optimizer's
         configuration first; on a mismatch a ``ValueError`` names the field and nothing changes.
         A dict saved mid meta-batch needs ``tasks``: a ``Task`` per pending task, in the order
-        they were adapted, re-attaching what cannot be saved (losses, callables, re-iterables)."""
+        they were adapted, re-attaching what cannot be saved (losses, callables, re-iterables).
+        A dict saved inside a task leaves that task pending (``task_in_progress``): the next
+        ``task()`` continues it (see ``task``)."""
         self._follow()
         checkpoint.load_state_dict(self, state_dict, tasks)
+
+    @property
+    def task_in_progress(self) -> dict[str, Any] | None:
+        """The task a loaded checkpoint interrupted, waiting for ``task()`` to continue it: its
+        ``name``, ``steps`` taken, data ``kind`` and ``batches_read`` from a one-shot source
+        (None for other kinds); None when there is none."""
+        return None if self._resumed is None else task_checkpoint.info(self._resumed)
+
+    def discard_task_in_progress(self) -> None:
+        """Drop the interrupted task instead of continuing it, as an aborted task: θ, the adapt
+        buffers and the task optimizer's state go back to before it began; nothing of it is kept."""
+        if self._resumed is not None:
+            task_checkpoint.discard(self.core, self._resumed)
+            self._resumed = None
+
+    def _check_no_task_in_progress(self, what: str) -> None:
+        if self._resumed is not None:
+            info = task_checkpoint.info(self._resumed)
+            raise RuntimeError(
+                f"{what} while the task a checkpoint interrupted is pending ({info['name']!r} after "
+                f"{info['steps']} steps): continue it first with `with opt.task(data, loss_fn) as task:` (its "
+                "data from step task.start_step on), or drop it with opt.discard_task_in_progress()"
+            )

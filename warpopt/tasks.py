@@ -254,6 +254,9 @@ class Task:
         self._data = data
         self._seen: list[Any] = []
         self._loop = 0  # one-shot data: how far the loop has read the tape
+        self._skip = 0  # a resumed re-iterable: batches of the first pass the loop already took
+        #: the step the loop starts at: 0, or k for a task resumed from a checkpoint taken after k steps
+        self.start_step = 0
         self._tape = _Tape(data) if _kind(data) == "one-shot" else None  # type: ignore[arg-type]
         self._task_source = self._source(data, self._tape, shared=True)
         self._meta_source = self._task_source if meta_data is None else self._source(meta_data, None, shared=False)
@@ -295,6 +298,9 @@ class Task:
             )
         if self._tape is None:
             for batch in self._data:  # type: ignore[union-attr]
+                if self._skip:  # resumed: the loop took this batch before the checkpoint
+                    self._skip -= 1
+                    continue
                 self._seen.append(batch)
                 yield batch
             return
@@ -392,6 +398,31 @@ class Task:
         self._task_source.load(state["task_source"])
         if state["meta_source"] is not None and self._meta_source is not self._task_source:
             self._meta_source.load(state["meta_source"])
+
+    def progress_state(self) -> dict[str, Any]:
+        """The loop's side of an adaptation in progress (a checkpoint between two task steps): the
+        batches the loop took through the task (``loop_batch``, saved as they are) and how far it
+        read a one-shot source's tape."""
+        return {"seen": list(self._seen), "loop": self._loop}
+
+    def resume(self, state: dict[str, Any], progress: dict[str, Any], steps: int) -> None:
+        """Continue an adaptation saved after ``steps`` steps (``state_dict`` and ``progress_state``
+        of the interrupted task). This task's data provides the batches from there on: the same
+        callable; the same re-iterable (iterating the task skips the batches the loop took before
+        the checkpoint); for one-shot data, an iterator of the batches after those the saved tape
+        holds (or ``None``). Iterating the task then yields the batch of step k first."""
+        iterator = self._data if self._tape is not None else None
+        self.load_state_dict(state)
+        # A batch the loop took but took no step on (a checkpoint at the top of the loop body)
+        # comes again: iterating the task resumes with the batch of step k.
+        seen = list(progress["seen"])
+        self._seen, self.start_step = seen[:steps], int(steps)
+        if state["tape"] is not None:
+            assert self._tape is not None  # load_state_dict put the saved tape in place
+            self._tape.iterator = iterator
+            self._loop = int(progress["loop"]) - (len(seen) - len(self._seen))
+        else:
+            self._skip = len(self._seen)
 
     def __repr__(self) -> str:
         return f"Task({self.name!r})" if self.name else "Task()"
