@@ -408,8 +408,8 @@ class Task:
     def resume(self, state: dict[str, Any], progress: dict[str, Any], steps: int) -> None:
         """Continue an adaptation saved after ``steps`` steps (``state_dict`` and ``progress_state``
         of the interrupted task). This task's data provides the batches from there on: the same
-        callable; the same re-iterable (iterating the task skips the batches the loop took before
-        the checkpoint); for one-shot data, an iterator of the batches after those the saved tape
+        callable; the same re-iterable (iterating the task skips the first k batches, those of the
+        steps taken); for one-shot data, an iterator of the batches after those the saved tape
         holds (or ``None``). Iterating the task then yields the batch of step k first."""
         iterator = self._data if self._tape is not None else None
         self.load_state_dict(state)
@@ -421,8 +421,8 @@ class Task:
             assert self._tape is not None  # load_state_dict put the saved tape in place
             self._tape.iterator = iterator
             self._loop = int(progress["loop"]) - (len(seen) - len(self._seen))
-        else:
-            self._skip = len(self._seen)
+        else:  # one batch per step: the loop's next batch is the (k+1)-th of the data
+            self._skip = int(steps)
 
     def __repr__(self) -> str:
         return f"Task({self.name!r})" if self.name else "Task()"

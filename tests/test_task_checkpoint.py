@@ -1,0 +1,176 @@
+"""Checkpoints between any two steps of a task (issue 14, item 7; warpopt/task_checkpoint.py)."""
+from __future__ import annotations
+
+import copy
+import io
+import math
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import warpopt
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+import resume_task_run as R  # noqa: E402
+
+
+def _equal(a, b) -> bool:
+    """Bit-identical nested results (tensors by torch.equal, NaN equal to NaN)."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) and math.isnan(a):
+        return isinstance(b, float) and math.isnan(b)
+    return a == b
+
+
+def _through_a_file(obj):
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)  # tensors and plain containers only: no code runs
+
+
+def _reference(config: str) -> dict:
+    model, opt = R.build(config)
+    return R.result(opt, model, R.run(opt, model))
+
+
+def test_a_checkpoint_inside_a_task_resumes_bit_identically_in_a_fresh_process(tmp_path):
+    references = {config: _reference(config) for config in R.CONFIGS}
+    saved = {config: R.checkpoint(config) for config in R.CONFIGS}
+    for config, entry in saved.items():  # each one really is inside a task, after k steps
+        assert entry["opt"]["task_in_progress"]["steps"] == R.CONFIGS[config][4]
+    assert saved["offline-leap"]["opt"]["pending"] is not None  # mid meta-batch as well
+    path = tmp_path / "checkpoints.pt"
+    torch.save(saved, path)
+    out = tmp_path / "resumed.pt"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(pathlib.Path(warpopt.__file__).parents[1]),
+                                                         os.environ.get("PYTHONPATH", "")])}
+    subprocess.run([sys.executable, str(pathlib.Path(R.__file__)), str(path), str(out)],
+                   check=True, env=env, timeout=300)
+    resumed = torch.load(out, weights_only=True)
+    for config, reference in references.items():
+        for key in ("phi", "theta0", "meta_optimizer", "init_optimizer", "counters", "losses"):
+            assert _equal(resumed[config][key], reference[key]), (config, key)  # bit-identical
+    # What makes it so is in the checkpoint: resumed without the RNG state (dropout), not.
+    entry = _through_a_file(saved["online-leap"])
+    del entry["opt"]["rng"]
+    assert not _equal(R.resume("online-leap", entry)["phi"], references["online-leap"]["phi"])
+
+
+def _interrupted(config: str = "offline-leap"):
+    """An optimizer holding the checkpoint of ``config`` (loaded into a fresh one), its model."""
+    saved = _through_a_file(R.checkpoint(config))
+    model, opt = R.build(config, seed=7)
+    model.load_state_dict(saved["model"])
+    pending = saved["opt"]["pending"]
+    tasks = [R.reattach(int(t["name"].split()[1])) for t in pending["tasks"]] if pending else None
+    opt.load_state_dict(saved["opt"], tasks=tasks)
+    return saved, model, opt, tasks
+
+
+def test_the_task_in_progress_is_saved_as_tensors_and_plain_data():
+    model, opt = R.build("offline-probe")
+    R.run(opt, model, stop=1)
+    with opt.task(R.source(1), R.loss_fn, name="task 1"):
+        for x, y in R.task_data(1)[:2]:
+            opt.zero_grad()
+            R.loss_fn(model(x), y).backward()
+            opt.step()
+        sd = opt.state_dict()
+        running = sd["task_in_progress"]
+        assert running["steps"] == 2 and len(running["trajectory"]["points"]) == 3  # θ_0, θ_1, θ_2
+        assert running["init_state"]["namedtuple"] == "LeapState"  # with its probe batch and last loss
+        assert isinstance(running["init_state"]["fields"]["probe"][0], torch.Tensor)
+        assert running["optimizer"] is sd["task"]  # the task optimizer at step 2, saved once
+    loaded = _through_a_file(sd)
+    assert torch.equal(loaded["task_in_progress"]["params"][0], running["params"][0])
+    assert opt.state_dict()["task_in_progress"] is None  # between tasks
+
+
+def test_a_resumed_task_continues_at_its_step_and_can_be_saved_again():
+    saved, model, opt, _ = _interrupted()
+    info = opt.task_in_progress
+    assert info == {"name": "task 4", "steps": 2, "kind": "iterable", "batches_read": None}
+    again = opt.state_dict()  # a pending task is saved again as it was
+    assert _equal(again["task_in_progress"], saved["opt"]["task_in_progress"])
+    with opt.task(R.source(4), R.loss_fn, name="task 4") as task:
+        assert task.start_step == 2
+        assert _equal([b for b in task], R.task_data(4)[2:])  # iterating the task skips the batches of steps 0, 1
+        assert all(torch.equal(p, q) for p, q in zip(model.adapt_parameters(), saved["opt"]["task_in_progress"]["params"]))
+    assert opt.task_in_progress is None and opt.counters["tasks"] == 5
+
+
+def test_a_pending_interrupted_task_blocks_meta_step_and_other_tasks_until_continued_or_discarded():
+    saved, model, opt, _ = _interrupted()
+    with pytest.raises(RuntimeError, match="meta_step\\(\\) while the task a checkpoint interrupted is pending "
+                                           "\\('task 4' after 2 steps\\).*discard_task_in_progress"):
+        opt.meta_step()
+    before = [p.detach().clone() for p in model.adapt_parameters()]
+    with pytest.raises(ValueError, match="'task 4' at step 2, and opt.task\\(\\) was given 'task 9'"):
+        with opt.task(R.source(9), R.loss_fn, name="task 9"):
+            pass
+    with pytest.raises(ValueError, match="saved with iterable data"):
+        with opt.task(lambda k: R.task_data(4)[k], R.loss_fn, name="task 4"):
+            pass
+    assert opt.task_in_progress is not None  # still pending, nothing changed
+    assert all(torch.equal(p, q) for p, q in zip(model.adapt_parameters(), before))
+    opt.discard_task_in_progress()  # as an aborted task: θ back to before it began
+    restore = saved["opt"]["task_in_progress"]["restore"]["params"]
+    assert all(torch.equal(p, q) for p, q in zip(model.adapt_parameters(), restore))
+    assert opt.task_in_progress is None
+    opt.meta_step()  # the finished task of the meta-batch is still there
+
+
+def test_a_one_shot_task_resumes_with_an_iterator_after_the_batches_it_read():
+    saved, model, opt, _ = _interrupted("online-leap")  # task 3: a generator, stopped holding batch 2
+    info = opt.task_in_progress
+    assert info["kind"] == "one-shot" and info["batches_read"] == 3
+    with pytest.raises(ValueError, match="one-shot data.*after the 3 it had read"):
+        with opt.task(R.task_data(3), R.loss_fn, name="task 3"):
+            pass
+    with opt.task(R.source(3, read=3), R.loss_fn, name="task 3") as task:
+        seen = [b for b in task]  # batch 2 (read, no step taken on it) comes again, then batch 3
+    assert _equal(seen, R.task_data(3)[2:])
+
+
+def test_an_invalid_in_task_checkpoint_is_refused_before_anything_changes():
+    saved = _through_a_file(R.checkpoint("offline-leap"))
+    model, opt = R.build("offline-leap", seed=7)
+    tasks = [R.reattach(3)]
+    before = opt.state_dict()
+    sabotage = {
+        "'task_in_progress.params'\\[0\\]": lambda r: r["params"].__setitem__(0, torch.zeros(2, 2, dtype=torch.float64)),
+        "task_in_progress.trajectory.points\\[1\\].params": lambda r: r["trajectory"]["points"][1]["params"].pop(),
+        "task_in_progress.hypers": lambda r: r["hypers"].pop(),
+        "task_in_progress.restore_optimizer": lambda r: r["restore_optimizer"]["param_groups"].append({"params": []}),
+        "a builtins.eval is not a state": lambda r: r["init_state"].update(module="builtins", namedtuple="eval"),
+        "missing \\['finite'\\]": lambda r: r.pop("finite"),
+    }
+    for match, damage in sabotage.items():
+        bad = copy.deepcopy(saved["opt"])
+        damage(bad["task_in_progress"])
+        with pytest.raises(ValueError, match=match):
+            opt.load_state_dict(bad, tasks=tasks)
+        assert opt.task_in_progress is None and len(opt.replay) == 0
+        assert _equal(opt.state_dict(), before)
+
+
+def test_a_checkpoint_between_a_forward_and_the_step_is_refused():
+    model, opt = R.build("offline-leap")
+    x, y = R.task_data(0)[0]
+    with opt.task(R.source(0), R.loss_fn, name="task 0"):
+        opt.zero_grad()
+        R.loss_fn(model(x), y).backward()
+        with pytest.raises(RuntimeError, match="take it right after opt.step\\(\\)"):
+            opt.state_dict()
+        opt.step()
+        assert opt.state_dict()["task_in_progress"]["steps"] == 1
