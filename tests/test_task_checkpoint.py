@@ -15,7 +15,7 @@ import torch
 import warpopt
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-import resume_task_run as R  # noqa: E402
+import resume_task_run as R
 
 
 def _equal(a, b) -> bool:
@@ -105,22 +105,23 @@ def test_a_resumed_task_continues_at_its_step_and_can_be_saved_again():
     with opt.task(R.source(4), R.loss_fn, name="task 4") as task:
         assert task.start_step == 2
         assert _equal([b for b in task], R.task_data(4)[2:])  # iterating the task skips the batches of steps 0, 1
-        assert all(torch.equal(p, q) for p, q in zip(model.adapt_parameters(), saved["opt"]["task_in_progress"]["params"]))
+        at_step_2 = saved["opt"]["task_in_progress"]["params"]
+        assert all(torch.equal(p, q) for p, q in zip(model.adapt_parameters(), at_step_2))
     assert opt.task_in_progress is None and opt.counters["tasks"] == 5
 
 
 def test_a_pending_interrupted_task_blocks_meta_step_and_other_tasks_until_continued_or_discarded():
     saved, model, opt, _ = _interrupted()
-    with pytest.raises(RuntimeError, match="meta_step\\(\\) while the task a checkpoint interrupted is pending "
-                                           "\\('task 4' after 2 steps\\).*discard_task_in_progress"):
+    with pytest.raises(RuntimeError, match=r"meta_step\(\) while the task a checkpoint interrupted is pending "
+                                           r"\('task 4' after 2 steps\).*discard_task_in_progress"):
         opt.meta_step()
     before = [p.detach().clone() for p in model.adapt_parameters()]
-    with pytest.raises(ValueError, match="'task 4' at step 2, and opt.task\\(\\) was given 'task 9'"):
-        with opt.task(R.source(9), R.loss_fn, name="task 9"):
-            pass
-    with pytest.raises(ValueError, match="saved with iterable data"):
-        with opt.task(lambda k: R.task_data(4)[k], R.loss_fn, name="task 4"):
-            pass
+    with pytest.raises(ValueError, match=r"'task 4' at step 2, and opt.task\(\) was given 'task 9'"), \
+            opt.task(R.source(9), R.loss_fn, name="task 9"):
+        pass
+    with pytest.raises(ValueError, match="saved with iterable data"), \
+            opt.task(lambda k: R.task_data(4)[k], R.loss_fn, name="task 4"):
+        pass
     assert opt.task_in_progress is not None  # still pending, nothing changed
     assert all(torch.equal(p, q) for p, q in zip(model.adapt_parameters(), before))
     opt.discard_task_in_progress()  # as an aborted task: θ back to before it began
@@ -131,12 +132,12 @@ def test_a_pending_interrupted_task_blocks_meta_step_and_other_tasks_until_conti
 
 
 def test_a_one_shot_task_resumes_with_an_iterator_after_the_batches_it_read():
-    saved, model, opt, _ = _interrupted("online-leap")  # task 3: a generator, stopped holding batch 2
+    _, _, opt, _ = _interrupted("online-leap")  # task 3: a generator, stopped holding batch 2
     info = opt.task_in_progress
     assert info["kind"] == "one-shot" and info["batches_read"] == 3
-    with pytest.raises(ValueError, match="one-shot data.*after the 3 it had read"):
-        with opt.task(R.task_data(3), R.loss_fn, name="task 3"):
-            pass
+    with pytest.raises(ValueError, match=r"one-shot data.*after the 3 it had read"), \
+            opt.task(R.task_data(3), R.loss_fn, name="task 3"):
+        pass
     with opt.task(R.source(3, read=3), R.loss_fn, name="task 3") as task:
         seen = [b for b in task]  # batch 2 (read, no step taken on it) comes again, then batch 3
     assert _equal(seen, R.task_data(3)[2:])
@@ -144,11 +145,11 @@ def test_a_one_shot_task_resumes_with_an_iterator_after_the_batches_it_read():
 
 def test_an_invalid_in_task_checkpoint_is_refused_before_anything_changes():
     saved = _through_a_file(R.checkpoint("offline-leap"))
-    model, opt = R.build("offline-leap", seed=7)
+    _, opt = R.build("offline-leap", seed=7)
     tasks = [R.reattach(3)]
     before = opt.state_dict()
     sabotage = {
-        "'task_in_progress.params'\\[0\\]": lambda r: r["params"].__setitem__(0, torch.zeros(2, 2, dtype=torch.float64)),
+        "'task_in_progress.params'\\[0\\]": lambda r: r["params"].__setitem__(0, torch.zeros(2, 2).double()),
         "task_in_progress.trajectory.points\\[1\\].params": lambda r: r["trajectory"]["points"][1]["params"].pop(),
         "task_in_progress.hypers": lambda r: r["hypers"].pop(),
         "task_in_progress.restore_optimizer": lambda r: r["restore_optimizer"]["param_groups"].append({"params": []}),
@@ -170,7 +171,14 @@ def test_a_checkpoint_between_a_forward_and_the_step_is_refused():
     with opt.task(R.source(0), R.loss_fn, name="task 0"):
         opt.zero_grad()
         R.loss_fn(model(x), y).backward()
-        with pytest.raises(RuntimeError, match="take it right after opt.step\\(\\)"):
+        with pytest.raises(RuntimeError, match=r"take it right after opt.step\(\)"):
             opt.state_dict()
         opt.step()
         assert opt.state_dict()["task_in_progress"]["steps"] == 1
+
+
+def test_maml_with_dropout_warns_that_the_rebuilt_trajectory_draws_fresh_masks(monkeypatch):
+    monkeypatch.setitem(R.CONFIGS, "dropout-maml", (warpopt.offline, warpopt.maml, 0.2, 4, 2))
+    saved = _through_a_file(R.checkpoint("dropout-maml"))
+    with pytest.warns(RuntimeWarning, match="rebuilt with fresh dropout masks"):
+        R.resume("dropout-maml", saved)

@@ -281,7 +281,9 @@ def _check_running(opt: WarpGradMetaOptimizer, running: Any) -> None:
         raise ValueError(f"state_dict field {field + '.task'!r} is not a Task state_dict")
     if not isinstance(progress, dict) or not isinstance(progress.get("seen"), list):
         raise ValueError(f"state_dict field {field + '.progress'!r} is malformed")
-    if (running["loop"] is not None) != bool(running["learn"] and (opt.initialisation.unrolls or opt.initialisation.needs_loss)):
+    if (running["loop"] is not None) != bool(
+        running["learn"] and (opt.initialisation.unrolls or opt.initialisation.needs_loss)
+    ):
         raise ValueError(f"state_dict field {field + '.loop'!r} does not fit {opt.initialisation!r}")
 
 

@@ -24,9 +24,11 @@ functions, and the data from step k on (see ``Task.resume``).
 from __future__ import annotations
 
 import sys
+import warnings
 from typing import Any
 
 import torch
+from torch import nn
 
 from .algorithms import Accumulator, Algorithm
 from .initialisation import InitialisationLearner
@@ -36,6 +38,8 @@ from .session import Model, TaskRun, abort, begin, finish
 from .step_hypers import from_plain, to_plain
 from .tasks import Task
 from .trajectory import ReplayBuffer
+
+_DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 
 __all__ = ["save", "resume", "discard", "info", "encode", "decode", "check_task"]
 
@@ -97,9 +101,7 @@ def _state_class(learner: InitialisationLearner, module: Any, name: Any) -> type
             cls = getattr(sys.modules[module], str(name), None)
             if isinstance(cls, type) and issubclass(cls, tuple) and hasattr(cls, "_fields"):
                 return cls
-    raise ValueError(
-        f"state_dict field 'task_in_progress.init_state': a {module}.{name} is not a state of {learner!r}"
-    )
+    raise ValueError(f"state_dict field 'task_in_progress.init_state': a {module}.{name} is not a state of {learner!r}")
 
 
 def decode(learner: InitialisationLearner, x: Any, where: str = "init_state") -> Any:
@@ -194,7 +196,7 @@ class _Resumed(InitialisationLearner):
     """The θ0 learner as ``session.begin`` sees it on resume: its state is the saved one."""
 
     def __init__(self, learner: InitialisationLearner) -> None:
-        self.unrolls, self.needs_loss = learner.unrolls, learner.needs_loss  # type: ignore[misc]
+        self.unrolls, self.needs_loss = learner.unrolls, learner.needs_loss
         self.needs_previous, self.learns = learner.needs_previous, learner.learns
 
 
@@ -329,6 +331,14 @@ def _rebuild(run: TaskRun, saved: dict[str, Any]) -> None:
     loop.step_index = run.steps
     if not loop.unroll:
         return
+    if run.steps and any(isinstance(m, _DROPOUT) and m.training and m.p > 0 for m in loop.module.modules()):
+        warnings.warn(
+            "maml(): the resumed task's trajectory θ_0 → θ_k is rebuilt with fresh dropout masks (the loop's "
+            "were not saved): its θ0 meta-gradient differs from an uninterrupted run's. Checkpoint between "
+            "tasks for a bit-identical MAML run with dropout",
+            RuntimeWarning,
+            stacklevel=5,
+        )
     theta, states, phi = loop.theta, loop.states, loop.phi
     cuda = sorted({t.device.index or 0 for t in theta if t.device.type == "cuda"})
     with torch.random.fork_rng(devices=cuda), torch.enable_grad():  # the saved RNG state stays

@@ -411,7 +411,7 @@ class Task:
         callable; the same re-iterable (iterating the task skips the first k batches, those of the
         steps taken); for one-shot data, an iterator of the batches after those the saved tape
         holds (or ``None``). Iterating the task then yields the batch of step k first."""
-        iterator = self._data if self._tape is not None else None
+        iterator = self._data if isinstance(self._data, IteratorABC) else None
         self.load_state_dict(state)
         # A batch the loop took but took no step on (a checkpoint at the top of the loop body)
         # comes again: iterating the task resumes with the batch of step k.
