@@ -243,6 +243,13 @@ def _check_running(opt: WarpGradMetaOptimizer, running: Any) -> None:
     """A task in progress (``warpopt.task_checkpoint.save``) must fit the model and the θ0 learner."""
     if running is None:
         return
+    try:
+        _check_running_fields(opt, running)
+    except (TypeError, KeyError, AttributeError, IndexError) as error:
+        raise ValueError(f"state_dict field 'task_in_progress' is malformed ({error!r})") from None
+
+
+def _check_running_fields(opt: WarpGradMetaOptimizer, running: Any) -> None:
     field = "task_in_progress"
     if not isinstance(running, dict) or not set(task_checkpoint.KEYS) <= set(running):
         missing = sorted(set(task_checkpoint.KEYS) - set(running)) if isinstance(running, dict) else "all"
