@@ -1,7 +1,7 @@
 """State I/O of ``WarpGradMetaOptimizer``: snapshots out, validated loads in.
 
 ``state_dict`` returns deep copies (later training never mutates a saved dict), between any
-two tasks. Mid meta-batch it holds the pending work too (``"pending"``): the replay buffer's
+two tasks or any two steps of a task. Mid meta-batch it holds the pending work too (``"pending"``): the replay buffer's
 points as tensors (θ_k, optimizer state, buffers; one copy of the buffer, on the CPU), what
 each step used (``warpopt.step_hypers``) and, per pending task, where its draws stand
 (``Task.state_dict``): the tape of a one-shot source (its batches, saved as they are), the
@@ -10,6 +10,11 @@ code, which a checkpoint does not hold (loading a file never executes code): ``l
 takes them back as ``tasks=[Task, ...]``, one per pending task in the order they were adapted.
 ``include_rng=True`` adds the global torch RNG state (and CUDA's), so a resumed run is
 bit-identical to an uninterrupted one.
+
+Between two steps of a task, ``"task_in_progress"`` holds the running task too
+(``warpopt.task_checkpoint``: its points so far, one more copy on the CPU, θ_k, θ_0, the abort
+snapshot, the θ0 learner's state, the loop's batches); ``load_state_dict`` checks it with the rest
+and leaves the task pending (``opt._resumed``) for the next ``opt.task()`` to continue.
 
 ``load_state_dict`` checks the whole dict against the optimizer's configuration (algorithm,
 objective, θ0 learner, task and meta optimizer classes and hyper-parameter keys, parameter
@@ -31,6 +36,7 @@ from .algorithms import Accumulator, Algorithm
 from .initialisation import InitialisationLearner
 from .meta_update import Contributions, MetaParameters
 from .session import Model, TaskRun
+from .state_fit import check_optimizer_state, check_points, check_tensors
 from .tasks import Task
 from .trajectory import ReplayBuffer
 
@@ -159,49 +165,6 @@ def _snapshot(opt: WarpGradMetaOptimizer) -> dict[str, Any]:
     }
 
 
-def _check_optimizer_state(field: str, saved: Any, live: torch.optim.Optimizer | None) -> None:
-    if (saved is None) != (live is None):
-        raise ValueError(
-            f"state_dict field {field!r}: saved {'nothing' if saved is None else 'a state'}, "
-            f"this optimizer has {'none' if live is None else 'one'}"
-        )
-    if live is None:
-        return
-    groups = saved.get("param_groups") if isinstance(saved, dict) else None
-    if groups is None or len(groups) != len(live.param_groups):
-        raise ValueError(
-            f"state_dict field {field!r}: {0 if groups is None else len(groups)} param groups, "
-            f"this optimizer has {len(live.param_groups)}"
-        )
-    for i, (g, h) in enumerate(zip(groups, live.param_groups)):
-        if len(g["params"]) != len(h["params"]):
-            raise ValueError(
-                f"state_dict field {field!r}: param group {i} has {len(g['params'])} parameters, "
-                f"this optimizer's has {len(h['params'])}"
-            )
-    params = [p for h in live.param_groups for p in h["params"]]
-    ids = [i for g in groups for i in g["params"]]
-    for pid, p in zip(ids, params):
-        for key, value in saved["state"].get(pid, {}).items():
-            if isinstance(value, torch.Tensor) and value.dim() and value.shape != p.shape:
-                raise ValueError(
-                    f"state_dict field {field!r}: state {key!r} has shape {tuple(value.shape)}, "
-                    f"its parameter {tuple(p.shape)}"
-                )
-
-
-def _check_tensors(field: str, saved: Any, live: Sequence[torch.Tensor]) -> None:
-    if not isinstance(saved, (list, tuple)) or len(saved) != len(live):
-        raise ValueError(
-            f"state_dict field {field!r}: expected {len(live)} tensors, got "
-            f"{len(saved) if isinstance(saved, (list, tuple)) else type(saved).__name__}"
-        )
-    for i, (s, t) in enumerate(zip(saved, live)):
-        if not isinstance(s, torch.Tensor) or s.shape != t.shape or s.dtype != t.dtype:
-            got = (tuple(s.shape), s.dtype) if isinstance(s, torch.Tensor) else type(s).__name__
-            raise ValueError(f"state_dict field {field!r}[{i}]: expected {tuple(t.shape)} {t.dtype}, got {got}")
-
-
 def validate(opt: WarpGradMetaOptimizer, sd: Any) -> None:
     """Raise ``ValueError`` naming the first field of ``sd`` that does not fit ``opt``."""
     if not isinstance(sd, dict):
@@ -220,12 +183,12 @@ def validate(opt: WarpGradMetaOptimizer, sd: Any) -> None:
                 f"state_dict config {key!r} is {saved!r}, this optimizer has {value!r}: it was saved "
                 "by a differently configured optimizer"
             )
-    _check_optimizer_state("task", sd["task"], opt.core.task_optimizer)
-    _check_optimizer_state("warp_optimizer", sd["warp_optimizer"], opt.meta.warp_optimizer)
-    _check_optimizer_state("init_optimizer", sd["init_optimizer"], opt.meta.init_optimizer)
-    _check_tensors("theta0", sd["theta0"], opt.meta.theta0)
-    _check_tensors("warp", sd["warp"], opt.meta.warp)
-    _check_tensors("initial_buffers", sd["initial_buffers"], opt.core.initial_buffers)
+    check_optimizer_state("task", sd["task"], opt.core.task_optimizer)
+    check_optimizer_state("warp_optimizer", sd["warp_optimizer"], opt.meta.warp_optimizer)
+    check_optimizer_state("init_optimizer", sd["init_optimizer"], opt.meta.init_optimizer)
+    check_tensors("theta0", sd["theta0"], opt.meta.theta0)
+    check_tensors("warp", sd["warp"], opt.meta.warp)
+    check_tensors("initial_buffers", sd["initial_buffers"], opt.core.initial_buffers)
     if set(sd["learned"]) != set(opt.meta.learned):
         raise ValueError(
             f"state_dict field 'learned': {sorted(sd['learned'])}, this optimizer {sorted(opt.meta.learned)}"
@@ -234,7 +197,7 @@ def validate(opt: WarpGradMetaOptimizer, sd: Any) -> None:
         total = sd[field]["total"]
         if total is not None:
             live = opt.meta.phi if field == "algorithm_state" else opt.meta.theta0
-            _check_tensors(field, total, [p.detach() for p in live])
+            check_tensors(field, total, [p.detach() for p in live])
     _check_rng(sd.get("rng"))
     _check_running(opt, sd.get("task_in_progress"))
 
@@ -259,26 +222,26 @@ def _check_running_fields(opt: WarpGradMetaOptimizer, running: Any) -> None:
         raise ValueError(f"state_dict field {field!r}: steps {steps!r} / learn {running['learn']!r} malformed")
     theta0, buffers = [p.detach() for p in opt.meta.theta0], opt.core.initial_buffers
     for key, live in (("params", theta0), ("buffers", buffers), ("start", theta0), ("start_buffers", buffers)):
-        _check_tensors(f"{field}.{key}", running[key], live)
+        check_tensors(f"{field}.{key}", running[key], live)
     restore = running["restore"]
     if not isinstance(restore, dict):
         raise ValueError(f"state_dict field {field + '.restore'!r} is malformed")
-    _check_tensors(f"{field}.restore.params", restore.get("params"), theta0)
-    _check_tensors(f"{field}.restore.buffers", restore.get("buffers"), buffers)
+    check_tensors(f"{field}.restore.params", restore.get("params"), theta0)
+    check_tensors(f"{field}.restore.buffers", restore.get("buffers"), buffers)
     for key in ("optimizer", "restore_optimizer"):
-        _check_optimizer_state(f"{field}.{key}", running[key], opt.core.task_optimizer)
+        check_optimizer_state(f"{field}.{key}", running[key], opt.core.task_optimizer)
     finite = running["finite"]
     if not isinstance(finite, torch.Tensor) or finite.dtype != torch.bool or finite.dim():
         raise ValueError(f"state_dict field {field + '.finite'!r}: a 0-dim bool tensor expected")
     total = running["algorithm_state"]["total"]
     if total is not None:
-        _check_tensors(f"{field}.algorithm_state", total, [p.detach() for p in opt.meta.phi])
+        check_tensors(f"{field}.algorithm_state", total, [p.detach() for p in opt.meta.phi])
     hypers = running["hypers"]
     if not isinstance(hypers, list) or len(hypers) != steps:
         raise ValueError(f"state_dict field {field + '.hypers'!r}: one entry per step taken ({steps}) expected")
     trajectory = running["trajectory"]
     if trajectory is not None:
-        _check_points(opt, f"{field}.trajectory.points", trajectory.get("points"))
+        check_points(f"{field}.trajectory.points", trajectory.get("points"), theta0, buffers)
         if any(int(point["step"]) > steps for point in trajectory["points"]):
             raise ValueError(f"state_dict field {field + '.trajectory'!r}: a point past step {steps}")
     if running["learn"]:
@@ -345,29 +308,7 @@ def _check_pending(opt: WarpGradMetaOptimizer, pending: Any, tasks: Sequence[Tas
     for j, point in enumerate(points):
         if not isinstance(point, dict) or point.get("task") not in ids:
             raise ValueError(f"state_dict field {f'pending.points[{j}]'!r}: no task of the pending tasks")
-    _check_points(opt, "pending.points", points)
-
-
-def _check_points(opt: WarpGradMetaOptimizer, field: str, points: Any) -> None:
-    """Recorded points (``ReplayBuffer.contents`` / a trajectory in progress) that fit the model."""
-    if not isinstance(points, list):
-        raise ValueError(f"state_dict field {field!r}: a list of points expected")
-    theta0, buffers = [p.detach() for p in opt.meta.theta0], opt.core.initial_buffers
-    for j, point in enumerate(points):
-        where = f"{field}[{j}]"
-        if not isinstance(point, dict) or not {"step", "params", "states", "buffers"} <= set(point):
-            raise ValueError(f"state_dict field {where!r} is not a recorded point")
-        _check_tensors(where + ".params", point["params"], theta0)
-        _check_tensors(where + ".buffers", point["buffers"], buffers)
-        states = point["states"]
-        if not isinstance(states, list) or len(states) != len(theta0):
-            raise ValueError(f"state_dict field {where + '.states'!r}: one optimizer state per parameter expected")
-        for st, p in zip(states, theta0):
-            for key, value in st.items():
-                if not isinstance(value, torch.Tensor) or (value.dim() and value.shape != p.shape):
-                    raise ValueError(
-                        f"state_dict field {where + '.states'!r}: {key!r} does not fit its parameter {tuple(p.shape)}"
-                    )
+    check_points("pending.points", points, [p.detach() for p in opt.meta.theta0], opt.core.initial_buffers)
 
 
 def load_state_dict(opt: WarpGradMetaOptimizer, sd: dict[str, Any], tasks: Sequence[Task] | None = None) -> None:

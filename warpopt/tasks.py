@@ -226,6 +226,9 @@ class Task:
     differentiates through): the batches of ``for batch in task`` (iterating the task yields
     its data once and keeps a reference to each batch: K batches per task, no copies), else
     ``data(k)`` for a callable source or ``data[k % len(data)]`` for a sequence.
+
+    ``start_step``: 0, or k when the task continues an adaptation a checkpoint interrupted after
+    k steps (``resume``; ``WarpGradMetaOptimizer.task``): the loop starts there.
     """
 
     def __init__(
