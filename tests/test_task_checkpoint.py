@@ -182,3 +182,20 @@ def test_maml_with_dropout_warns_that_the_rebuilt_trajectory_draws_fresh_masks(m
     saved = _through_a_file(R.checkpoint("dropout-maml"))
     with pytest.warns(RuntimeWarning, match="rebuilt with fresh dropout masks"):
         R.resume("dropout-maml", saved)
+
+
+def test_a_resume_that_fails_midway_leaves_the_model_as_it_was_and_the_task_pending():
+    reference = _reference("offline-maml")
+    saved, model, opt, _ = _interrupted("offline-maml")  # task 4 (a list) after 3 steps
+    before = [p.detach().clone() for p in model.adapt_parameters()]
+    state = copy.deepcopy(opt.task_optimizer.state_dict())
+    bad = [(torch.zeros(5, 7, dtype=torch.float64), y) for _, y in R.task_data(4)]  # wrong width
+    with pytest.raises(RuntimeError), opt.task(bad, R.loss_fn, name="task 4"):  # MAML's rebuild runs on them
+        pass
+    assert opt.task_in_progress is not None and opt._run is None
+    assert all(torch.equal(p, q) for p, q in zip(model.adapt_parameters(), before))
+    assert _equal(opt.task_optimizer.state_dict(), state)
+    assert all(p.requires_grad for p in model.warp_parameters())  # φ not left frozen
+    R.adapt(opt, model, 4, resume=saved)  # the right data: continued as if nothing happened
+    result = R.result(opt, model, list(saved["losses"]) + R.run(opt, model, start=5))
+    assert _equal(result["theta0"], reference["theta0"]) and _equal(result["phi"], reference["phi"])
