@@ -7,14 +7,16 @@ averages contributions over the tasks of a meta-batch and applies them with lear
 
 - ``begin_task(view) -> state``: the task starts at θ0 (``view.params`` hold θ0).
 - ``after_step(state, view, previous, grads) -> state``: called after every task step; θ_k =
-  ``previous`` (a copy, or None unless the learner sets ``needs_previous``), its task gradient
-  ``grads``, θ_{k+1} = ``view.params`` (live), k = ``view.steps``; ``view.loss`` is the loop's
-  training loss L(θ_k) on its batch when the learner sets ``needs_loss`` (else None).
+  ``previous`` (read-only: the recorded point or a copy; None unless the learner sets
+  ``needs_previous``), its task gradient ``grads``, θ_{k+1} = ``view.params`` (live), k =
+  ``view.steps``; ``view.loss`` is the loop's training loss L(θ_k) on its batch when the learner
+  sets ``needs_loss`` (else None).
 - ``end_task(state, view) -> list[Tensor] | None``: ∇C(θ0) for this task (None: none).
 
 ``view`` is the task's read-only view (``warpopt.session.TaskView``): ``task``, ``context``
 (a ``ReplayContext``), live ``params``/``buffers``, the start ``theta0``/``start_buffers``,
-``steps``, ``loss`` and ``loop`` (``warpopt.loop.Loop``: with ``unrolls`` set, the
+``steps``, ``loss``, ``recorded(k)`` (θ_k as the task's trajectory recorded it, read-only views,
+or None) and ``loop`` (``warpopt.loop.Loop``: with ``unrolls`` set, the
 differentiable trajectory θ0 → θ_k the task loop built). A learner keeps nothing between calls
 except what it returns.
 Subclass ``InitialisationLearner`` to plug in your own.
@@ -64,6 +66,8 @@ class TaskView(Protocol):
     loss: torch.Tensor | None
     loop: Any
 
+    def recorded(self, k: int) -> list[torch.Tensor] | None: ...
+
 
 class InitialisationLearner:
     """Base class: a fixed θ0 (no contribution); tasks start from θ0."""
@@ -104,11 +108,12 @@ LEAP_LOSSES = ("train", "probe")
 class LeapState(NamedTuple):
     """Leap's per-task state (its tensors are task-local buffers, updated in place: no
     allocation per step): the running meta-gradient ``grad``; θ_k, where the next segment starts
-    (``last``); the probe batch; the loss at the start of the open segment; for the training
-    loss, the open segment (θ_{k-1} → θ_k) waiting for L(θ_k): Δθ, |Δθ|², ∇L(θ_{k-1})."""
+    (``last``; None when the task's trajectory records θ_k: ``TaskView.recorded``); the probe
+    batch; the loss at the start of the open segment; for the training loss, the open segment
+    (θ_{k-1} → θ_k) waiting for L(θ_k): Δθ, |Δθ|², ∇L(θ_{k-1})."""
 
     grad: Tensors
-    last: Tensors
+    last: Tensors | None
     delta: Tensors
     probe: Any = None
     loss: torch.Tensor | None = None
@@ -163,7 +168,8 @@ class Leap(InitialisationLearner):
     def begin_task(self, view: TaskView) -> LeapState:
         with torch.no_grad():
             grad = [torch.zeros_like(p) for p in view.params]
-            last = [p.detach().clone() for p in view.params]
+            # θ_k is read off the recorded trajectory when there is one (no copy per step)
+            last = None if view.recorded(0) is not None else [p.detach().clone() for p in view.params]
             delta = [torch.empty_like(p) for p in view.params]
         if not self.loss_term:
             return LeapState(grad, last, delta)
@@ -173,11 +179,21 @@ class Leap(InitialisationLearner):
         return LeapState(grad, last, delta, probe, self._probe_loss(view, probe))
 
     @staticmethod
+    def _start(state: LeapState, view: TaskView) -> Sequence[torch.Tensor]:
+        """θ_k, where the segment that the step k → k+1 opens starts (k = ``view.steps``)."""
+        start = state.last if state.last is not None else view.recorded(view.steps)
+        if start is None:
+            raise RuntimeError(f"leap(): θ_{view.steps} was neither recorded nor kept")
+        return start
+
+    @staticmethod
     def _advance(state: LeapState, view: TaskView) -> torch.Tensor:
-        """Δθ = θ_{k+1} − θ_k into ``state.delta``, θ_{k+1} into ``state.last``; returns |Δθ|²."""
-        for d, p, q in zip(state.delta, view.params, state.last):
+        """Δθ = θ_{k+1} − θ_k into ``state.delta`` (θ_{k+1} into ``state.last`` when θ_k is not
+        read off the recorded trajectory); returns |Δθ|²."""
+        for d, p, q in zip(state.delta, view.params, Leap._start(state, view)):
             torch.sub(p.detach(), q, out=d)
-            q.copy_(p.detach())
+        if state.last is not None:
+            torch._foreach_copy_(state.last, [p.detach() for p in view.params])
         return torch.stack(torch._foreach_norm(state.delta)).pow(2).sum()
 
     @staticmethod
@@ -209,9 +225,9 @@ class Leap(InitialisationLearner):
                             "not seen): iterate the task (`for x, y in task`), return the loss from "
                             "opt.step(closure), or use warpopt.leap(loss='probe')"
                         )
-                else:  # first step: this task takes ΔL on a probe batch, from θ_0 (still in state.last)
+                else:  # first step: this task takes ΔL on a probe batch, from θ_0
                     probe = view.task.task_batch(0)
-                    state = state._replace(probe=probe, loss=self._probe_loss(view, probe, state.last))
+                    state = state._replace(probe=probe, loss=self._probe_loss(view, probe, self._start(state, view)))
             if self.loss == "probe" or state.probe is not None:
                 sq = self._advance(state, view)
                 loss = self._probe_loss(view, state.probe)
