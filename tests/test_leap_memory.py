@@ -144,12 +144,12 @@ def test_previous_is_theta_k_read_off_the_recording_when_there_is_one(recording)
             assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("optimizer", [torch.optim.SGD, torch.optim.Adam])
+@pytest.mark.parametrize("optimizer", [torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.RMSprop])
 @pytest.mark.parametrize("bad", [math.nan, math.inf])
 @pytest.mark.parametrize("step", [1, STEPS - 1])
 def test_a_nonfinite_gradient_entry_at_any_step_drops_the_task(optimizer, bad, step):
     """θ_K is checked once per task: one NaN/inf gradient entry, even at the last step, under SGD
-    (lr 0 for that parameter's group too) or Adam, still drops the task and restores θ."""
+    (lr 0 for that parameter's group too), Adam, AdamW or RMSprop, still drops the task and restores θ."""
     model, batches = make_model(), make_batches()
     params = list(model.adapt_parameters())
     groups = [{"params": params[:1], "lr": 0.0}, {"params": params[1:]}]

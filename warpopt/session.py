@@ -458,8 +458,8 @@ def end(
     """The task's outcome; None if a task gradient became NaN/inf: then θ is restored and the
     task dropped with a warning (``on_nonfinite="skip"``) or a ``FloatingPointError``."""
     finish(model, run)
-    # A NaN/inf task gradient leaves θ non-finite from its step on (θ_{k+1} = θ_k - u(g_k, ...) under
-    # every update rule), so θ_K is checked, once per task, not each step's gradients (issue 18).
+    # A NaN/inf task gradient entry leaves that entry of θ non-finite from its step on (SGD, Adam,
+    # AdamW, RMSprop, any lr): θ_K is checked once per task, not each step's gradients (issue 18).
     run.finite &= torch.isfinite(torch.stack(torch._foreach_norm([p.detach() for p in model.adapt])).sum())
     if bool(run.finite):
         _verify_first_step(model, run)
