@@ -18,13 +18,11 @@ values. Then the pieces each variant runs per step, before and after issue 18's 
 """
 import os
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(__file__))
-import time  # noqa: E402
-
-import torch  # noqa: E402
-
-from _common import load_average, machine, median, mlp, parser, setup, sync  # noqa: E402
+import torch
+from _common import load_average, machine, median, mlp, parser, setup, sync
 
 p = parser(__doc__)
 p.add_argument("--rows", type=int, default=50, help="recorded rows the point copy cycles through")
@@ -40,7 +38,8 @@ def like(fill=None):
 
 grads, acc, delta, last, last_grad = like(), like(0.0), like(), like(), like()
 rows = [torch.zeros(n, device=device) for _ in range(args.rows)]
-theta_k = [v.view_as(q) for v, q in zip(torch.cat([q.reshape(-1) for q in params]).split([q.numel() for q in params]), params)]
+flat = torch.cat([q.reshape(-1) for q in params])  # θ_k as a recorded point holds it
+theta_k = [v.view_as(q) for v, q in zip(flat.split([q.numel() for q in params]), params)]
 scale = torch.tensor(0.5, device=device)
 evict = torch.empty(16 * 2**20, device=device)
 row = [0]
@@ -89,5 +88,6 @@ VARIANTS = {  # passes per step: before issue 18's changes, after
     "record + leap(loss='probe') (+ a forward)": (3 + 12, 2 + 10),
 }
 for name, (before, after) in VARIANTS.items():
-    print(f"  {name:42s} {before:2d} → {after:2d} passes ≈ {1e3 * before * per_pass:.2f} → {1e3 * after * per_pass:.2f} ms")
+    ms = f"{1e3 * before * per_pass:.2f} → {1e3 * after * per_pass:.2f} ms"
+    print(f"  {name:42s} {before:2d} → {after:2d} passes ≈ {ms}")
 print(f"load average at the end: {load_average()} (1/5/15 min)")

@@ -119,7 +119,7 @@ class PreviousLearner(warpopt.InitialisationLearner):
     def after_step(self, state, view, previous, grads):
         recorded = view.recorded(view.steps)
         shared = recorded is not None and all(p.data_ptr() == r.data_ptr() for p, r in zip(previous, recorded))
-        return state + [([p.clone() for p in previous], shared)]
+        return [*state, ([p.clone() for p in previous], shared)]
 
 
 @pytest.mark.parametrize("recording", ["recorded", "not recorded", "every 2"])
@@ -156,14 +156,13 @@ def test_a_nonfinite_gradient_entry_at_any_step_drops_the_task(optimizer, bad, s
     opt = warpopt.WarpGradMetaOptimizer(model, params=groups, lr=0.1, task_optimizer=optimizer,
                                         initialisation=warpopt.leap(), on_nonfinite="skip")
     before = [p.detach().clone() for p in params]
-    with pytest.warns(RuntimeWarning, match="NaN/inf"):
-        with opt.task(batches, loss_fn) as task:
-            for k, (x, y) in enumerate(task):
-                opt.zero_grad()
-                loss_fn(model(x), y).backward()
-                if k == step:
-                    params[0].grad[0, 0] = bad  # one entry, in the group whose lr is 0
-                opt.step()
+    with pytest.warns(RuntimeWarning, match="NaN/inf"), opt.task(batches, loss_fn) as task:
+        for k, (x, y) in enumerate(task):
+            opt.zero_grad()
+            loss_fn(model(x), y).backward()
+            if k == step:
+                params[0].grad[0, 0] = bad  # one entry, in the group whose lr is 0
+            opt.step()
     assert opt.counters["tasks"] == 0 and len(opt.replay) == 0
     for a, b in zip(before, params):
         assert torch.equal(a, b)
