@@ -192,11 +192,8 @@ class TaskRun:
     loss: torch.Tensor | None = None
 
     def recorded(self, k: int) -> list[torch.Tensor] | None:
-        """θ_k as the trajectory recorded it (read-only views: θ0 learners need no copy of their
-        own, issue 18); None throughout a task not recorded at every step in full precision."""
-        if self.trajectory is None or self.trajectory.every != 1:
-            return None
-        return self.trajectory.params_at(k)
+        """θ_k as recorded (read-only views; issue 18), or None: not recorded at every step exactly."""
+        return self.trajectory.params_at(k) if self.trajectory is not None and self.trajectory.every == 1 else None
 
     def sample(self, states: list[dict[str, torch.Tensor]]) -> Sample:
         """The live θ_k as a replay sample (for the online algorithms)."""
@@ -458,8 +455,7 @@ def end(
     """The task's outcome; None if a task gradient became NaN/inf: then θ is restored and the
     task dropped with a warning (``on_nonfinite="skip"``) or a ``FloatingPointError``."""
     finish(model, run)
-    # A NaN/inf task gradient entry leaves that entry of θ non-finite from its step on (SGD, Adam,
-    # AdamW, RMSprop, any lr): θ_K is checked once per task, not each step's gradients (issue 18).
+    # issue 18: a NaN/inf gradient entry leaves θ non-finite from its step on: θ_K is checked, once
     run.finite &= torch.isfinite(torch.stack(torch._foreach_norm([p.detach() for p in model.adapt])).sum())
     if bool(run.finite):
         _verify_first_step(model, run)
