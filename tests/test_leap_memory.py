@@ -56,10 +56,11 @@ def eq13(thetas, grads, losses):
     return total
 
 
-def run_task(learner, recording):
+def run_task(learner, recording, set_to_none=True):
     """One task of STEPS steps (SGD with momentum: Δθ is not a multiple of the gradient); returns
     Leap's contribution (θ0 moves by it: init_lr 1, plain SGD), what Eq. 13 gives from the θ_k,
-    gradients and losses the loop saw, and whether Leap kept a copy of θ_k."""
+    gradients and losses the loop saw, whether Leap kept a copy of θ_k and, for the training loss,
+    whether it held the loop's last gradients rather than a copy."""
     model, batches = make_model(), make_batches()
     options = {k: (v() if callable(v) else v) for k, v in RECORDINGS[recording].items()}
     opt = warpopt.WarpGradMetaOptimizer(model, lr=0.1, momentum=0.5, meta_lr=0.0, init_lr=1.0,
@@ -71,13 +72,15 @@ def run_task(learner, recording):
         kept_copy = opt._run.init_state.last is not None
         for x, y in task:
             thetas.append([p.detach().clone() for p in params])
-            opt.zero_grad()
+            opt.zero_grad(set_to_none=set_to_none)
             loss = loss_fn(model(x), y)
             loss.backward()
             grads.append([p.grad.clone() for p in params])
             losses.append(float(loss.detach()))
             opt.step()
         thetas.append([p.detach().clone() for p in params])
+        state = opt._run.init_state
+        held = state.last_grad is not None and state.last_grad is not state.spare
     opt.meta_step()
     contribution = [a - b for a, b in zip(theta0, opt.theta0)]
     if learner == "probe":  # L(θ_k) on the probe batch (the task's first batch), k = 0..K
@@ -87,13 +90,13 @@ def run_task(learner, recording):
         with torch.no_grad():
             losses = [float(loss_fn(func(model, dict(zip(names, t)), (x,), strict=False), y)) for t in thetas]
     expected = eq13(thetas, grads, None if learner == "no loss term" else losses)
-    return contribution, expected, kept_copy
+    return contribution, expected, kept_copy, held
 
 
 @pytest.mark.parametrize("recording", list(RECORDINGS))
 @pytest.mark.parametrize("learner", list(LEARNERS))
 def test_leap_equals_eq13_whether_theta_k_is_read_off_the_recording_or_copied(learner, recording):
-    contribution, expected, kept_copy = run_task(learner, recording)
+    contribution, expected, kept_copy, _ = run_task(learner, recording)
     assert kept_copy == (recording != "recorded")  # the copy is kept only where nothing records θ_k exactly
     assert sum(float(e.abs().sum()) for e in expected) > 1e-2
     for c, e in zip(contribution, expected):
@@ -102,9 +105,35 @@ def test_leap_equals_eq13_whether_theta_k_is_read_off_the_recording_or_copied(le
 
 @pytest.mark.parametrize("learner", list(LEARNERS))
 def test_reading_theta_k_off_the_recording_is_the_same_arithmetic_as_the_copy(learner):
-    recorded, _, _ = run_task(learner, "recorded")
-    copied, _, _ = run_task(learner, "not recorded")
+    recorded, _, _, _ = run_task(learner, "recorded")
+    copied, _, _, _ = run_task(learner, "not recorded")
     for a, b in zip(recorded, copied):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_leap_holds_the_loops_gradients_only_when_the_loop_hands_out_new_ones(set_to_none):
+    """∇L(θ_k) waits one step for L(θ_{k+1}): with zero_grad() (set to None) the loop's own tensors
+    are held; zeroed in place they would be overwritten, so they are copied. Eq. 13 either way."""
+    contribution, expected, _, held = run_task("train", "recorded", set_to_none)
+    assert held == set_to_none
+    for c, e in zip(contribution, expected):
+        torch.testing.assert_close(c, e, rtol=0, atol=1e-12)
+
+
+def test_a_loop_that_reuses_held_gradient_memory_is_refused_and_rolled_back():
+    """New gradient tensors at the first steps, then zeroed in place: the held ∇L(θ_k) would be
+    overwritten. Leap says so (RuntimeError) and the task is rolled back, never a wrong result."""
+    model, batches = make_model(), make_batches()
+    opt = warpopt.WarpGradMetaOptimizer(model, lr=0.1, initialisation=warpopt.leap())
+    before = [p.detach().clone() for p in model.adapt_parameters()]
+    with pytest.raises(RuntimeError, match="zero the gradients the same way"), opt.task(batches, loss_fn) as task:
+        for k, (x, y) in enumerate(task):
+            opt.zero_grad(set_to_none=k < 3)
+            loss_fn(model(x), y).backward()
+            opt.step()
+    assert opt.counters["tasks"] == 0 and len(opt.replay) == 0
+    for a, b in zip(before, model.adapt_parameters()):
         assert torch.equal(a, b)
 
 

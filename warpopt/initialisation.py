@@ -110,7 +110,9 @@ class LeapState(NamedTuple):
     allocation per step): the running meta-gradient ``grad``; θ_k, where the next segment starts
     (``last``; None when the task's trajectory records θ_k: ``TaskView.recorded``); the probe
     batch; the loss at the start of the open segment; for the training loss, the open segment
-    (θ_{k-1} → θ_k) waiting for L(θ_k): Δθ, |Δθ|², ∇L(θ_{k-1})."""
+    (θ_{k-1} → θ_k) waiting for L(θ_k): Δθ, |Δθ|², ∇L(θ_{k-1}) (``last_grad``: the loop's own
+    gradient tensors when the loop hands out new ones at every step, as ``zero_grad()`` makes it
+    do, else a copy in ``spare``), and the loop's gradient tensors of the previous step (``seen``)."""
 
     grad: Tensors
     last: Tensors | None
@@ -119,6 +121,8 @@ class LeapState(NamedTuple):
     loss: torch.Tensor | None = None
     last_grad: Tensors | None = None
     sq: torch.Tensor | None = None
+    spare: Tensors | None = None
+    seen: Tensors | None = None
 
 
 class Leap(InitialisationLearner):
@@ -174,7 +178,7 @@ class Leap(InitialisationLearner):
         if not self.loss_term:
             return LeapState(grad, last, delta)
         if self.loss == "train":
-            return LeapState(grad, last, delta, last_grad=[torch.empty_like(p) for p in view.params])
+            return LeapState(grad, last, delta, spare=[torch.empty_like(p) for p in view.params])
         probe = view.task.task_batch(0)
         return LeapState(grad, last, delta, probe, self._probe_loss(view, probe))
 
@@ -238,19 +242,41 @@ class Leap(InitialisationLearner):
             if view_loss is None:
                 raise RuntimeError("leap(loss='train') got no training loss for this step")
             loss = view_loss.detach().to(state.grad[0].device)
-            assert state.last_grad is not None  # allocated at begin_task for loss="train"
+            grads = [g.detach() for g in grads]
+            fresh = _apart(grads, state.seen)  # this step's gradients are not in last step's memory
             if state.sq is not None:  # the open segment's Δθ is in state.delta, its ∇L in last_grad
-                assert state.loss is not None
+                assert state.loss is not None and state.last_grad is not None
+                if state.last_grad is not state.spare and not fresh:
+                    raise RuntimeError(
+                        f"leap(): the gradients of step {view.steps} were written into the memory of step "
+                        f"{view.steps - 1}'s, which Leap still needed, after earlier steps' were new tensors: "
+                        "zero the gradients the same way at every step of a task (opt.zero_grad())"
+                    )
                 self._segment(state, state.last_grad, state.sq, loss - state.loss)
             sq = self._advance(state, view)  # opens θ_k → θ_{k+1}
-            torch._foreach_copy_(state.last_grad, [g.detach() for g in grads])
-            return state._replace(loss=loss, sq=sq)
+            # ∇L(θ_k) waits for L(θ_{k+1}): a loop that hands out new gradient tensors at every step
+            # (zero_grad() sets them to None) leaves these intact, so they are held, not copied
+            last_grad = grads if fresh else state.spare
+            if not fresh:
+                torch._foreach_copy_(state.spare, grads)
+            return state._replace(loss=loss, sq=sq, last_grad=last_grad, seen=grads)
 
     def end_task(self, state: LeapState, view: TaskView) -> Tensors | None:
         return state.grad
 
     def __repr__(self) -> str:
         return f"Leap(loss_term={self.loss_term}, loss={self.loss!r})"
+
+
+def _apart(tensors: Sequence[torch.Tensor], others: Sequence[torch.Tensor] | None) -> bool:
+    """Whether no tensor of ``tensors`` shares memory with one of ``others`` (False if unknown)."""
+    if others is None:
+        return False
+    try:
+        taken = {t.untyped_storage().data_ptr() for t in others}
+        return not any(t.untyped_storage().data_ptr() in taken for t in tensors)
+    except (RuntimeError, NotImplementedError):  # e.g. sparse gradients: no plain storage
+        return False
 
 
 class Reptile(InitialisationLearner):
