@@ -256,9 +256,11 @@ class Leap(InitialisationLearner):
             sq = self._advance(state, view)  # opens θ_k → θ_{k+1}
             # ∇L(θ_k) waits for L(θ_{k+1}): a loop that hands out new gradient tensors at every step
             # (zero_grad() sets them to None) leaves these intact, so they are held, not copied
-            last_grad = grads if fresh else state.spare
+            last_grad = grads
             if not fresh:
-                torch._foreach_copy_(state.spare, grads)
+                assert state.spare is not None  # allocated at begin_task for loss="train"
+                last_grad = state.spare
+                torch._foreach_copy_(last_grad, grads)
             return state._replace(loss=loss, sq=sq, last_grad=last_grad, seen=grads)
 
     def end_task(self, state: LeapState, view: TaskView) -> Tensors | None:
