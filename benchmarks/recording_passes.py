@@ -9,8 +9,10 @@ values. Then the pieces each variant runs per step, before and after issue 18's 
   record               the point's copy (1 read + 1 write); before: + the finite check of the
                        gradients (1 read), now a check of θ_K once per task
   Leap (train)         close the open segment: grad −= inv·Δθ (3), grad −= (ΔL·inv)·∇L(θ_{k-1}) (3);
-                       open the next: Δθ = θ_{k+1} − θ_k (3), |Δθ|² (1); keep ∇L(θ_k) (2);
-                       before: + copy θ_{k+1} into Leap's own θ_k (2), now read off the recording
+                       open the next: Δθ = θ_{k+1} − θ_k (3), |Δθ|² (1); keep ∇L(θ_k): a copy (2)
+                       where the loop zeroes gradients in place, none where zero_grad() sets them to
+                       None (the loop's tensors are held); before: + copy θ_{k+1} into Leap's own θ_k
+                       (2), now read off the recording, and ∇L(θ_k) always copied
   Leap (noL / probe)   Δθ (3), |Δθ|² (1), grad −= inv·Δθ (3) (probe: + (ΔL·inv)·∇L (3));
                        before: + the copy of θ_{k+1} (2)
 
@@ -83,11 +85,12 @@ per_pass = median([cost[k] / v[0] for k, v in PIECES.items()])
 print(f"median {1e6 * per_pass:.0f} µs per pass")
 VARIANTS = {  # passes per step: before issue 18's changes, after
     "record": (3, 2),
-    "record + leap() (train)": (3 + 14, 2 + 12),
+    "record + leap(), zero_grad() (set to None)": (3 + 14, 2 + 10),
+    "record + leap(), gradients zeroed in place": (3 + 14, 2 + 12),
     "record + leap(loss_term=False)": (3 + 9, 2 + 7),
     "record + leap(loss='probe') (+ a forward)": (3 + 12, 2 + 10),
 }
 for name, (before, after) in VARIANTS.items():
     ms = f"{1e3 * before * per_pass:.2f} → {1e3 * after * per_pass:.2f} ms"
-    print(f"  {name:42s} {before:2d} → {after:2d} passes ≈ {ms}")
+    print(f"  {name:44s} {before:2d} → {after:2d} passes ≈ {ms}")
 print(f"load average at the end: {load_average()} (1/5/15 min)")
