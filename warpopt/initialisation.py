@@ -7,14 +7,16 @@ averages contributions over the tasks of a meta-batch and applies them with lear
 
 - ``begin_task(view) -> state``: the task starts at θ0 (``view.params`` hold θ0).
 - ``after_step(state, view, previous, grads) -> state``: called after every task step; θ_k =
-  ``previous`` (a copy, or None unless the learner sets ``needs_previous``), its task gradient
-  ``grads``, θ_{k+1} = ``view.params`` (live), k = ``view.steps``; ``view.loss`` is the loop's
-  training loss L(θ_k) on its batch when the learner sets ``needs_loss`` (else None).
+  ``previous`` (read-only: the recorded point or a copy; None unless the learner sets
+  ``needs_previous``), its task gradient ``grads``, θ_{k+1} = ``view.params`` (live), k =
+  ``view.steps``; ``view.loss`` is the loop's training loss L(θ_k) on its batch when the learner
+  sets ``needs_loss`` (else None).
 - ``end_task(state, view) -> list[Tensor] | None``: ∇C(θ0) for this task (None: none).
 
 ``view`` is the task's read-only view (``warpopt.session.TaskView``): ``task``, ``context``
 (a ``ReplayContext``), live ``params``/``buffers``, the start ``theta0``/``start_buffers``,
-``steps``, ``loss`` and ``loop`` (``warpopt.loop.Loop``: with ``unrolls`` set, the
+``steps``, ``loss``, ``recorded(k)`` (θ_k as the task's trajectory recorded it, read-only views,
+or None) and ``loop`` (``warpopt.loop.Loop``: with ``unrolls`` set, the
 differentiable trajectory θ0 → θ_k the task loop built). A learner keeps nothing between calls
 except what it returns.
 Subclass ``InitialisationLearner`` to plug in your own.
@@ -64,6 +66,8 @@ class TaskView(Protocol):
     loss: torch.Tensor | None
     loop: Any
 
+    def recorded(self, k: int) -> list[torch.Tensor] | None: ...
+
 
 class InitialisationLearner:
     """Base class: a fixed θ0 (no contribution); tasks start from θ0."""
@@ -104,16 +108,21 @@ LEAP_LOSSES = ("train", "probe")
 class LeapState(NamedTuple):
     """Leap's per-task state (its tensors are task-local buffers, updated in place: no
     allocation per step): the running meta-gradient ``grad``; θ_k, where the next segment starts
-    (``last``); the probe batch; the loss at the start of the open segment; for the training
-    loss, the open segment (θ_{k-1} → θ_k) waiting for L(θ_k): Δθ, |Δθ|², ∇L(θ_{k-1})."""
+    (``last``; None when the task's trajectory records θ_k: ``TaskView.recorded``); the probe
+    batch; the loss at the start of the open segment; for the training loss, the open segment
+    (θ_{k-1} → θ_k) waiting for L(θ_k): Δθ, |Δθ|², ∇L(θ_{k-1}) (``last_grad``: the loop's own
+    gradient tensors when the loop hands out new ones at every step, as ``zero_grad()`` makes it
+    do, else a copy in ``spare``), and the loop's gradient tensors of the previous step (``seen``)."""
 
     grad: Tensors
-    last: Tensors
+    last: Tensors | None
     delta: Tensors
     probe: Any = None
     loss: torch.Tensor | None = None
     last_grad: Tensors | None = None
     sq: torch.Tensor | None = None
+    spare: Tensors | None = None
+    seen: Tensors | None = None
 
 
 class Leap(InitialisationLearner):
@@ -163,21 +172,32 @@ class Leap(InitialisationLearner):
     def begin_task(self, view: TaskView) -> LeapState:
         with torch.no_grad():
             grad = [torch.zeros_like(p) for p in view.params]
-            last = [p.detach().clone() for p in view.params]
+            # θ_k is read off the recorded trajectory when there is one (no copy per step)
+            last = None if view.recorded(0) is not None else [p.detach().clone() for p in view.params]
             delta = [torch.empty_like(p) for p in view.params]
         if not self.loss_term:
             return LeapState(grad, last, delta)
         if self.loss == "train":
-            return LeapState(grad, last, delta, last_grad=[torch.empty_like(p) for p in view.params])
+            return LeapState(grad, last, delta, spare=[torch.empty_like(p) for p in view.params])
         probe = view.task.task_batch(0)
         return LeapState(grad, last, delta, probe, self._probe_loss(view, probe))
 
     @staticmethod
+    def _start(state: LeapState, view: TaskView) -> Sequence[torch.Tensor]:
+        """θ_k, where the segment that the step k → k+1 opens starts (k = ``view.steps``)."""
+        start = state.last if state.last is not None else view.recorded(view.steps)
+        if start is None:
+            raise RuntimeError(f"leap(): θ_{view.steps} was neither recorded nor kept")
+        return start
+
+    @staticmethod
     def _advance(state: LeapState, view: TaskView) -> torch.Tensor:
-        """Δθ = θ_{k+1} − θ_k into ``state.delta``, θ_{k+1} into ``state.last``; returns |Δθ|²."""
-        for d, p, q in zip(state.delta, view.params, state.last):
+        """Δθ = θ_{k+1} − θ_k into ``state.delta`` (θ_{k+1} into ``state.last`` when θ_k is not
+        read off the recorded trajectory); returns |Δθ|²."""
+        for d, p, q in zip(state.delta, view.params, Leap._start(state, view)):
             torch.sub(p.detach(), q, out=d)
-            q.copy_(p.detach())
+        if state.last is not None:
+            torch._foreach_copy_(state.last, [p.detach() for p in view.params])
         return torch.stack(torch._foreach_norm(state.delta)).pow(2).sum()
 
     @staticmethod
@@ -209,9 +229,9 @@ class Leap(InitialisationLearner):
                             "not seen): iterate the task (`for x, y in task`), return the loss from "
                             "opt.step(closure), or use warpopt.leap(loss='probe')"
                         )
-                else:  # first step: this task takes ΔL on a probe batch, from θ_0 (still in state.last)
+                else:  # first step: this task takes ΔL on a probe batch, from θ_0
                     probe = view.task.task_batch(0)
-                    state = state._replace(probe=probe, loss=self._probe_loss(view, probe, state.last))
+                    state = state._replace(probe=probe, loss=self._probe_loss(view, probe, self._start(state, view)))
             if self.loss == "probe" or state.probe is not None:
                 sq = self._advance(state, view)
                 loss = self._probe_loss(view, state.probe)
@@ -222,19 +242,43 @@ class Leap(InitialisationLearner):
             if view_loss is None:
                 raise RuntimeError("leap(loss='train') got no training loss for this step")
             loss = view_loss.detach().to(state.grad[0].device)
-            assert state.last_grad is not None  # allocated at begin_task for loss="train"
+            grads = [g.detach() for g in grads]
+            fresh = _apart(grads, state.seen)  # this step's gradients are not in last step's memory
             if state.sq is not None:  # the open segment's Δθ is in state.delta, its ∇L in last_grad
-                assert state.loss is not None
+                assert state.loss is not None and state.last_grad is not None
+                if state.last_grad is not state.spare and not fresh:
+                    raise RuntimeError(
+                        f"leap(): the gradients of step {view.steps} were written into the memory of step "
+                        f"{view.steps - 1}'s, which Leap still needed, after earlier steps' were new tensors: "
+                        "zero the gradients the same way at every step of a task (opt.zero_grad())"
+                    )
                 self._segment(state, state.last_grad, state.sq, loss - state.loss)
             sq = self._advance(state, view)  # opens θ_k → θ_{k+1}
-            torch._foreach_copy_(state.last_grad, [g.detach() for g in grads])
-            return state._replace(loss=loss, sq=sq)
+            # ∇L(θ_k) waits for L(θ_{k+1}): a loop that hands out new gradient tensors at every step
+            # (zero_grad() sets them to None) leaves these intact, so they are held, not copied
+            last_grad = grads
+            if not fresh:
+                assert state.spare is not None  # allocated at begin_task for loss="train"
+                last_grad = state.spare
+                torch._foreach_copy_(last_grad, grads)
+            return state._replace(loss=loss, sq=sq, last_grad=last_grad, seen=grads)
 
     def end_task(self, state: LeapState, view: TaskView) -> Tensors | None:
         return state.grad
 
     def __repr__(self) -> str:
         return f"Leap(loss_term={self.loss_term}, loss={self.loss!r})"
+
+
+def _apart(tensors: Sequence[torch.Tensor], others: Sequence[torch.Tensor] | None) -> bool:
+    """Whether no tensor of ``tensors`` shares memory with one of ``others`` (False if unknown)."""
+    if others is None:
+        return False
+    try:
+        taken = {t.untyped_storage().data_ptr() for t in others}
+        return not any(t.untyped_storage().data_ptr() in taken for t in tensors)
+    except (RuntimeError, NotImplementedError):  # e.g. sparse gradients: no plain storage
+        return False
 
 
 class Reptile(InitialisationLearner):

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["Arena", "Point", "State", "flatten_point", "unflatten_point"]
+__all__ = ["Arena", "Point", "State", "flatten_point", "param_views", "unflatten_point"]
 
 State = dict[str, torch.Tensor]
 
@@ -216,3 +216,20 @@ def unflatten_point(point: Point, device: torch.device) -> tuple[list[torch.Tens
     params, rest = tensors[:n_params], iter(tensors[n_params:])
     states = [{key: next(rest) for key in keys} for keys in point.layout.state_keys]
     return params, states, list(rest)
+
+
+def param_views(point: Point) -> list[torch.Tensor] | None:
+    """θ_k of ``point`` as views of its vectors (no copy), or None where the point does not hold
+    the parameters exactly as they were: stored in a lower precision, on disk, or on the host.
+
+    The views alias the recorded memory: read them, never write them.
+    """
+    views = []
+    for g, offset, numel, shape, dtype in point.layout.entries[: len(point.layout.state_keys)]:
+        if g == HOST:
+            return None
+        vector = point.vectors[g]
+        if vector.dtype != dtype or vector.device.type == "meta":
+            return None
+        views.append(vector[offset : offset + numel].view(shape))
+    return views

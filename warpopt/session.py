@@ -191,6 +191,10 @@ class TaskRun:
     loop: Loop | None = None
     loss: torch.Tensor | None = None
 
+    def recorded(self, k: int) -> list[torch.Tensor] | None:
+        """θ_k as recorded (read-only views; issue 18), or None: not recorded at every step exactly."""
+        return self.trajectory.params_at(k) if self.trajectory is not None and self.trajectory.every == 1 else None
+
     def sample(self, states: list[dict[str, torch.Tensor]]) -> Sample:
         """The live θ_k as a replay sample (for the online algorithms)."""
         return Sample(
@@ -337,8 +341,6 @@ def step(
     if run is not None:
         algorithm_state = run.algorithm_state
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in model.adapt]
-    if run is not None:
-        run.finite &= torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum())
     learn = run is None or run.learn
     clip, model.clip = model.clip, None
     if run is not None:  # issue 14: record what this step uses; check the step on sampled tasks
@@ -397,11 +399,9 @@ def step(
                         )
     if loop is not None and initialisation.needs_loss:  # issue 18: the loop's training loss L(θ_k)
         run.loss = loss.detach() if loss is not None else loop.loss(run.steps, model.adapt)  # type: ignore[union-attr]
-    previous = (
-        [p.detach().clone() for p in model.adapt]
-        if run is not None and learn and initialisation.needs_previous
-        else None
-    )
+    previous = None
+    if run is not None and learn and initialisation.needs_previous:  # θ_k: recorded already, else a copy
+        previous = run.recorded(run.steps) or [p.detach().clone() for p in model.adapt]
     model.task_optimizer.step()
     due = None
     if run is not None:
@@ -455,6 +455,8 @@ def end(
     """The task's outcome; None if a task gradient became NaN/inf: then θ is restored and the
     task dropped with a warning (``on_nonfinite="skip"``) or a ``FloatingPointError``."""
     finish(model, run)
+    # issue 18: a NaN/inf gradient entry leaves θ non-finite from its step on: θ_K is checked, once
+    run.finite &= torch.isfinite(torch.stack(torch._foreach_norm([p.detach() for p in model.adapt])).sum())
     if bool(run.finite):
         _verify_first_step(model, run)
     if run.trajectory is not None:  # θ_K is replayed with what the next step would use

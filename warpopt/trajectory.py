@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from .points import Arena, Point, State, flatten_point, unflatten_point
+from .points import Arena, Point, State, flatten_point, param_views, unflatten_point
 from .step_hypers import StepHypers, from_plain, to_plain
 from .storage import CPUStorage, DeviceStorage, DiskStorage, Storage
 from .tasks import Task
@@ -84,6 +84,15 @@ class Trajectory:
     ) -> None:
         if step % self.every == 0:
             self.points.append(flatten_point(step, params, states, buffers, self.dtype, self.arena))
+
+    def params_at(self, step: int) -> list[torch.Tensor] | None:
+        """θ_``step`` as recorded (read-only views, no copy), or None where it was not recorded
+        exactly (a step ``every`` skips, half-precision storage): θ0 learners read it instead of
+        keeping their own copy of θ_k (issue 18)."""
+        if step % self.every or step // self.every >= len(self.points):
+            return None
+        point = self.points[step // self.every]
+        return param_views(point) if point.step == step else None
 
     def discard(self) -> None:
         """Drop the points (the task is not committed); their memory goes back to the arena."""
