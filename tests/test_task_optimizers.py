@@ -452,3 +452,34 @@ def test_load_empty_state_clears_and_flat_reshape():
     assert opt.state[p]["step"].dtype == torch.float32 and opt.state[p]["step"].item() == 5.0
     with pytest.raises(ValueError):
         load_optimizer_states(opt, [torch.zeros(1)], [{}])
+
+
+@pytest.mark.parametrize("kw", [dict(lr=0.4), dict(lr=0.1, weight_decay=0.01),
+                                dict(lr=0.1, momentum=0.9, dampening=0.3, weight_decay=0.01),
+                                dict(lr=0.1, momentum=0.9, nesterov=True)])
+def test_sgd_step_is_bitwise_torch_sgd(kw):
+    """With number hyper-parameters the functional SGD step takes torch.optim.SGD's ops
+    (``add`` with ``alpha``): the same float32 values to the bit, over several steps."""
+    gen = torch.Generator().manual_seed(5)
+    p = torch.randn(64, 33, generator=gen)
+    theta, states = [p.clone()], [{}]
+    opt = torch.optim.SGD([p], foreach=False, **kw)
+    for _ in range(4):
+        g = torch.randn(64, 33, generator=gen)
+        theta, states = sgd_step(theta, [g], states, [opt.param_groups[0]])
+        p.grad = g
+        opt.step()
+        assert torch.equal(theta[0], p)
+
+
+def test_sgd_number_hypers_twice_differentiable():
+    """The one-op update with number hyper-parameters keeps the second derivative (MAML)."""
+    p, g, buf = _rand(3, 2, seed=0), _rand(3, 2, seed=1), _rand(3, 2, seed=2)
+
+    def f(p, g, buf):
+        h = {"lr": 0.1, "momentum": 0.8, "dampening": 0.2, "weight_decay": 0.1, "nesterov": False}
+        (np_,), (ns,) = sgd_step([p], [g], [{"momentum_buffer": buf}], [h])
+        return np_ * np_.sin(), ns["momentum_buffer"]
+
+    assert torch.autograd.gradcheck(f, (p, g, buf))
+    assert torch.autograd.gradgradcheck(f, (p, g, buf))
