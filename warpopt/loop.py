@@ -85,6 +85,10 @@ def same(a: Any, b: Any) -> bool:
         return False
 
 
+def _nothing() -> None:
+    pass
+
+
 class _Unmatched(Exception):
     """The task loss called the model with inputs the loop's forward did not see."""
 
@@ -191,7 +195,7 @@ class Loop:
         self.merged: Tensors | None = None  # its φ gradient, when computed with the θ0 term
         self.faithful = True  # every step so far was the loop's (its forward and loss seen): θ_k is the live θ_k
         self._anchors: dict[torch.device, torch.Tensor] = {}  # see _Tap
-        self._inside: contextlib.ExitStack | None = None
+        self._inside: Callable[[], None] | None = None  # in the user's forward: what puts θ back
         self._handles = [
             module.register_forward_pre_hook(self._pre, with_kwargs=True),
             module.register_forward_hook(self._post, with_kwargs=True, always_call=True),
@@ -205,10 +209,7 @@ class Loop:
     def _pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if self._inside is not None or not self._is_users():
             return None  # a nested call, or one of the library's functional forwards
-        stack = contextlib.ExitStack()
-        if self.unroll:
-            stack.callback(self._swap(self.theta + self.phi))
-        self._inside = stack
+        self._inside = self._swap(self.theta + self.phi) if self.unroll else _nothing
         return None
 
     def _swap(self, tensors: Sequence[torch.Tensor]) -> Callable[[], None]:
@@ -226,17 +227,18 @@ class Loop:
         return undo
 
     def _post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        stack, self._inside = self._inside, None
-        if stack is None:
+        undo, self._inside = self._inside, None
+        if undo is None:
             return None
-        stack.close()
+        undo()
         if output is None:  # the forward raised (always_call): parameters are back, nothing to keep
             return None
         if not self.unroll:
             detached = pytree.tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, output)
             self.forwards.append(_Forward(self.step_index, args, kwargs, detached))
             return None
-        leaves, spec = pytree.tree_flatten(output)
+        single = type(output) is torch.Tensor  # the usual case: no tree to walk
+        leaves, spec = ([output], None) if single else pytree.tree_flatten(output)
         graph = [i for i, t in enumerate(leaves) if isinstance(t, torch.Tensor) and t.requires_grad]
         entry = _Forward(self.step_index, args, kwargs, output, list(self.theta), [leaves[i] for i in graph])
         self.forwards.append(entry)
@@ -247,6 +249,8 @@ class Loop:
         if anchor is None:
             anchor = self._anchors[device] = torch.zeros((), device=device, requires_grad=True)
         tapped = _Tap.apply(self, entry, anchor, *(o.detach() for o in entry.graph_outputs))
+        if single:
+            return tapped[0]
         for i, t in zip(graph, tapped):
             leaves[i] = t
         return pytree.tree_unflatten(leaves, spec)
@@ -257,8 +261,8 @@ class Loop:
             handle.remove()
         self._handles = []
         if self._inside is not None:
-            self._inside.close()
-            self._inside = None
+            undo, self._inside = self._inside, None
+            undo()
         self._kernels.close()
 
     # ------------------------------------------------------------------ the loop's losses
@@ -331,7 +335,7 @@ class Loop:
                 # compared at the end of the task, all steps at once (``check``)
                 self.compare.extend((u.detach(), d.detach()) for u, d in zip(grads, dout))
                 self.graph_grads = g if entry.step == self.step_index else None
-                plain = [x.detach() for x in g]  # list[Tensor]
+                plain = g  # copied below, without its graph
             else:  # not the step's one matched backward: the plain product, the graph gradient later
                 self.graph_grads = None
                 plain = _zeros_for_none(
@@ -340,7 +344,7 @@ class Loop:
                     ),
                     entry.theta,
                 )
-        with torch.no_grad():
+        with torch.no_grad():  # (no graph is recorded: ``plain`` may be the graph's g_k)
             for p, g_p in zip(self.live, plain):
                 if p.grad is None:
                     p.grad = g_p.clone()  # the graph's own tensor stays out of the user's reach

@@ -9,7 +9,6 @@ back to where they were before ``begin``. Nothing here changes φ, θ0 or any me
 
 from __future__ import annotations
 
-import copy
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -25,7 +24,7 @@ from .initialisation import InitialisationLearner
 from .loop import Loop
 from .objectives import Objective, ReplayContext, exact, meta_gradient
 from .step_hypers import StepHypers, capture
-from .task_optimizers import functional_step_for, optimizer_states
+from .task_optimizers import copy_state_dict, functional_step_for, optimizer_states
 from .tasks import Task
 from .trajectory import ReplayBuffer, Sample, Trajectory
 
@@ -176,7 +175,7 @@ class TaskRun:
     learn: bool
     restore: tuple[list[torch.Tensor], list[torch.Tensor], dict[str, Any]]
     requires_grad: list[bool]
-    finite: torch.Tensor
+    _finite: torch.Tensor  # read ``finite``: the task's gradient norms are folded in lazily
     steps: int = 0
     trajectory: Trajectory | None = None
     init_state: Any = None
@@ -190,6 +189,25 @@ class TaskRun:
     # L(θ_k) of the step being taken, for θ0 learners that ask for them (``unrolls``/``needs_loss``)
     loop: Loop | None = None
     loss: torch.Tensor | None = None
+    _norms: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def finite(self) -> torch.Tensor:
+        """Whether every task gradient so far was finite (a device bool). Steps only queue their
+        gradients' norms (one op); they are checked here, together (one reduction per task)."""
+        if self._norms:
+            self._finite = self._finite & torch.isfinite(torch.stack(self._norms)).all()
+            self._norms = []
+        return self._finite
+
+    @finite.setter
+    def finite(self, value: torch.Tensor) -> None:
+        self._finite, self._norms = value, []
+
+    def note_gradients(self, grads: list[torch.Tensor]) -> None:
+        self._norms.extend(torch._foreach_norm(grads))
+        if len(self._norms) > 4096:
+            self.finite = self.finite  # a long task: fold now, keep the queue short
 
     def sample(self, states: list[dict[str, torch.Tensor]]) -> Sample:
         """The live θ_k as a replay sample (for the online algorithms)."""
@@ -233,7 +251,7 @@ def begin(
         restore = (
             [p.detach().clone() for p in model.adapt],
             [b.detach().clone() for b in buffers],
-            copy.deepcopy(model.task_optimizer.state_dict()),
+            copy_state_dict(model.task_optimizer.state_dict()),
         )
         if reset:
             for p, t0 in zip(model.adapt, model.theta0):
@@ -338,7 +356,7 @@ def step(
         algorithm_state = run.algorithm_state
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in model.adapt]
     if run is not None:
-        run.finite &= torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum())
+        run.note_gradients(grads)
     learn = run is None or run.learn
     clip, model.clip = model.clip, None
     if run is not None:  # issue 14: record what this step uses; check the step on sampled tasks

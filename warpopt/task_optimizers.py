@@ -24,6 +24,7 @@ Notation: α learning rate, μ momentum, τ dampening, λ weight decay, g gradie
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
@@ -415,6 +416,22 @@ def optimizer_states(optimizer: torch.optim.Optimizer, params: Sequence[Tensor],
             st[k] = v
         out.append(st)
     return out
+
+
+def copy_state_dict(state: Any) -> Any:
+    """A copy of an optimizer's ``state_dict()`` that later steps cannot change: dicts, lists and
+    tuples copied, tensors cloned (detached), numbers, strings and None shared (immutable),
+    anything else deep-copied. What ``copy.deepcopy`` gives for torch.optim's dicts, without its
+    per-object bookkeeping (which dominates for many small state tensors)."""
+    if isinstance(state, Tensor):
+        return state.detach().clone()
+    if type(state) is dict:
+        return {k: copy_state_dict(v) for k, v in state.items()}
+    if type(state) in (list, tuple):
+        return type(state)(copy_state_dict(v) for v in state)
+    if state is None or isinstance(state, (bool, int, float, complex, str, bytes)):
+        return state
+    return copy.deepcopy(state)
 
 
 def load_optimizer_states(
