@@ -50,7 +50,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.utils import _pytree as pytree
 
-from .kernels import _has_rnn, replay_kernels
+from .kernels import replay_kernels
 from .tasks import Task
 
 __all__ = ["Loop", "same"]
@@ -162,19 +162,22 @@ class Loop:
         self.adapt_names, self.live = list(adapt_names), list(live)
         self.buffer_names, self.buffers = list(buffer_names), list(buffers)
         self.warp = list(warp) if warp_term else []
-        name_of = {id(p): n for n, p in module.named_parameters()}
-        self.warp_names = [name_of[id(w)] for w in self.warp]
         self.unroll = unroll
         # Where each swapped parameter sits in the module tree: every (module, attribute) holding
-        # it, so tied weights are swapped everywhere (as functional_call's tie_weights does).
+        # it, so tied weights are swapped everywhere (as functional_call's tie_weights does); and
+        # the first qualified name of each (one walk of the tree, as named_parameters does).
         where: dict[int, list[tuple[nn.Module, str]]] = {}
-        for name, p in module.named_parameters(remove_duplicate=False):
-            owner, _, leaf = name.rpartition(".")
-            where.setdefault(id(p), []).append((module.get_submodule(owner), leaf))
-        swapped = self.live + self.warp
-        self._slots = [where.get(id(p), []) for p in swapped]
+        name_of: dict[int, str] = {}
+        self._rnn = False
+        for prefix, owner in module.named_modules(remove_duplicate=False):
+            self._rnn = self._rnn or isinstance(owner, nn.RNNBase)
+            for leaf, p in owner._parameters.items():
+                if p is not None:
+                    where.setdefault(id(p), []).append((owner, leaf))
+                    name_of.setdefault(id(p), f"{prefix}.{leaf}" if prefix else leaf)
+        self.warp_names = [name_of[id(w)] for w in self.warp]
+        self._slots = [where.get(id(p), []) for p in self.live + self.warp]
         first_owner, first_leaf = self._slots[0][0]
-        self._rnn = _has_rnn(module)
         self._probe = (first_owner, first_leaf, self.live[0])  # does the module hold θ live?
         # The unrolled forwards are differentiated twice: twice-differentiable kernels for the
         # whole task (process-wide flags, as in the replay; restored by ``remove``).
