@@ -60,6 +60,8 @@ class Model:
         return self.warp + list(self.learned.values())
 
     def live_buffers(self) -> list[torch.Tensor]:
+        if not self.buffer_names:  # (no walk of the module tree, at every task and meta-step)
+            return []
         named = dict(self.module.named_buffers())
         return [named[n] for n in self.buffer_names]
 
