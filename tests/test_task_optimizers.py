@@ -1,6 +1,7 @@
 """Tests for warpopt.task_optimizers: functional steps must reproduce torch.optim."""
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -483,3 +484,39 @@ def test_sgd_number_hypers_twice_differentiable():
 
     assert torch.autograd.gradcheck(f, (p, g, buf))
     assert torch.autograd.gradgradcheck(f, (p, g, buf))
+
+
+@pytest.mark.parametrize("opt_cls,kw", [(torch.optim.Adam, dict(lr=0.1, amsgrad=True)),
+                                        (torch.optim.SGD, dict(lr=0.1, momentum=0.9)),
+                                        (torch.optim.SGD, dict(lr=torch.tensor(0.1)))])
+def test_copy_state_dict_is_a_snapshot_that_restores_the_optimizer(opt_cls, kw):
+    """What session.begin / the meta-step transaction keep to undo a task or a meta-step: equal to
+    the state_dict, unchanged by later steps, and load_state_dict of it puts the optimizer back."""
+    from warpopt.task_optimizers import copy_state_dict
+    gen = torch.Generator().manual_seed(2)
+    params = _make_params([(3, 2), (4,)], gen)
+    opt = opt_cls(params, **kw)
+
+    def step():
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype)
+        opt.step()
+
+    step()
+    snap = copy_state_dict(opt.state_dict())
+    reference = copy.deepcopy(opt.state_dict())
+    step()
+    step()
+
+    def equal(a, b):
+        if isinstance(a, torch.Tensor):
+            return isinstance(b, torch.Tensor) and torch.equal(a, b) and a.dtype == b.dtype
+        if isinstance(a, (dict, list, tuple)):
+            return type(a) is type(b) and len(a) == len(b) and all(
+                equal(x, y) for x, y in (zip(a.values(), b.values()) if isinstance(a, dict) else zip(a, b)))
+        return a == b
+
+    assert equal(snap, reference)  # later steps did not reach the copy
+    assert not reference["state"] or not equal(snap, opt.state_dict())  # (SGD without momentum: no state)
+    opt.load_state_dict(snap)
+    assert equal(opt.state_dict(), reference)  # the optimizer is back where the copy was taken

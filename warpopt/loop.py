@@ -85,10 +85,6 @@ def same(a: Any, b: Any) -> bool:
         return False
 
 
-def _nothing() -> None:
-    pass
-
-
 class _Unmatched(Exception):
     """The task loss called the model with inputs the loop's forward did not see."""
 
@@ -198,7 +194,7 @@ class Loop:
         self.merged: Tensors | None = None  # its φ gradient, when computed with the θ0 term
         self.faithful = True  # every step so far was the loop's (its forward and loss seen): θ_k is the live θ_k
         self._anchors: dict[torch.device, torch.Tensor] = {}  # see _Tap
-        self._inside: Callable[[], None] | None = None  # in the user's forward: what puts θ back
+        self._inside: contextlib.ExitStack | None = None
         self._handles = [
             module.register_forward_pre_hook(self._pre, with_kwargs=True),
             module.register_forward_hook(self._post, with_kwargs=True, always_call=True),
@@ -212,7 +208,10 @@ class Loop:
     def _pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if self._inside is not None or not self._is_users():
             return None  # a nested call, or one of the library's functional forwards
-        self._inside = self._swap(self.theta + self.phi) if self.unroll else _nothing
+        stack = contextlib.ExitStack()
+        if self.unroll:
+            stack.callback(self._swap(self.theta + self.phi))
+        self._inside = stack
         return None
 
     def _swap(self, tensors: Sequence[torch.Tensor]) -> Callable[[], None]:
@@ -230,18 +229,18 @@ class Loop:
         return undo
 
     def _post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        undo, self._inside = self._inside, None
-        if undo is None:
+        stack, self._inside = self._inside, None
+        if stack is None:
             return None
-        undo()
+        stack.close()
         if output is None:  # the forward raised (always_call): parameters are back, nothing to keep
             return None
         if not self.unroll:
             detached = pytree.tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, output)
             self.forwards.append(_Forward(self.step_index, args, kwargs, detached))
             return None
-        single = type(output) is torch.Tensor  # the usual case: no tree to walk
-        leaves, spec = ([output], None) if single else pytree.tree_flatten(output)
+        # the usual case, a single tensor, has no tree to walk
+        leaves, spec = ([output], None) if type(output) is torch.Tensor else pytree.tree_flatten(output)
         graph = [i for i, t in enumerate(leaves) if isinstance(t, torch.Tensor) and t.requires_grad]
         entry = _Forward(self.step_index, args, kwargs, output, list(self.theta), [leaves[i] for i in graph])
         self.forwards.append(entry)
@@ -252,7 +251,7 @@ class Loop:
         if anchor is None:
             anchor = self._anchors[device] = torch.zeros((), device=device, requires_grad=True)
         tapped = _Tap.apply(self, entry, anchor, *(o.detach() for o in entry.graph_outputs))
-        if single:
+        if spec is None:  # a single tensor
             return tapped[0]
         for i, t in zip(graph, tapped):
             leaves[i] = t
@@ -264,20 +263,32 @@ class Loop:
             handle.remove()
         self._handles = []
         if self._inside is not None:
-            undo, self._inside = self._inside, None
-            undo()
+            self._inside.close()
+            self._inside = None
         self._kernels.close()
 
     # ------------------------------------------------------------------ the loop's losses
-    def _replaying(self, entry: _Forward) -> Callable[..., Any]:
-        """A ``forward`` for the task loss that returns ``entry``'s output for its own inputs."""
+    def _replaying(self, entry: _Forward, output: Any = None) -> Callable[..., Any]:
+        """A ``forward`` for the task loss that returns ``entry``'s output (or ``output``) for
+        its own inputs."""
 
         def forward(*args: Any, **kwargs: Any) -> Any:
             if same(args, entry.args) and same(kwargs, entry.kwargs):
-                return entry.output
+                return entry.output if output is None else output
             raise _Unmatched
 
         return forward
+
+    def _direct(self, entry: _Forward, batch: Any) -> Tensors:
+        """The task loss's gradient at each graph output taken as an input of its own (what the
+        user's backward sends into the tap); differs from the total derivative when one output is
+        computed from another (a hidden state returned beside the prediction)."""
+        stand = [o.detach().requires_grad_(True) for o in entry.graph_outputs]
+        leaves, spec = pytree.tree_flatten(entry.output)
+        it = iter(stand)
+        leaves = [next(it) if isinstance(t, torch.Tensor) and t.requires_grad else t for t in leaves]
+        loss = self.task.task_loss(self._replaying(entry, pytree.tree_unflatten(leaves, spec)), batch)
+        return _zeros_for_none(torch.autograd.grad(loss, stand, allow_unused=True), stand)
 
     def _loop_batch(self, k: int) -> Any:
         try:
@@ -331,10 +342,12 @@ class Loop:
                         matched = None
             if matched is not None:
                 # to θ_k (g_k still depends on φ_k for Eq. 7, but ∇φ L_task is not needed), and to
-                # the outputs for the check; one backward with its graph
-                wrt = entry.theta + entry.graph_outputs
+                # a single output for the check; one backward with its graph
+                single = entry.graph_outputs if len(entry.graph_outputs) == 1 else []
+                wrt = entry.theta + single
                 both = _zeros_for_none(torch.autograd.grad(matched, wrt, create_graph=True, allow_unused=True), wrt)
-                g, dout = both[: len(entry.theta)], both[len(entry.theta) :]
+                g = both[: len(entry.theta)]
+                dout = both[len(entry.theta) :] if single else self._direct(entry, batch)
                 # compared at the end of the task, all steps at once (``check``)
                 self.compare.extend((u.detach(), d.detach()) for u, d in zip(grads, dout))
                 self.graph_grads = g if entry.step == self.step_index else None

@@ -165,7 +165,7 @@ def build(
 
 
 @dataclass
-class TaskRun:
+class TaskRun(step_check.FiniteGradients):
     """The live state of one task (a ``warpopt.initialisation.TaskView`` for θ0 learners)."""
 
     task: Task
@@ -179,6 +179,7 @@ class TaskRun:
     requires_grad: list[bool]
     _finite: torch.Tensor  # read ``finite``: the task's gradient norms are folded in lazily
     steps: int = 0
+    _norms: list[torch.Tensor] = field(default_factory=list)  # the steps' gradient norms, not yet checked
     trajectory: Trajectory | None = None
     init_state: Any = None
     hook: Any = None
@@ -191,25 +192,6 @@ class TaskRun:
     # L(θ_k) of the step being taken, for θ0 learners that ask for them (``unrolls``/``needs_loss``)
     loop: Loop | None = None
     loss: torch.Tensor | None = None
-    _norms: list[torch.Tensor] = field(default_factory=list)
-
-    @property
-    def finite(self) -> torch.Tensor:
-        """Whether every task gradient so far was finite (a device bool). Steps only queue their
-        gradients' norms (one op); they are checked here, together (one reduction per task)."""
-        if self._norms:
-            self._finite = self._finite & torch.isfinite(torch.stack(self._norms)).all()
-            self._norms = []
-        return self._finite
-
-    @finite.setter
-    def finite(self, value: torch.Tensor) -> None:
-        self._finite, self._norms = value, []
-
-    def note_gradients(self, grads: list[torch.Tensor]) -> None:
-        self._norms.extend(torch._foreach_norm(grads))
-        if len(self._norms) > 4096:
-            self.finite = self.finite  # a long task: fold now, keep the queue short
 
     def sample(self, states: list[dict[str, torch.Tensor]]) -> Sample:
         """The live θ_k as a replay sample (for the online algorithms)."""

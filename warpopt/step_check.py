@@ -39,7 +39,7 @@ from .objectives import ReplayContext
 from .step_hypers import StepHypers
 from .task_optimizers import State
 
-__all__ = ["due", "GradGuard", "Before", "before", "after", "report"]
+__all__ = ["due", "FiniteGradients", "GradGuard", "Before", "before", "after", "report"]
 
 RTOL_UPDATE = 1e-3
 RTOL_GRADIENT = 5e-2
@@ -48,6 +48,33 @@ RTOL_GRADIENT = 5e-2
 def due(task_index: int) -> bool:
     """Whether the ``task_index``-th task's first step is checked (0, 1, 2, 4, 8, ...)."""
     return task_index & (task_index - 1) == 0
+
+
+class FiniteGradients:
+    """Whether every task gradient so far was finite (``finite``: a device bool), for the task run.
+
+    Each step queues its gradients' norms (``note_gradients``: one op, no host synchronisation);
+    they are checked together when ``finite`` is read (at the task's end: one reduction per task,
+    not one per step). The owner provides ``_finite`` (a bool tensor) and ``_norms`` (a list)."""
+
+    _finite: torch.Tensor
+    _norms: list[torch.Tensor]
+    QUEUED = 4096  # norms a long task queues before checking them anyway (bounded memory)
+
+    @property
+    def finite(self) -> torch.Tensor:
+        if self._norms:
+            self._finite, self._norms = self._finite & torch.isfinite(torch.stack(self._norms)).all(), []
+        return self._finite
+
+    @finite.setter
+    def finite(self, value: torch.Tensor) -> None:
+        self._finite, self._norms = value, []
+
+    def note_gradients(self, grads: Sequence[torch.Tensor]) -> None:
+        self._norms.extend(torch._foreach_norm(list(grads)))
+        if len(self._norms) > self.QUEUED:
+            self.finite = self.finite  # check now: keeps the queue short
 
 
 class GradGuard:
