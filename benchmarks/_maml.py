@@ -17,6 +17,8 @@ and ``learned() -> {name: tensor}``, θ0 and, for Warp-MAML, φ):
   ``ScaleWarp`` on the head (10 parameters, never trained) is the smallest legal warp.
 - ``torch``: hand-written functional MAML (``torch.func.functional_call`` + ``autograd.grad``
   with ``create_graph``): the work every second-order MAML must do, done once.
+- ``torch-add``: the same with the one-op update ``torch.add(p, g, alpha=-lr)`` (warpopt's SGD
+  step): warpopt's kernels without any bookkeeping.
 - ``higher``: ``higher.innerloop_ctx`` with a differentiable SGD.
 - ``torchopt``: ``torchopt.MetaSGD`` on the module, state extracted/recovered per task.
 - ``learn2learn``: ``learn2learn.algorithms.MAML`` (``clone()`` / ``adapt()``).
@@ -111,6 +113,23 @@ class TorchMAML(Contender):
             loss = F.cross_entropy(functional_call(self.net, theta, (xs,)), ys)
             grads = torch.autograd.grad(loss, list(theta.values()), create_graph=True)
             theta = {k: p - self.s.lr * g for (k, p), g in zip(theta.items(), grads)}
+        (F.cross_entropy(functional_call(self.net, theta, (xq,)), yq) / n).backward()
+
+
+class TorchAddMAML(TorchMAML):
+    """The hand-written MAML with the one-op update ``torch.add(p, g, alpha=-lr)`` (torch.optim.SGD's
+    op and warpopt's): one op and one backward node per parameter update where ``p - lr * g`` takes
+    two. Not a peer: the floor for warpopt's kernels, a MAML without any bookkeeping."""
+
+    name = "torch-add"
+
+    def task(self, support: Batch, query: Batch, n: int) -> None:
+        (xs, ys), (xq, yq) = support, query
+        theta = dict(self.net.named_parameters())
+        for _ in range(self.s.steps):
+            loss = F.cross_entropy(functional_call(self.net, theta, (xs,)), ys)
+            grads = torch.autograd.grad(loss, list(theta.values()), create_graph=True)
+            theta = {k: torch.add(p, g, alpha=-self.s.lr) for (k, p), g in zip(theta.items(), grads)}
         (F.cross_entropy(functional_call(self.net, theta, (xq,)), yq) / n).backward()
 
 
@@ -308,8 +327,9 @@ class TorchWarpMAML(Contender):
         return {k: v.detach() for k, v in self.net.named_parameters()}
 
 
-PEERS: dict[str, type[Contender]] = {"torch": TorchMAML, "higher": HigherMAML, "torchopt": TorchoptMAML,
-                                     "learn2learn": Learn2learnMAML}
+PEERS: dict[str, type[Contender]] = {"torch": TorchMAML, "torch-add": TorchAddMAML, "higher": HigherMAML,
+                                     "torchopt": TorchoptMAML, "learn2learn": Learn2learnMAML}
+HAND_WRITTEN = ("torch", "torch-add")  # written here, not peer libraries
 
 
 def available(names: list[str]) -> tuple[list[str], dict[str, str]]:
@@ -319,7 +339,7 @@ def available(names: list[str]) -> tuple[list[str], dict[str, str]]:
         try:
             if name == "learn2learn":
                 learn2learn_maml()
-            elif name != "torch":
+            elif name not in HAND_WRITTEN:
                 importlib.import_module(name)
             ok.append(name)
         except Exception as e:  # an ImportError, or a peer broken against this torch

@@ -19,8 +19,9 @@ def _gap(peer: str, cls=None) -> float:
     return gaps[peer]
 
 
-def test_handwritten_maml_gives_warpopt_meta_gradient():
-    assert _gap("torch") <= 1e-10
+@pytest.mark.parametrize("hand_written", ["torch", "torch-add"])
+def test_handwritten_maml_gives_warpopt_meta_gradient(hand_written):
+    assert _gap(hand_written) <= 1e-10
 
 
 @pytest.mark.parametrize("peer", ["higher", "torchopt"])

@@ -319,3 +319,85 @@ def test_maml_unroll_is_validated():
     with pytest.raises(ValueError, match="unroll"):
         warpopt.maml(unroll="twice")
     assert warpopt.maml().unrolls and not warpopt.maml(unroll="replay").unrolls
+
+
+class TiedNet(nn.Module):
+    """Two layers sharing one weight (tied: one Parameter in two modules), the output a tensor,
+    a tuple or a dict (the loop's fast path for a single tensor, the tree walk for the others)."""
+
+    def __init__(self, out):
+        super().__init__()
+        torch.manual_seed(0)
+        self.enc, self.dec, self.head = nn.Linear(3, 3), nn.Linear(3, 3), nn.Linear(3, 1)
+        self.dec.weight = self.enc.weight
+        self.out = out
+        self.to(DTYPE)
+
+    def forward(self, x):
+        h = torch.tanh(self.dec(torch.tanh(self.enc(x))))
+        y = self.head(h)
+        return {"tensor": y, "tuple": (y, h), "dict": {"h": h, "y": y}}[self.out]
+
+
+@pytest.mark.parametrize("out", ["tensor", "tuple", "dict"])
+def test_maml_in_the_loop_with_tied_weights_and_structured_outputs_equals_the_replay(out):
+    """A weight held by two modules is swapped in both (θ_k everywhere the forward reads it), and
+    outputs of any structure reach the loss: the loop's meta-gradient is the replay's."""
+    def pick(o):
+        return o if out == "tensor" else o[0] if out == "tuple" else o["y"]
+
+    def task_loss(o, y):
+        return loss_fn(pick(o), y)
+
+    grads, finals = {}, {}
+    for unroll in ("loop", "replay"):
+        net = TiedNet(out)
+        assert len(list(net.parameters())) == 5  # the tied weight once
+        opt = maml_opt(net, unroll)
+        before = [t.detach().clone() for t in opt.theta0]
+        for data, query in two_tasks():
+            with opt.task(data, task_loss, meta_data=lambda k, q=query: q) as task:
+                for x, y in task:
+                    opt.zero_grad()
+                    task_loss(net(x), y).backward()
+                    opt.step()
+        opt.meta_step()
+        grads[unroll] = [a - b for a, b in zip(before, opt.theta0)]
+        finals[unroll] = [p.detach().clone() for p in net.parameters()]
+        assert net.dec.weight is net.enc.weight and isinstance(net.enc.weight, nn.Parameter)
+    assert all(g.abs().sum() > 0 for g in grads["loop"])
+    for a, b in zip(grads["loop"], grads["replay"]):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    for a, b in zip(finals["loop"], finals["replay"]):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize("policy", ["raise", "skip"])
+def test_a_nonfinite_gradient_at_any_step_of_a_maml_task_drops_it(policy):
+    """The task's end checks θ_K, which a NaN/inf gradient entry leaves non-finite from its step
+    on: a NaN at a middle step (not the last) still drops the task and restores everything."""
+    net = make_net()
+    opt = maml_opt(net, on_nonfinite=policy)
+    (data, query), (bad, bad_query) = two_tasks()
+    with opt.task(data, loss_fn, meta_data=lambda k: query) as task:
+        plain_loop(opt, net, task, data)
+    theta0 = [t.detach().clone() for t in opt.theta0]
+    live = [p.detach().clone() for p in net.parameters()]
+    contributions = opt.contributions
+    bad = [(x.clone(), y) for x, y in bad]
+    bad[1][0][0, 0] = float("nan")
+    seen = []
+    context = pytest.raises(FloatingPointError, match="NaN") if policy == "raise" else pytest.warns(
+        RuntimeWarning, match="dropped")
+    with context:
+        with opt.task(bad, loss_fn, meta_data=lambda k: bad_query) as task:
+            for k, (x, y) in enumerate(task):
+                opt.zero_grad()
+                loss_fn(net(x), y).backward()
+                opt.step()
+                seen.append(k)
+    assert seen == [0, 1, 2]  # every step ran: the drop is decided at the end
+    assert all(torch.equal(p, q) for p, q in zip(net.parameters(), live))
+    assert all(torch.equal(p, q) for p, q in zip(opt.theta0, theta0))
+    assert opt.contributions is contributions and opt.counters["tasks"] == 1
+    opt.meta_step()  # the first task's contribution only

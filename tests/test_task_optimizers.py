@@ -1,6 +1,7 @@
 """Tests for warpopt.task_optimizers: functional steps must reproduce torch.optim."""
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -452,3 +453,70 @@ def test_load_empty_state_clears_and_flat_reshape():
     assert opt.state[p]["step"].dtype == torch.float32 and opt.state[p]["step"].item() == 5.0
     with pytest.raises(ValueError):
         load_optimizer_states(opt, [torch.zeros(1)], [{}])
+
+
+@pytest.mark.parametrize("kw", [dict(lr=0.4), dict(lr=0.1, weight_decay=0.01),
+                                dict(lr=0.1, momentum=0.9, dampening=0.3, weight_decay=0.01),
+                                dict(lr=0.1, momentum=0.9, nesterov=True)])
+def test_sgd_step_is_bitwise_torch_sgd(kw):
+    """With number hyper-parameters the functional SGD step takes torch.optim.SGD's ops
+    (``add`` with ``alpha``): the same float32 values to the bit, over several steps."""
+    gen = torch.Generator().manual_seed(5)
+    p = torch.randn(64, 33, generator=gen)
+    theta, states = [p.clone()], [{}]
+    opt = torch.optim.SGD([p], foreach=False, **kw)
+    for _ in range(4):
+        g = torch.randn(64, 33, generator=gen)
+        theta, states = sgd_step(theta, [g], states, [opt.param_groups[0]])
+        p.grad = g
+        opt.step()
+        assert torch.equal(theta[0], p)
+
+
+def test_sgd_number_hypers_twice_differentiable():
+    """The one-op update with number hyper-parameters keeps the second derivative (MAML)."""
+    p, g, buf = _rand(3, 2, seed=0), _rand(3, 2, seed=1), _rand(3, 2, seed=2)
+
+    def f(p, g, buf):
+        h = {"lr": 0.1, "momentum": 0.8, "dampening": 0.2, "weight_decay": 0.1, "nesterov": False}
+        (np_,), (ns,) = sgd_step([p], [g], [{"momentum_buffer": buf}], [h])
+        return np_ * np_.sin(), ns["momentum_buffer"]
+
+    assert torch.autograd.gradcheck(f, (p, g, buf))
+    assert torch.autograd.gradgradcheck(f, (p, g, buf))
+
+
+@pytest.mark.parametrize("opt_cls,kw", [(torch.optim.Adam, dict(lr=0.1, amsgrad=True)),
+                                        (torch.optim.SGD, dict(lr=0.1, momentum=0.9)),
+                                        (torch.optim.SGD, dict(lr=torch.tensor(0.1)))])
+def test_copy_state_dict_is_a_snapshot_that_restores_the_optimizer(opt_cls, kw):
+    """What session.begin / the meta-step transaction keep to undo a task or a meta-step: equal to
+    the state_dict, unchanged by later steps, and load_state_dict of it puts the optimizer back."""
+    from warpopt.task_optimizers import copy_state_dict
+    gen = torch.Generator().manual_seed(2)
+    params = _make_params([(3, 2), (4,)], gen)
+    opt = opt_cls(params, **kw)
+
+    def step():
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype)
+        opt.step()
+
+    step()
+    snap = copy_state_dict(opt.state_dict())
+    reference = copy.deepcopy(opt.state_dict())
+    step()
+    step()
+
+    def equal(a, b):
+        if isinstance(a, torch.Tensor):
+            return isinstance(b, torch.Tensor) and torch.equal(a, b) and a.dtype == b.dtype
+        if isinstance(a, (dict, list, tuple)):
+            return type(a) is type(b) and len(a) == len(b) and all(
+                equal(x, y) for x, y in (zip(a.values(), b.values()) if isinstance(a, dict) else zip(a, b)))
+        return a == b
+
+    assert equal(snap, reference)  # later steps did not reach the copy
+    assert not reference["state"] or not equal(snap, opt.state_dict())  # (SGD without momentum: no state)
+    opt.load_state_dict(snap)
+    assert equal(opt.state_dict(), reference)  # the optimizer is back where the copy was taken

@@ -50,7 +50,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.utils import _pytree as pytree
 
-from .kernels import _has_rnn, replay_kernels
+from .kernels import replay_kernels
 from .tasks import Task
 
 __all__ = ["Loop", "same"]
@@ -158,19 +158,22 @@ class Loop:
         self.adapt_names, self.live = list(adapt_names), list(live)
         self.buffer_names, self.buffers = list(buffer_names), list(buffers)
         self.warp = list(warp) if warp_term else []
-        name_of = {id(p): n for n, p in module.named_parameters()}
-        self.warp_names = [name_of[id(w)] for w in self.warp]
         self.unroll = unroll
         # Where each swapped parameter sits in the module tree: every (module, attribute) holding
-        # it, so tied weights are swapped everywhere (as functional_call's tie_weights does).
+        # it, so tied weights are swapped everywhere (as functional_call's tie_weights does); and
+        # the first qualified name of each (one walk of the tree, as named_parameters does).
         where: dict[int, list[tuple[nn.Module, str]]] = {}
-        for name, p in module.named_parameters(remove_duplicate=False):
-            owner, _, leaf = name.rpartition(".")
-            where.setdefault(id(p), []).append((module.get_submodule(owner), leaf))
-        swapped = self.live + self.warp
-        self._slots = [where.get(id(p), []) for p in swapped]
+        name_of: dict[int, str] = {}
+        self._rnn = False
+        for prefix, owner in module.named_modules(remove_duplicate=False):
+            self._rnn = self._rnn or isinstance(owner, nn.RNNBase)
+            for leaf, p in owner._parameters.items():
+                if p is not None:
+                    where.setdefault(id(p), []).append((owner, leaf))
+                    name_of.setdefault(id(p), f"{prefix}.{leaf}" if prefix else leaf)
+        self.warp_names = [name_of[id(w)] for w in self.warp]
+        self._slots = [where.get(id(p), []) for p in self.live + self.warp]
         first_owner, first_leaf = self._slots[0][0]
-        self._rnn = _has_rnn(module)
         self._probe = (first_owner, first_leaf, self.live[0])  # does the module hold θ live?
         # The unrolled forwards are differentiated twice: twice-differentiable kernels for the
         # whole task (process-wide flags, as in the replay; restored by ``remove``).
@@ -236,7 +239,8 @@ class Loop:
             detached = pytree.tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, output)
             self.forwards.append(_Forward(self.step_index, args, kwargs, detached))
             return None
-        leaves, spec = pytree.tree_flatten(output)
+        # the usual case, a single tensor, has no tree to walk
+        leaves, spec = ([output], None) if type(output) is torch.Tensor else pytree.tree_flatten(output)
         graph = [i for i, t in enumerate(leaves) if isinstance(t, torch.Tensor) and t.requires_grad]
         entry = _Forward(self.step_index, args, kwargs, output, list(self.theta), [leaves[i] for i in graph])
         self.forwards.append(entry)
@@ -247,6 +251,8 @@ class Loop:
         if anchor is None:
             anchor = self._anchors[device] = torch.zeros((), device=device, requires_grad=True)
         tapped = _Tap.apply(self, entry, anchor, *(o.detach() for o in entry.graph_outputs))
+        if spec is None:  # a single tensor
+            return tapped[0]
         for i, t in zip(graph, tapped):
             leaves[i] = t
         return pytree.tree_unflatten(leaves, spec)
@@ -262,15 +268,27 @@ class Loop:
         self._kernels.close()
 
     # ------------------------------------------------------------------ the loop's losses
-    def _replaying(self, entry: _Forward) -> Callable[..., Any]:
-        """A ``forward`` for the task loss that returns ``entry``'s output for its own inputs."""
+    def _replaying(self, entry: _Forward, output: Any = None) -> Callable[..., Any]:
+        """A ``forward`` for the task loss that returns ``entry``'s output (or ``output``) for
+        its own inputs."""
 
         def forward(*args: Any, **kwargs: Any) -> Any:
             if same(args, entry.args) and same(kwargs, entry.kwargs):
-                return entry.output
+                return entry.output if output is None else output
             raise _Unmatched
 
         return forward
+
+    def _direct(self, entry: _Forward, batch: Any) -> Tensors:
+        """The task loss's gradient at each graph output taken as an input of its own (what the
+        user's backward sends into the tap); differs from the total derivative when one output is
+        computed from another (a hidden state returned beside the prediction)."""
+        stand = [o.detach().requires_grad_(True) for o in entry.graph_outputs]
+        leaves, spec = pytree.tree_flatten(entry.output)
+        it = iter(stand)
+        leaves = [next(it) if isinstance(t, torch.Tensor) and t.requires_grad else t for t in leaves]
+        loss = self.task.task_loss(self._replaying(entry, pytree.tree_unflatten(leaves, spec)), batch)
+        return _zeros_for_none(torch.autograd.grad(loss, stand, allow_unused=True), stand)
 
     def _loop_batch(self, k: int) -> Any:
         try:
@@ -324,14 +342,16 @@ class Loop:
                         matched = None
             if matched is not None:
                 # to θ_k (g_k still depends on φ_k for Eq. 7, but ∇φ L_task is not needed), and to
-                # the outputs for the check; one backward with its graph
-                wrt = entry.theta + entry.graph_outputs
+                # a single output for the check; one backward with its graph
+                single = entry.graph_outputs if len(entry.graph_outputs) == 1 else []
+                wrt = entry.theta + single
                 both = _zeros_for_none(torch.autograd.grad(matched, wrt, create_graph=True, allow_unused=True), wrt)
-                g, dout = both[: len(entry.theta)], both[len(entry.theta) :]
+                g = both[: len(entry.theta)]
+                dout = both[len(entry.theta) :] if single else self._direct(entry, batch)
                 # compared at the end of the task, all steps at once (``check``)
                 self.compare.extend((u.detach(), d.detach()) for u, d in zip(grads, dout))
                 self.graph_grads = g if entry.step == self.step_index else None
-                plain = [x.detach() for x in g]  # list[Tensor]
+                plain = g  # copied below, without its graph
             else:  # not the step's one matched backward: the plain product, the graph gradient later
                 self.graph_grads = None
                 plain = _zeros_for_none(
@@ -340,7 +360,7 @@ class Loop:
                     ),
                     entry.theta,
                 )
-        with torch.no_grad():
+        with torch.no_grad():  # (no graph is recorded: ``plain`` may be the graph's g_k)
             for p, g_p in zip(self.live, plain):
                 if p.grad is None:
                     p.grad = g_p.clone()  # the graph's own tensor stays out of the user's reach

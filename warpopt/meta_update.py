@@ -11,7 +11,6 @@ back, so a retry is bit-identical to an uninterrupted run.
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -24,6 +23,7 @@ from torch import nn
 from .algorithms import Accumulator, Algorithm, Offline, accumulate, mean
 from .objectives import Objective
 from .session import Model
+from .task_optimizers import copy_state_dict
 from .trajectory import ReplayBuffer
 
 __all__ = ["MetaParameters", "Contributions", "add_contribution", "meta_update", "transaction", "check_rate"]
@@ -141,7 +141,7 @@ class MetaParameters:
 
     def snapshot(self) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
         values = [p.detach().clone() for p in self.phi + self.theta0]
-        return values, [copy.deepcopy(o.state_dict()) for o in self.optimizers()]
+        return values, [copy_state_dict(o.state_dict()) for o in self.optimizers()]
 
     def restore(self, snap: tuple[list[torch.Tensor], list[dict[str, Any]]]) -> None:
         values, states = snap

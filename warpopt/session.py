@@ -9,7 +9,6 @@ back to where they were before ``begin``. Nothing here changes φ, θ0 or any me
 
 from __future__ import annotations
 
-import copy
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -25,7 +24,7 @@ from .initialisation import InitialisationLearner
 from .loop import Loop
 from .objectives import Objective, ReplayContext, exact, meta_gradient
 from .step_hypers import StepHypers, capture
-from .task_optimizers import functional_step_for, optimizer_states
+from .task_optimizers import copy_state_dict, functional_step_for, optimizer_states
 from .tasks import Task
 from .trajectory import ReplayBuffer, Sample, Trajectory
 
@@ -61,6 +60,8 @@ class Model:
         return self.warp + list(self.learned.values())
 
     def live_buffers(self) -> list[torch.Tensor]:
+        if not self.buffer_names:  # (no walk of the module tree, at every task and meta-step)
+            return []
         named = dict(self.module.named_buffers())
         return [named[n] for n in self.buffer_names]
 
@@ -176,7 +177,7 @@ class TaskRun:
     learn: bool
     restore: tuple[list[torch.Tensor], list[torch.Tensor], dict[str, Any]]
     requires_grad: list[bool]
-    finite: torch.Tensor
+    finite: torch.Tensor  # set at the task's end from θ_K (``end``)
     steps: int = 0
     trajectory: Trajectory | None = None
     init_state: Any = None
@@ -237,7 +238,7 @@ def begin(
         restore = (
             [p.detach().clone() for p in model.adapt],
             [b.detach().clone() for b in buffers],
-            copy.deepcopy(model.task_optimizer.state_dict()),
+            copy_state_dict(model.task_optimizer.state_dict()),
         )
         if reset:
             for p, t0 in zip(model.adapt, model.theta0):

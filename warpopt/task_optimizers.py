@@ -24,6 +24,7 @@ Notation: α learning rate, μ momentum, τ dampening, λ weight decay, g gradie
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
@@ -169,17 +170,26 @@ def sgd_step(params, grads, states, hypers):
     return _apply(_sgd_one, params, grads, states, hypers)
 
 
+def _axpy(x: Tensor, a: Any, y: Tensor) -> Tensor:
+    """x + a·y: one op (``add`` with ``alpha``, as torch.optim takes it: the same rounding, and one
+    graph node instead of two) when ``a`` is a number; a product otherwise (a tensor ``a``, e.g. a
+    learned hyper-parameter, is differentiated)."""
+    if isinstance(a, (int, float)):
+        return torch.add(x, y, alpha=a)
+    return x + a * y
+
+
 def _sgd_one(p, g, st, h):
     lr, mu, wd = h["lr"], h.get("momentum", 0.0), h.get("weight_decay", 0.0)
     if not _is_zero(wd):
-        g = g + wd * p
+        g = _axpy(g, wd, p)
     new_st: State = {}
     if not _is_zero(mu):
         buf = st.get("momentum_buffer")
-        buf = g if buf is None else mu * buf + (1 - h.get("dampening", 0.0)) * g
+        buf = g if buf is None else _axpy(mu * buf, 1 - h.get("dampening", 0.0), g)
         new_st["momentum_buffer"] = buf
-        g = g + mu * buf if h.get("nesterov", False) else buf
-    return p - lr * g, new_st
+        g = _axpy(g, mu, buf) if h.get("nesterov", False) else buf
+    return _axpy(p, -lr, g) if isinstance(lr, (int, float)) else p - lr * g, new_st
 
 
 # --------------------------------------------------------------------------- Adam / AdamW
@@ -406,6 +416,22 @@ def optimizer_states(optimizer: torch.optim.Optimizer, params: Sequence[Tensor],
             st[k] = v
         out.append(st)
     return out
+
+
+def copy_state_dict(state: Any) -> Any:
+    """A copy of an optimizer's ``state_dict()`` that later steps cannot change: dicts, lists and
+    tuples copied, tensors cloned (detached), numbers, strings and None shared (immutable),
+    anything else deep-copied. What ``copy.deepcopy`` gives for torch.optim's dicts, without its
+    per-object bookkeeping (which dominates for many small state tensors)."""
+    if isinstance(state, Tensor):
+        return state.detach().clone()
+    if type(state) is dict:
+        return {k: copy_state_dict(v) for k, v in state.items()}
+    if type(state) in (list, tuple):
+        return type(state)(copy_state_dict(v) for v in state)
+    if state is None or isinstance(state, (bool, int, float, complex, str, bytes)):
+        return state
+    return copy.deepcopy(state)
 
 
 def load_optimizer_states(
