@@ -7,8 +7,8 @@ The per-sample path (``warpopt.objectives.meta_gradient``) runs a Python loop ov
 replayed points of a mini-batch, one small forward/backward each. Here the points' θ_k,
 optimizer states, buffers and batches are stacked along a new leading dimension and the
 SAME per-sample objective (``warpopt.exact``, ``warpopt.approx`` or your own, defined once in
-terms of ``torch.func.grad``) is mapped over them with ``torch.func.vmap``; this module only
-batches:
+terms of ``context.gradient``, here ``torch.func.grad``) is mapped over them with
+``torch.func.vmap``; this module only batches:
 
     per_sample(θ_k, s_k, b_k, task batch, meta batch) = objective(context, sample_k)
 
@@ -59,7 +59,15 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 from .kernels import unvectorisable
-from .objectives import Objective, ReplayContext, accumulate_gradient, meta_gradient, trainable, with_batches
+from .objectives import (
+    Objective,
+    ReplayContext,
+    accumulate_gradient,
+    functional_gradient,
+    meta_gradient,
+    trainable,
+    with_batches,
+)
 from .trajectory import Sample
 
 __all__ = ["vectorised", "vectorised_meta_gradient"]
@@ -176,6 +184,8 @@ def _per_sample_fn(objective: Objective, context: ReplayContext, first: Sample) 
     sample's tensors for vmap's per-sample slices. Samples of a group share the first one's
     task (hence its loss functions, by which the group was formed).
     """
+
+    context = replace(context, gradient=functional_gradient)  # autograd cannot run under vmap
 
     def fn(params, states, buffers, task_batch, meta_batch):
         sample = replace(
