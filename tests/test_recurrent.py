@@ -220,6 +220,35 @@ def test_exact_meta_gradient_through_packed_sequences_matches_finite_differences
     assert check_exact_meta_gradient(model, padded_tokens(g), padded_tokens(g), F.cross_entropy) <= 1e-6
 
 
+
+class HiddenStateClassifier(SequenceClassifier):
+    """Reads only h_n: the output sequence, where a warp acts, never reaches the prediction."""
+
+    def __init__(self, cell="lstm", hidden_layer=False):
+        super().__init__(cell)
+        self.pre = nn.Linear(EMBED, EMBED) if hidden_layer else None
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        _, h = self.rnn(self.pre(x) if self.pre is not None else x)
+        return self.fc((h[0] if isinstance(h, tuple) else h)[-1])
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_a_warp_whose_sequence_is_never_read_is_not_made(cell):
+    ids, _ = tokens()
+    model = HiddenStateClassifier(cell)
+    state = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"output sequence of \['rnn'\] does not reach.*h_n"):
+        warpopt.warp(model, example_input=ids)
+    assert not warpopt.is_warped(model) and all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    # with another hidden layer the default warps that one only
+    model = warpopt.warp(HiddenStateClassifier(cell, hidden_layer=True), example_input=ids)
+    assert list(model.warp_layers()) == ["pre.warp"]
+    # the sequence read (the usual classifier): the RNN is warped
+    assert list(warpopt.warp(SequenceClassifier(cell), example_input=ids).warp_layers()) == ["rnn.warp"]
+
+
 def test_where_accepts_module_names_and_patterns():
     for where in ("rnn", ["rnn"], "r*", nn.LSTM):
         model = warpopt.warp(SequenceClassifier(), where=where)
