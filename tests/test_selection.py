@@ -63,8 +63,9 @@ def test_a_head_registered_first_is_never_warped():
     model, x = HeadFirst(), torch.randn(5, 4)
     reference = copy.deepcopy(model)
     before = snapshot(model)
-    with pytest.raises(ValueError, match="example_input.*exclude.*where"):
+    with pytest.raises(ValueError, match="example_input.*exclude.*where") as raised:
         warp(model)
+    assert "exclude='body'" not in str(raised.value)  # no example naming a hidden layer as the output
     assert snapshot(model) == before and not warpopt.is_warped(model)
 
     warp(model, example_input=x)

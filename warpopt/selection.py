@@ -269,8 +269,9 @@ def default_targets(model: nn.Module, example_input: Any = None, exclude: Select
                 f"cannot tell which task layer of {type(model).__name__} is its output layer: its forward "
                 f"decides the order in which {names} run, and the output layer must not be warped. "
                 f"Pass example_input=<a batch> to find it by running one forward "
-                f"(warp(model, example_input=x)), exclude=<its name> to name it "
-                f"(e.g. exclude={names[-1]!r}), or where=<selector> to choose the modules to warp"
+                f"(warp(model, example_input=x)), exclude=<its name> to name it (one of {names}; "
+                f"the last registered is not necessarily the last called), or where=<selector> to "
+                f"choose the modules to warp"
             )
         kept = [n for n in names if n != last]  # last None: `exclude` names the output layers
     targets = [n for n in kept if not any(within(n, e) for e in excluded)]
