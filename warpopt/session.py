@@ -347,14 +347,13 @@ def step(
         run.step_hypers.append(run.hypers)
         if run.trajectory is not None:
             run.trajectory.note_hypers(run.steps, run.hypers)
-        if run.steps == 0:
-            _check_loop_reads_task(model, run)
-            if run.guard is not None:
-                run.check = step_check.before(
-                    model.adapt, model.states(), grads, run.buffers, run.hypers, run.guard, run.task
-                )
-                run.guard.remove()
-                run.guard = None
+        _check_loop_reads_task(model, run)  # each step: a draw (Leap's probe) may read ahead at any step
+        if run.steps == 0 and run.guard is not None:
+            run.check = step_check.before(
+                model.adapt, model.states(), grads, run.buffers, run.hypers, run.guard, run.task
+            )
+            run.guard.remove()
+            run.guard = None
     # ---- issue 18: the unrolled step θ_{k+1} = U(θ_k, g_k), a graph node of θ0 (MAML) ----------
     loop = run.loop if run is not None else None
     unrolled = None
@@ -471,6 +470,14 @@ def end(
         return None
     if not run.learn:
         return TaskOutcome(None, run.steps, run.algorithm_state, None)
+    _check_loop_reads_task(model, run)
+    if run.trajectory is not None and run.steps and not run.task.can_draw():
+        raise ValueError(
+            f"{run.task!r}: your loop read the one-shot data (a generator or iterator) itself, so no batch "
+            "is left for the replay's draws at meta_step(). Iterate the task instead: `with opt.task(gen, "
+            "loss_fn) as task: for x, y in task: ...` (its batches are kept for the replay), or pass a "
+            "list of batches or a callable k -> batch. The task was rolled back; nothing was recorded"
+        )
     if run.loop is not None:  # issue 18: the loop's loss was the task's at every step (else ValueError)
         run.loop.check()
     contribution = initialisation.end_task(run.init_state, run)
@@ -514,15 +521,17 @@ def _verify_first_step(model: Model, run: TaskRun) -> None:
 
 
 def _check_loop_reads_task(model: Model, run: TaskRun) -> None:
-    """At a task's first step: batches a draw read ahead from a one-shot iterator are lost to a
-    loop that iterates the iterator itself rather than the task (warned once)."""
+    """At each step and the task's end: batches a draw read ahead from a one-shot iterator are
+    lost to a loop that iterates the iterator itself rather than the task (warned once)."""
+    if "data" in model.reported:
+        return
     ahead = run.task.read_ahead()
-    if ahead and not run.task.batches_seen() and "data" not in model.reported:
+    if ahead and not run.task.batches_seen():
         model.reported.add("data")
         warnings.warn(
             f"{run.task!r}: {ahead} batch(es) of your one-shot data (a generator or iterator) were read by "
-            "warpopt before your loop's first step (a probe or a replay draw) and your loop does not "
-            "iterate the task, so it will not see them. Iterate the task instead: `with opt.task(gen, "
+            "warpopt (Leap's probe or a replay draw) and your loop does not iterate the task, so it will "
+            "not see them. Iterate the task instead: `with opt.task(gen, "
             "loss_fn) as task: for x, y in task: ...` (every batch reaches the loop and is kept for the "
             "replay). Reported once.",
             RuntimeWarning,

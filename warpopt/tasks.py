@@ -320,6 +320,13 @@ class Task:
         will never reach it (iterate the task: ``for x, y in task``)."""
         return 0 if self._tape is None else len(self._tape.batches) - self._loop
 
+    def can_draw(self) -> bool:
+        """Whether the draws will have a batch: always for a callable or a re-iterable (an empty
+        one raises when drawn); for one-shot data, whether the tape holds one, else whether the
+        iterator yields one more (read onto the tape, as the first draw would). False: a loop that
+        read the iterator itself consumed it all."""
+        return self._tape is None or bool(self._tape.batches) or self._tape.pull()
+
     def loop_batch(self, k: int) -> Any:
         """The batch the training loop used at step k (see the class docstring)."""
         if k < len(self._seen):
