@@ -336,7 +336,8 @@ class Task:
         if isinstance(self._data, Sequence) and len(self._data):
             return self._data[k % len(self._data)]
         raise ValueError(
-            f"the batch of step {k} is unknown: the loop's batches of a one-shot iterable are only seen "
+            f"the batch of step {k} is unknown: the loop's batches of data that is not a list (a generator, "
+            "a DataLoader or its iterator) are only seen "
             "when the loop iterates the task itself (`with opt.task(data, loss_fn) as task: for x, y in "
             "task: ...`); or pass a list of batches or a callable k -> batch"
         )
