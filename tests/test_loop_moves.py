@@ -77,6 +77,28 @@ def test_a_move_while_the_meta_batch_is_pending_is_refused_and_changes_nothing()
     opt.meta_step()
 
 
+
+@pytest.mark.parametrize("initialisation", ["leap", "maml"])
+def test_a_move_inside_a_task_is_refused_with_what_to_do_and_rolled_back(initialisation):
+    # It failed inside the library's own forwards with "mat1 and mat2 must have the same dtype".
+    model = make_model()
+    opt = warpopt.WarpGradMetaOptimizer(model, lr=0.1, initialisation=getattr(warpopt, initialisation)())
+    theta = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match="moved .* inside a task.*Move the model between tasks"):
+        with opt.task(batches(1), loss_fn) as task:
+            for k, (x, y) in enumerate(task):
+                if k == 1:
+                    model.double()
+                    x, y = x.double(), y.double()
+                opt.zero_grad()
+                loss_fn(model(x), y).backward()
+                opt.step()
+    assert all(torch.equal(p, t.double()) for p, t in zip(model.parameters(), theta))  # rolled back
+    assert len(opt.replay) == 0 and opt.counters["tasks"] == 0
+    adapt(opt, model, batches(2, dtype=torch.float64))  # between tasks the move is followed
+    assert opt.meta_step()["warp_updates"] > 0 and all(t.dtype == torch.float64 for t in opt.theta0)
+
+
 def test_replaced_parameters_are_refused_with_what_to_do():
     model = make_model()
     opt = warpopt.WarpGradMetaOptimizer(model, lr=0.1)

@@ -123,6 +123,13 @@ class _Tap(torch.autograd.Function):
         return (None, None, None) + (None,) * len(grads)
 
 
+MOVED_IN_TASK = (
+    "the model moved (device or dtype) inside a task: what the task recorded is in the old placement. "
+    "Move the model between tasks (after meta_step(): θ0 and the optimizers' state follow it); this "
+    "task was rolled back"
+)
+
+
 def _zeros_for_none(grads: Sequence[torch.Tensor | None], like: Sequence[torch.Tensor]) -> Tensors:
     return [g if g is not None else torch.zeros_like(t) for g, t in zip(grads, like)]
 
@@ -207,6 +214,9 @@ class Loop:
             return None  # a nested call, or one of the library's functional forwards
         stack = contextlib.ExitStack()
         if self.unroll:
+            live, theta = self.live[0], self.theta[0]
+            if live.dtype != theta.dtype or live.device != theta.device:
+                raise RuntimeError(MOVED_IN_TASK)
             stack.callback(self._swap(self.theta + self.phi))
         self._inside = stack
         return None

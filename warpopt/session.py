@@ -22,7 +22,7 @@ from . import step_check, warping
 from .algorithms import Accumulator, Algorithm
 from .clipping import check_max_norm
 from .initialisation import InitialisationLearner
-from .loop import Loop
+from .loop import MOVED_IN_TASK, Loop
 from .objectives import Objective, ReplayContext, exact, meta_gradient
 from .step_hypers import StepHypers, capture
 from .task_optimizers import functional_step_for, optimizer_states
@@ -336,6 +336,8 @@ def step(
     None for continual steps outside a task. ``loss``: what ``step(closure)`` returned."""
     if run is not None:
         algorithm_state = run.algorithm_state
+        if any(p.dtype != s.dtype or p.device != s.device for p, s in zip(model.adapt, run.theta0)):
+            raise RuntimeError(MOVED_IN_TASK)
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in model.adapt]
     if run is not None:
         run.finite &= torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum())
