@@ -99,6 +99,25 @@ def test_a_move_inside_a_task_is_refused_with_what_to_do_and_rolled_back(initial
     assert opt.meta_step()["warp_updates"] > 0 and all(t.dtype == torch.float64 for t in opt.theta0)
 
 
+
+def test_a_float16_model_whose_adam_meta_update_overflows_is_told_why():
+    # torch.optim.Adam's eps=1e-8 is 0 in float16: a zero second moment gives 0/0 in φ or θ0.
+    # The error named only losses and learning rates; it says what to change now, and that works.
+    import functools
+
+    for meta_optimizer, fails in ((torch.optim.Adam, True), (functools.partial(torch.optim.Adam, eps=1e-4), False)):
+        model = make_model()
+        opt = warpopt.WarpGradMetaOptimizer(model, lr=0.1, meta_optimizer=meta_optimizer)
+        model.half()
+        adapt(opt, model, batches(1, dtype=torch.float16))
+        if fails:
+            with pytest.raises(FloatingPointError, match="float16.*eps=1e-8 rounds to 0.*eps=1e-4"):
+                opt.meta_step()
+        else:
+            opt.meta_step()
+            assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
 def test_replaced_parameters_are_refused_with_what_to_do():
     model = make_model()
     opt = warpopt.WarpGradMetaOptimizer(model, lr=0.1)
