@@ -319,3 +319,19 @@ def test_maml_unroll_is_validated():
     with pytest.raises(ValueError, match="unroll"):
         warpopt.maml(unroll="twice")
     assert warpopt.maml().unrolls and not warpopt.maml(unroll="replay").unrolls
+
+
+def test_maml_in_the_loop_with_continual_warp_updates_is_refused_at_construction():
+    # continual() updates φ in place inside the task; the loop's MAML graph runs through φ, so the
+    # task's backward failed with autograd's "modified by an inplace operation".
+    model = warpopt.warp(make_net())
+    with pytest.raises(ValueError, match="maml\\(\\).*updates φ in place inside the task.*unroll='replay'"):
+        maml_opt(model, algorithm=warpopt.continual(every=2))
+    opt = maml_opt(model, unroll="replay", algorithm=warpopt.continual(every=2))  # the suggested way works
+    with opt.task(batches(1, n=4), loss_fn) as task:
+        for x, y in task:
+            opt.zero_grad()
+            loss_fn(model(x), y).backward()
+            opt.step()
+    assert opt.counters["warp_updates"] == 2
+    maml_opt(make_net(), algorithm=warpopt.continual(every=2))  # θ0 only: no φ to update, accepted

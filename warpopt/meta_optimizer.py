@@ -103,6 +103,12 @@ class WarpGradMetaOptimizer(torch.optim.Optimizer):
                 "through the task update, so α would get no meta-gradient"
             )
         self.core = session.build(model, params, task_optimizer, lr, task_kwargs, learn_lr, learn_momentum)
+        if initialisation.unrolls and not algorithm.resets and self.core.meta_parameters():
+            raise ValueError(
+                "maml() builds each task's trajectory in the loop as one autograd graph through φ, and "
+                f"{algorithm!r} updates φ in place inside the task, which breaks that graph: use "
+                "maml(unroll='replay'), fomaml(), reptile() or leap() with it, or maml() with online()/offline()"
+            )
         if not self.core.meta_parameters() and not initialisation.learns:
             raise ValueError(
                 "nothing to meta-learn: the model has no warp parameters (call "
