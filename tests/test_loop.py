@@ -335,3 +335,37 @@ def test_maml_in_the_loop_with_continual_warp_updates_is_refused_at_construction
             opt.step()
     assert opt.counters["warp_updates"] == 2
     maml_opt(make_net(), algorithm=warpopt.continual(every=2))  # θ0 only: no φ to update, accepted
+
+
+@pytest.mark.parametrize("unroll", ["loop", "replay"])
+def test_maml_differentiates_the_steps_taken_under_a_scheduler_and_clipping(unroll):
+    # Each step's lr (LambdaLR) and clip_grad_norm_ are the step's own; unroll="replay" used the
+    # param groups as they were at the task's end and no clipping.
+    net = make_net()
+    opt = maml_opt(net, unroll=unroll)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1 / (1 + k))
+    data, query = batches(1, n=4), batches(9, n=1)[0]
+    theta0 = [p.detach().clone() for p in net.parameters()]
+
+    def loop(opt, model, task, data):
+        for x, y in task:
+            opt.zero_grad()
+            loss_fn(model(x), y).backward()
+            opt.clip_grad_norm_(0.1)
+            opt.step()
+            scheduler.step()
+
+    got = theta0_step(opt, net, [(data, query)], loop)
+    names = [n for n, _ in net.named_parameters()]
+    start = [t.clone().requires_grad_(True) for t in theta0]
+    theta = start
+    for k, (x, y) in enumerate(data):  # θ_{k+1} = θ_k − α_k clip(∇L(θ_k)), by hand
+        g = torch.autograd.grad(loss_fn(torch.func.functional_call(net, dict(zip(names, theta)), (x,)), y),
+                                theta, create_graph=True)
+        norm = torch.sqrt(sum((t ** 2).sum() for t in g))
+        assert norm > 0.1  # the clip is active
+        theta = [t - 0.3 / (1 + k) * gi * (0.1 / (norm + 1e-6)) for t, gi in zip(theta, g)]
+    expected = torch.autograd.grad(loss_fn(torch.func.functional_call(net, dict(zip(names, theta)), (query[0],)),
+                                           query[1]), start)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

@@ -291,13 +291,14 @@ class MAML(InitialisationLearner):
             return loop.theta0_gradient(task.meta_batch(view.steps), lambda theta: ctx.forward_at(theta, buffers))
         else:
             batches = [task.loop_batch(k) for k in range(view.steps)]  # fails before any work if unknown
+            recorded = getattr(view, "step_hypers", [])  # what each step used: its lr, its clipping
             theta0 = [t.detach().requires_grad_(True) for t in view.theta0]
             theta = theta0
             states: list[dict[str, torch.Tensor]] = [{} for _ in theta0]
-            for batch in batches:
+            for k, batch in enumerate(batches):
                 loss = task.task_loss(ctx.forward_at(theta, buffers), batch)
                 grads = torch.autograd.grad(loss, theta, create_graph=True)
-                theta, states = ctx.step(theta, grads, states, ctx.hypers)
+                theta, states = ctx.apply_step(theta, grads, states, recorded[k] if k < len(recorded) else None)
         loss = task.meta_loss(ctx.forward_at(theta, buffers), task.meta_batch(view.steps))
         return list(torch.autograd.grad(loss, theta0))
 
