@@ -189,3 +189,24 @@ def test_meta_training_a_head_first_model_keeps_the_head_unwarped():
     opt.meta_step()
     assert {n for n, _ in model.named_warp_parameters()} == {
         "hidden.warp.weight", "hidden.warp.bias", "body.warp.weight", "body.warp.bias"}
+
+
+class ReturnsHidden(nn.Module):
+    """Hugging Face style: the output carries the hidden states too, so every layer reaches it."""
+
+    def __init__(self):
+        super().__init__()
+        self.classifier = nn.Linear(6, 3)
+        self.dense = nn.Linear(4, 6)
+
+    def forward(self, x):
+        hidden = torch.tanh(self.dense(x))
+        return {"logits": self.classifier(hidden), "hidden_states": hidden}
+
+
+def test_a_model_returning_its_hidden_states_is_told_how_to_name_the_output_layer():
+    model = ReturnsHidden()
+    with pytest.raises(ValueError, match=r"\['dense', 'classifier'\] all reach.*exclude='classifier'"):
+        warp(model, example_input=torch.randn(2, 4))
+    assert not warpopt.is_warped(model)
+    assert list(warp(model, exclude="classifier").warp_layers()) == ["dense.warp"]  # the advice works

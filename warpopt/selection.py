@@ -259,9 +259,11 @@ def default_targets(model: nn.Module, example_input: Any = None, exclude: Select
     names = task_layers(model)
     excluded = select(model, exclude, "exclude") if exclude is not None else []
     unreached: set[str] = set()
+    outputs: list[str] = []  # in call order
     if example_input is not None:
-        called, outputs, unreached = traced_output_layers(model, names, example_input)
-        kept = [n for n in names if n in called and n not in outputs and n not in unreached]
+        called, found, unreached = traced_output_layers(model, names, example_input)
+        outputs = [n for n in called if n in found]
+        kept = [n for n in names if n in called and n not in found and n not in unreached]
     else:
         last = _structural_output_layer(model, names) if len(names) > 1 else (names[0] if names else None)
         if last is None and exclude is None:
@@ -282,6 +284,14 @@ def default_targets(model: nn.Module, example_input: Any = None, exclude: Select
             "forward reads only the hidden state h_n), so a warp on it would have no effect. Read the "
             "sequence instead (out[:, -1] equals h_n[-1] for a unidirectional RNN), or pass where= to "
             "choose the modules to warp"
+        )
+    if not targets and len(outputs) > 1:
+        raise ValueError(
+            f"example_input: the outputs of {outputs} all reach {type(model).__name__}'s output without "
+            "passing through another of them, so each counts as an output layer and none is warped (a "
+            "model that also returns hidden states does this). Name the real output layer(s) instead, "
+            f"without example_input: warp(model, exclude={outputs[-1]!r}) if it is the last one called, "
+            "or pass where=<selector>"
         )
     if not targets:
         raise ValueError(
