@@ -224,6 +224,62 @@ def test_a_plain_loop_gets_no_warning_dropout_included(dropout):
     assert torch.equal(torch.get_rng_state(), after_tasks)
 
 
+
+@pytest.mark.parametrize("initialisation", ["leap", "fomaml", "maml", "multitask"])
+def test_a_frozen_parameter_is_neither_replayed_nor_meta_learned(initialisation):
+    # torch.optim never steps a parameter without a gradient. It was an adapt parameter all the
+    # same: the replay stepped it (a different step from the one taken) and θ0 learners moved it.
+    model = make_model()
+    frozen = model[0].weight
+    frozen.requires_grad_(False)
+    value = frozen.detach().clone()
+    opt = warpopt.WarpGradMetaOptimizer(model, lr=0.3, initialisation=getattr(warpopt, initialisation)(), meta_lr=0.1)
+    assert all(p is not frozen for g in opt.param_groups for p in g["params"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the step check finds the replayed step is the step taken
+        for seed in (1, 2):
+            with opt.task(batches(seed), loss_fn) as task:
+                for x, y in task:
+                    opt.zero_grad()
+                    loss_fn(model(x), y).backward()
+                    opt.step()
+            opt.meta_step()
+    assert torch.equal(frozen, value)
+    with pytest.raises(ValueError, match="frozen"):
+        warpopt.WarpGradMetaOptimizer(model, lr=0.1, params=[frozen])
+
+
+def test_the_exact_meta_gradient_holds_a_frozen_parameter_fixed():
+    model = make_model()
+    model[0].weight.requires_grad_(False)
+    with torch.no_grad():
+        for p in model.warp_parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    (x, y), (mx, my) = batches(3, n=2)
+    opt = warpopt.WarpGradMetaOptimizer(model, lr=0.3, algorithm=warpopt.online(), initialisation=warpopt.none(),
+                                        meta_optimizer=torch.optim.SGD, meta_lr=1.0)
+    phi = [p.detach().clone() for p in model.warp_parameters()]
+    theta = {n: p.detach().clone() for n, p in model.named_adapt_parameters()}
+    with opt.task(lambda k: (x, y), loss_fn, meta_data=lambda k: (mx, my)):
+        opt.zero_grad()
+        loss_fn(model(x), y).backward()
+        opt.step()
+    opt.meta_step()
+    got = [a - b for a, b in zip(phi, model.warp_parameters())]
+    names = [n for n, _ in model.named_warp_parameters()]
+    trained = [n for n in theta if n != "0.weight"]
+
+    def objective(point):  # one SGD step of the trained parameters only, by hand
+        t = [theta[n].clone().requires_grad_(True) for n in trained]
+        at = lambda ps, inp: functional_call(model, {**theta, **dict(zip(names, point)), **dict(zip(trained, ps))},  # noqa: E731
+                                             (inp,))
+        g = torch.autograd.grad(loss_fn(at(t, x), y), t)
+        with torch.no_grad():
+            return loss_fn(at([a - 0.3 * b for a, b in zip(t, g)], mx), my).item()
+
+    assert relative_error(got, central_differences(objective, phi)) <= 1e-6
+
+
 def test_clip_grad_norm_refuses_bad_bounds_before_touching_the_gradients():
     model = make_model()
     opt = warpopt.WarpGradMetaOptimizer(model, lr=0.1)

@@ -86,12 +86,20 @@ class Model:
 
 
 def task_groups(params: Iterable[Any] | None, named_adapt: list) -> list[dict[str, Any]]:
-    """Param groups for the task optimizer: all adapt parameters, or the user's groups (checked)."""
+    """Param groups for the task optimizer: all adapt parameters, or the user's groups (checked).
+
+    Parameters frozen when the optimizer is built (``requires_grad=False``) are left out: a task
+    step never changes them (``torch.optim`` skips a parameter without a gradient), so neither may
+    the replayed step nor a θ0 update; they stay constants of the model."""
     adapt_ids = {id(p) for _, p in named_adapt}
     if params is None:
-        if not named_adapt:
-            raise ValueError("the warped model has no adapt parameters to train on tasks")
-        return [{"params": [p for _, p in named_adapt]}]
+        trainable = [p for _, p in named_adapt if p.requires_grad]
+        if not trainable:
+            raise ValueError(
+                "the warped model has no adapt parameters to train on tasks"
+                + (" (all of them are frozen: requires_grad=False)" if named_adapt else "")
+            )
+        return [{"params": trainable}]
     groups = list(params)
     if groups and not isinstance(groups[0], dict):
         groups = [{"params": groups}]
@@ -103,6 +111,11 @@ def task_groups(params: Iterable[Any] | None, named_adapt: list) -> list[dict[st
                 raise ValueError(
                     f"a parameter of shape {tuple(p.shape)} passed in params is not an adapt "
                     "parameter of the warped model; pass parameters from model.adapt_parameters()"
+                )
+            if not p.requires_grad:
+                raise ValueError(
+                    f"a parameter of shape {tuple(p.shape)} passed in params is frozen (requires_grad="
+                    "False): tasks would never change it, so it cannot be adapted; leave it out"
                 )
         group["params"] = group_params
     return groups
