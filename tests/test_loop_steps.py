@@ -204,6 +204,25 @@ def test_a_change_to_the_step_the_replay_cannot_see_is_reported_once(modify, thr
     assert sum("step replayed" in str(w.message) for w in record) == 1
 
 
+
+@pytest.mark.parametrize("through_task", [True, False])
+def test_gradients_changed_by_hand_only_from_a_later_step_on_are_reported(through_task):
+    # A clean first step used to end the check (clipping once a condition holds went unseen); the
+    # gradients' version counters stay watched for the rest of a checked task (free).
+    model = make_model()
+    opt = warpopt.WarpGradMetaOptimizer(model, lr=0.1)
+    data = batches(1)
+    with pytest.warns(RuntimeWarning, match="changed between backward\\(\\) and step\\(\\) at step 2") as record:
+        with opt.task(data if through_task else (lambda k: data[k]), loss_fn) as task:
+            for k, (x, y) in enumerate(task if through_task else data):
+                opt.zero_grad()
+                loss_fn(model(x), y).backward()
+                if k >= 2:
+                    torch.nn.utils.clip_grad_norm_(model.adapt_parameters(), 1e-3)
+                opt.step()
+    assert sum("step replayed" in str(w.message) for w in record) == 1
+
+
 @pytest.mark.parametrize("dropout", [0.0, 0.5])
 def test_a_plain_loop_gets_no_warning_dropout_included(dropout):
     model = make_model(dropout=dropout)

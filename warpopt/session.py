@@ -197,7 +197,7 @@ class TaskRun:
     algorithm_state: Accumulator = field(default_factory=Accumulator)  # tentative until the task ends
     hypers: StepHypers | None = None  # what the latest step used (recorded with its point)
     step_hypers: list[StepHypers] = field(default_factory=list)  # per step k (shared objects; for θ0 learners)
-    guard: step_check.GradGuard | None = None  # set while the task's first step is to be checked
+    guard: step_check.GradGuard | None = None  # set while a checked task adapts (its gradients' versions)
     check: step_check.Before | None = None  # the first step, compared where the loop took θ_1 to
     # issue 18: the loop seen from the optimizer (warpopt/loop.py) and the loop's training loss
     # L(θ_k) of the step being taken, for θ0 learners that ask for them (``unrolls``/``needs_loss``)
@@ -367,8 +367,12 @@ def step(
             run.check = step_check.before(
                 model.adapt, model.states(), grads, run.buffers, run.hypers, run.guard, run.task
             )
-            run.guard.remove()
-            run.guard = None
+        elif run.guard is not None:  # later steps of a checked task: the free version-counter half
+            changed = run.guard.changed()
+            if changed:
+                step_check.report(step_check.changed_gradients(changed, run.steps), model.reported, run.task)
+                run.guard.remove()
+                run.guard = None
     # ---- issue 18: the unrolled step θ_{k+1} = U(θ_k, g_k), a graph node of θ0 (MAML) ----------
     loop = run.loop if run is not None else None
     unrolled = None
