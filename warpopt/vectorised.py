@@ -260,7 +260,7 @@ def vectorised_meta_gradient(
                         RuntimeWarning,
                         stacklevel=2,
                     )
-                    return meta_gradient(objective, context, samples, meta_params)
+                    return meta_gradient(objective, context, drawn, meta_params)  # the batches drawn above
                 accumulate_gradient(loss, meta_params, grads)
                 total = total + loss.detach()
     return grads, total
