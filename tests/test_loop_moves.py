@@ -271,3 +271,23 @@ def test_a_warped_model_under_torch_compile_in_the_task_loop(pass_compiled):
 @pytest.mark.slow
 def test_a_warped_model_under_torch_compile_inductor():
     _compiled_run("inductor", True)
+
+
+def test_maml_with_a_compiled_model_says_to_replay_and_replaying_matches_eager():
+    # maml() differentiates the loop's own forward twice, which compiled graphs cannot; the
+    # error was torch's alone. maml(unroll="replay") keeps the loop first order.
+    model = make_model()
+    compiled = torch.compile(model, backend="aot_eager")
+    opt = warpopt.WarpGradMetaOptimizer(model, lr=0.1, initialisation=warpopt.maml())
+    theta = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match="maml\\(\\).*torch.compile.*unroll='replay'"):
+        adapt(opt, model, batches(1), forward=compiled)
+    assert all(torch.equal(p, t) for p, t in zip(model.parameters(), theta)) and opt.counters["tasks"] == 0
+    opt = warpopt.WarpGradMetaOptimizer(model, lr=0.1, initialisation=warpopt.maml(unroll="replay"))
+    twin = make_model()
+    twin_opt = warpopt.WarpGradMetaOptimizer(twin, lr=0.1, initialisation=warpopt.maml(unroll="replay"))
+    adapt(opt, model, batches(1), forward=compiled)
+    adapt(twin_opt, twin, batches(1))
+    opt.meta_step(), twin_opt.meta_step()
+    for a, b in zip(opt.theta0, twin_opt.theta0):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -41,7 +41,7 @@ user's ``.grad`` is the plain vector-Jacobian product of their own backward.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -128,6 +128,24 @@ MOVED_IN_TASK = (
     "Move the model between tasks (after meta_step(): θ0 and the optimizers' state follow it); this "
     "task was rolled back"
 )
+
+
+COMPILED = (
+    "maml() builds the task's trajectory through the loop's own forward and differentiates it twice, "
+    "which torch.compile'd graphs do not support (aot_autograd has no double backward): call the "
+    "model uncompiled in this loop, or use maml(unroll='replay'), whose loop stays first order"
+)
+
+
+@contextlib.contextmanager
+def _explain_compiled() -> Iterator[None]:
+    """torch's error for a compiled forward differentiated twice, re-raised saying what to do."""
+    try:
+        yield
+    except RuntimeError as error:
+        if "does not currently support double backward" in str(error):
+            raise RuntimeError(COMPILED) from error
+        raise
 
 
 def _zeros_for_none(grads: Sequence[torch.Tensor | None], like: Sequence[torch.Tensor]) -> Tensors:
@@ -402,7 +420,7 @@ class Loop:
         if self.merged is not None:
             grads, self.merged = self.merged, None
             return grads
-        with torch.enable_grad():  # retained: the step's graph is still needed by the θ0 term
+        with torch.enable_grad(), _explain_compiled():  # retained: the step's graph is still needed by the θ0 term
             return _zeros_for_none(torch.autograd.grad(loss, phi, retain_graph=True, allow_unused=True), phi)
 
     def theta0_gradient(
@@ -413,7 +431,7 @@ class Loop:
         (φ held fixed in this one: only θ0 is asked for here; a model with adapt buffers is
         evaluated with the buffers the task started from, so it gets its own forward); else
         ``forward(θ_K)`` runs it."""
-        with torch.enable_grad():
+        with torch.enable_grad(), _explain_compiled():
             if self.pending is not None and not self.buffers and same(self.pending[2], meta_batch):
                 loss, phi, _ = self.pending
                 grads = torch.autograd.grad(loss, self.theta0 + phi, allow_unused=True)
