@@ -276,6 +276,7 @@ def test_a_warped_model_under_torch_compile_inductor():
 def test_maml_with_a_compiled_model_says_to_replay_and_replaying_matches_eager():
     # maml() differentiates the loop's own forward twice, which compiled graphs cannot; the
     # error was torch's alone. maml(unroll="replay") keeps the loop first order.
+    torch._dynamo.reset()  # earlier compilations of the same forward could leave it running eagerly
     model = make_model()
     compiled = torch.compile(model, backend="aot_eager")
     opt = warpopt.WarpGradMetaOptimizer(model, lr=0.1, initialisation=warpopt.maml())
