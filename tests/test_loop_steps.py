@@ -1,6 +1,7 @@
 """Issue 14, item 5: the step replayed is the step taken. Per-step hyper-parameters (schedulers)
 and gradient clipping are recorded with each point and replayed (differentiably); any other
 change to the step is detected and reported once."""
+import functools
 import warnings
 
 import pytest
@@ -326,3 +327,18 @@ def test_a_check_that_fails_warns_and_never_stops_training():
                 loss_fn(model(x), y).backward()
                 opt.step()
     assert opt.counters["tasks"] == 1 and len(opt.replay) == 2
+
+
+def test_a_loss_that_is_not_a_scalar_is_refused_with_what_to_do():
+    # reduction="none": Leap's ΔL failed with "The size of tensor a (6) must match the size of tensor b (4)".
+    model = make_model()
+    opt = warpopt.WarpGradMetaOptimizer(model, lr=0.1)
+    theta = [p.detach().clone() for p in model.parameters()]
+    per_example = functools.partial(loss_fn, reduction="none")
+    with pytest.raises(ValueError, match="loss must be a scalar tensor.*got \\(4, 1\\)"):
+        with opt.task(batches(1), per_example) as task:
+            for x, y in task:
+                opt.zero_grad()
+                per_example(model(x), y).mean().backward()
+                opt.step()
+    assert all(torch.equal(p, t) for p, t in zip(model.parameters(), theta)) and len(opt.replay) == 0

@@ -343,10 +343,19 @@ class Task:
         )
 
     def task_loss(self, forward: Forward, batch: Any) -> torch.Tensor:
-        return self.batch_loss(forward, batch)
+        return self._scalar(self.batch_loss(forward, batch), "loss")
 
     def meta_loss(self, forward: Forward, batch: Any) -> torch.Tensor:
-        return self.meta_batch_loss(forward, batch)
+        return self._scalar(self.meta_batch_loss(forward, batch), "meta loss")
+
+    def _scalar(self, loss: Any, what: str) -> torch.Tensor:
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise ValueError(
+                f"{self!r}: the {what} must be a scalar tensor (the mean over the batch, as "
+                f"torch.nn.functional losses return by default), got {shape}"
+            )
+        return loss
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
