@@ -246,6 +246,33 @@ def test_a_task_loop_under_autocast_is_recorded_in_full_precision_and_replayed_i
     assert torch.isfinite(torch.tensor(opt.meta_step()["meta_loss"]))
 
 
+
+def test_maml_under_autocast_recomputes_the_loop_loss_under_the_loops_autocast():
+    # MAML recomputes the task loss from the model output to build the unrolled step; outside the
+    # loop's autocast that loss ran in bfloat16 and the check refused the loop ("a different
+    # criterion, a scaled or regularised loss"). θ0's meta-gradient stays close to float32's.
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(8, 3, generator=g), torch.randint(0, 4, (8,), generator=g)) for _ in range(3)]
+    criterion = nn.functional.cross_entropy  # on bfloat16 logits outside autocast: a bfloat16 loss
+    steps = []
+    for amp in (False, True):
+        torch.manual_seed(0)
+        model = warpopt.warp(nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 4)))
+        opt = warpopt.WarpGradMetaOptimizer(model, lr=0.1, initialisation=warpopt.maml(), algorithm=warpopt.online(),
+                                            meta_optimizer=torch.optim.SGD, meta_lr=1.0)
+        before = [t.detach().clone() for t in opt.theta0]
+        with opt.task(data, criterion) as task:
+            for x, y in task:
+                opt.zero_grad()
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                    loss = criterion(model(x), y)  # the bfloat16 logits, as autocast loops write it
+                loss.backward()
+                opt.step()
+        opt.meta_step()
+        steps.append(torch.cat([(a - b).reshape(-1) for a, b in zip(before, opt.theta0)]))
+    assert (steps[1] - steps[0]).norm() < 5e-2 * steps[0].norm()
+
+
 def _compiled_run(backend, pass_compiled):
     model = make_model()
     compiled = torch.compile(model, backend=backend)

@@ -101,6 +101,17 @@ class _Forward:
     theta: Tensors = field(default_factory=list)
     graph_outputs: Tensors = field(default_factory=list)
     backwards: int = 0
+    autocast: tuple[str, torch.dtype] | None = None  # the torch.autocast the forward ran under
+
+
+def _autocast_at(device: torch.device) -> tuple[str, torch.dtype] | None:
+    """(device type, dtype) of the ``torch.autocast`` active for ``device``, None if off."""
+    try:
+        if not torch.is_autocast_enabled(device.type):
+            return None
+        return device.type, torch.get_autocast_dtype(device.type)
+    except TypeError:  # torch < 2.4: no device_type argument
+        return None
 
 
 class _Tap(torch.autograd.Function):
@@ -267,6 +278,8 @@ class Loop:
         leaves, spec = pytree.tree_flatten(output)
         graph = [i for i, t in enumerate(leaves) if isinstance(t, torch.Tensor) and t.requires_grad]
         entry = _Forward(self.step_index, args, kwargs, output, list(self.theta), [leaves[i] for i in graph])
+        if graph:
+            entry.autocast = _autocast_at(leaves[graph[0]].device)
         self.forwards.append(entry)
         if not graph:
             return None
@@ -346,8 +359,11 @@ class Loop:
             if entry.backwards == 1 and sum(e.backwards for e in self.forwards) == 1:
                 batch = self._loop_batch(entry.step)
                 if batch is not _Unmatched:
+                    # under the loop's autocast, as the loop computed its loss: the same gradient
+                    autocast = torch.autocast(*entry.autocast) if entry.autocast else contextlib.nullcontext()
                     try:
-                        matched = self.task.task_loss(self._replaying(entry), batch)
+                        with autocast:
+                            matched = self.task.task_loss(self._replaying(entry), batch)
                     except _Unmatched:
                         matched = None
             if matched is not None:
