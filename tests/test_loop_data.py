@@ -188,3 +188,16 @@ def test_task_none_is_refused_by_the_optimizer():
     with pytest.raises(TypeError, match="task data is None"):
         with opt.task(None, loss_fn):
             pass
+
+
+@pytest.mark.parametrize("batch", [{"x": 0, "y": 1}, (0, 1, 2)])
+def test_a_batch_that_is_not_inputs_and_target_is_refused_with_the_batch_loss_recipe(batch):
+    # A dict batch unpacked into its keys reached the model as strings ("must be Tensor, not str").
+    x, y = batches(1, n=1)[0]
+    batch = {"x": x, "y": y} if isinstance(batch, dict) else (x, y, 7)
+    task = warpopt.Task([batch], loss_fn)
+    with pytest.raises(TypeError, match="takes batches \\(inputs, target\\).*batch_loss="):
+        task.task_loss(make_model(), task.task_batch(0))
+    task = warpopt.Task([batch], batch_loss=lambda forward, b: loss_fn(forward(b["x"] if isinstance(b, dict) else b[0]),
+                                                                        b["y"] if isinstance(b, dict) else b[1]))
+    assert torch.isfinite(task.task_loss(make_model(), task.task_batch(0)))

@@ -33,6 +33,13 @@ def supervised(criterion: Callable[[Any, Any], torch.Tensor]) -> BatchLoss:
     """Batch loss ``criterion(forward(x), y)`` for batches ``(x, y)``."""
 
     def batch_loss(forward: Forward, batch: Any) -> torch.Tensor:
+        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+            kind = f"a {type(batch).__name__}" + (f" of {len(batch)}" if isinstance(batch, (tuple, list)) else "")
+            raise TypeError(
+                f"a loss_fn (output, target) takes batches (inputs, target), got {kind}: pass "
+                "batch_loss=lambda forward, batch: loss(forward(<inputs>), <target>) instead of loss_fn "
+                "(e.g. forward(batch['x']), batch['y'] for dict batches)"
+            )
         inputs, target = batch
         return criterion(forward(inputs), target)
 
