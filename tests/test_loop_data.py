@@ -201,3 +201,25 @@ def test_a_batch_that_is_not_inputs_and_target_is_refused_with_the_batch_loss_re
     task = warpopt.Task([batch], batch_loss=lambda forward, b: loss_fn(forward(b["x"] if isinstance(b, dict) else b[0]),
                                                                         b["y"] if isinstance(b, dict) else b[1]))
     assert torch.isfinite(task.task_loss(make_model(), task.task_batch(0)))
+
+
+@pytest.mark.parametrize("empty", ["list", "dataloader_drop_last"])
+def test_an_empty_re_iterable_fails_at_the_task_end_not_at_every_later_meta_step(empty):
+    # The 0-step task was committed (its θ_0 point) and every meta_step() failed on it after.
+    model = make_model()
+    opt = warpopt.WarpGradMetaOptimizer(model, lr=0.1, initialisation=warpopt.none())
+    xs = torch.randn(3, 3, dtype=DTYPE)
+    data = [] if empty == "list" else DataLoader(TensorDataset(xs, xs[:, :1]), batch_size=4, drop_last=True)
+    with pytest.raises(ValueError, match="data is empty.*rolled back"):
+        with opt.task(data, loss_fn) as task:
+            for x, y in task:
+                opt.zero_grad()
+                loss_fn(model(x), y).backward()
+                opt.step()
+    assert len(opt.replay) == 0
+    with opt.task(batches(2), loss_fn) as task:
+        for x, y in task:
+            opt.zero_grad()
+            loss_fn(model(x), y).backward()
+            opt.step()
+    assert opt.meta_step()["warp_updates"] == 6

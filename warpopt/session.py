@@ -490,13 +490,17 @@ def end(
     if not run.learn:
         return TaskOutcome(None, run.steps, run.algorithm_state, None)
     _check_loop_reads_task(model, run)
-    if run.trajectory is not None and run.steps and not run.task.can_draw():
-        raise ValueError(
-            f"{run.task!r}: your loop read the one-shot data (a generator or iterator) itself, so no batch "
-            "is left for the replay's draws at meta_step(). Iterate the task instead: `with opt.task(gen, "
-            "loss_fn) as task: for x, y in task: ...` (its batches are kept for the replay), or pass a "
-            "list of batches or a callable k -> batch. The task was rolled back; nothing was recorded"
+    if run.trajectory is not None and not run.task.can_draw():  # meta_step() would fail on it, every time
+        fix = (
+            "your loop read the one-shot data (a generator or iterator) itself, so no batch is left for "
+            "the replay's draws at meta_step(). Iterate the task instead: `with opt.task(gen, loss_fn) as "
+            "task: for x, y in task: ...` (its batches are kept for the replay), or pass a list of batches "
+            "or a callable k -> batch"
+            if run.task.kind == "one-shot"
+            else "the task's data is empty (a DataLoader with drop_last=True yields no batch from fewer "
+            "samples than batch_size), so the replay would have no batch at meta_step()"
         )
+        raise ValueError(f"{run.task!r}: {fix}. The task was rolled back; nothing was recorded")
     if run.loop is not None:  # issue 18: the loop's loss was the task's at every step (else ValueError)
         run.loop.check()
     contribution = initialisation.end_task(run.init_state, run)

@@ -328,11 +328,19 @@ class Task:
         return 0 if self._tape is None else len(self._tape.batches) - self._loop
 
     def can_draw(self) -> bool:
-        """Whether the draws will have a batch: always for a callable or a re-iterable (an empty
-        one raises when drawn); for one-shot data, whether the tape holds one, else whether the
-        iterator yields one more (read onto the tape, as the first draw would). False: a loop that
-        read the iterator itself consumed it all."""
-        return self._tape is None or bool(self._tape.batches) or self._tape.pull()
+        """Whether the draws will have a batch. One-shot data: the tape holds one, else the iterator
+        yields one more (read onto the tape, as the first draw would); False when a loop that read
+        the iterator itself consumed it all. A re-iterable: unless its length is 0 (an empty list, a
+        ``DataLoader`` whose ``drop_last`` leaves no batch); one without a length, and a callable,
+        are taken to yield."""
+        if self._tape is not None:
+            return bool(self._tape.batches) or self._tape.pull()
+        if self._seen:
+            return True
+        try:
+            return len(self._data) > 0  # type: ignore[arg-type]
+        except TypeError:
+            return True
 
     def loop_batch(self, k: int) -> Any:
         """The batch the training loop used at step k (see the class docstring)."""
