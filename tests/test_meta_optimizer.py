@@ -538,3 +538,15 @@ def test_meta_step_stats_are_per_step_with_running_counters():
         stats = opt.meta_step()
         assert stats["warp_updates"] == 8
         assert stats["counters"]["warp_updates"] == expected_total
+
+
+def test_copying_or_pickling_the_optimizer_says_to_use_state_dict():
+    # torch.optim's __getstate__ kept only defaults/state/param_groups: deepcopy failed with
+    # KeyError '_own_defaults' (and a full copy would share a DiskStorage directory).
+    import pickle
+
+    model = warpopt.warp(nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)))
+    opt = warpopt.WarpGradMetaOptimizer(model, lr=0.1)
+    for attempt in (copy.deepcopy, copy.copy, pickle.dumps):
+        with pytest.raises(TypeError, match="cannot be copied or pickled.*state_dict\\(\\)"):
+            attempt(opt)

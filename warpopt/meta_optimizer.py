@@ -335,6 +335,16 @@ class WarpGradMetaOptimizer(torch.optim.Optimizer):
     def _restore(self, saved: tuple) -> None:
         self.algorithm_state, self.contributions, self.counters = saved
 
+    def __getstate__(self) -> dict[str, Any]:
+        # torch.optim's pickling keeps only defaults/state/param_groups, which a copy of this shell
+        # cannot run on (it failed with KeyError '_own_defaults'); a full copy would share the
+        # replay storage (a DiskStorage directory the original clears) with the original.
+        raise TypeError(
+            "a WarpGradMetaOptimizer cannot be copied or pickled (it holds the model, the replay "
+            "buffer's storage and the tasks' data): snapshot it with opt.state_dict() (and "
+            "model.state_dict()) and load them into an optimizer built on the model's copy"
+        )
+
     @staticmethod
     def _register(hooks: OrderedDict, hook: Callable) -> RemovableHandle:
         handle = RemovableHandle(hooks)
