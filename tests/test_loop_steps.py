@@ -342,3 +342,28 @@ def test_a_loss_that_is_not_a_scalar_is_refused_with_what_to_do():
                 per_example(model(x), y).mean().backward()
                 opt.step()
     assert all(torch.equal(p, t) for p, t in zip(model.parameters(), theta)) and len(opt.replay) == 0
+
+
+@pytest.mark.parametrize("initialisation", ["none", "fomaml", "maml"])
+def test_the_replay_runs_the_model_in_the_train_eval_modes_the_loop_ran_in(initialisation):
+    # BatchNorm normalises with batch statistics in train mode and running ones in eval mode: the
+    # replay ran in whatever mode the model was in at meta_step() (or at the task's end), silently
+    # another step than the one taken.
+    def run(switch):
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(3, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 1))
+        model = warpopt.warp(net.to(DTYPE))
+        opt = warpopt.WarpGradMetaOptimizer(model, lr=0.3, initialisation=getattr(warpopt, initialisation)(),
+                                            meta_optimizer=torch.optim.SGD, meta_lr=1.0)
+        with opt.task(batches(1), loss_fn) as task:
+            for x, y in task:
+                opt.zero_grad()
+                loss_fn(model(x), y).backward()
+                opt.step()
+            if switch:
+                model.eval()  # e.g. to evaluate the adapted model, inside the task or after it
+        opt.meta_step()
+        assert model.training != switch  # the user's mode is left as the user set it
+        return torch.cat([p.detach().reshape(-1) for p in list(model.warp_parameters()) + list(opt.theta0)])
+
+    torch.testing.assert_close(run(switch=True), run(switch=False), rtol=0, atol=0)

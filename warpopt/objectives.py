@@ -67,6 +67,29 @@ def functional_gradient(
     return list(grad(loss_fn)(list(theta)))
 
 
+def module_modes(model: nn.Module) -> tuple[bool, ...]:
+    """The train/eval flag of every module of ``model`` (``Task.training`` records the loop's)."""
+    return tuple(m.training for m in model.modules())
+
+
+@contextlib.contextmanager
+def in_modes(model: nn.Module, modes: Sequence[bool] | None) -> Iterator[None]:
+    """``model``'s modules in the train/eval ``modes`` (None or a different module tree: as they
+    are), put back on exit: a replayed step runs BatchNorm and dropout as the loop's step did."""
+    modules = list(model.modules())
+    now = [m.training for m in modules]
+    if modes is None or len(modes) != len(modules) or tuple(now) == tuple(modes):
+        yield
+        return
+    for m, flag in zip(modules, modes):
+        m.training = flag
+    try:
+        yield
+    finally:
+        for m, flag in zip(modules, now):
+            m.training = flag
+
+
 @dataclass
 class ReplayContext:
     """What replaying a sample needs besides the sample itself.
@@ -94,8 +117,11 @@ class ReplayContext:
     learned: Mapping[str, Any] = field(default_factory=dict)
     gradient: Gradient = autograd_gradient
 
-    def forward_at(self, params: Sequence[torch.Tensor], buffers: Sequence[torch.Tensor]) -> Callable[..., Any]:
-        """``forward(*inputs)`` of the model at θ = ``params`` (φ live); a pure function.
+    def forward_at(
+        self, params: Sequence[torch.Tensor], buffers: Sequence[torch.Tensor], modes: Sequence[bool] | None = None
+    ) -> Callable[..., Any]:
+        """``forward(*inputs)`` of the model at θ = ``params`` (φ live); a pure function. ``modes``:
+        the modules' train/eval flags to run in (``Task.training``, the loop's; None: as they are).
 
         Buffers are cloned: a BatchNorm in train mode updates its running statistics in
         place, and those must not leak into the recorded point or the live model. That holds
@@ -111,18 +137,20 @@ class ReplayContext:
                 mapping[name] = b.clone()
 
         def forward(*args: Any, **kwargs: Any) -> Any:
-            with replay_kernels(model):  # twice-differentiable kernels (warpopt/kernels.py)
+            with replay_kernels(model), in_modes(model, modes):  # twice-differentiable kernels (kernels.py)
                 return functional_call(model, mapping, args, kwargs, strict=False)
 
         return forward
 
     def task_loss_at(self, sample: Sample, params: Sequence[torch.Tensor]) -> torch.Tensor:
-        """L_task(θ; φ) on the sample's task batch."""
-        return sample.task.task_loss(self.forward_at(params, sample.buffers), sample.task_batch)
+        """L_task(θ; φ) on the sample's task batch, in the modes the task's loop ran in."""
+        modes = getattr(sample.task, "training", None)
+        return sample.task.task_loss(self.forward_at(params, sample.buffers, modes), sample.task_batch)
 
     def meta_loss_at(self, sample: Sample, params: Sequence[torch.Tensor]) -> torch.Tensor:
-        """L_meta(θ; φ) on the sample's meta batch."""
-        return sample.task.meta_loss(self.forward_at(params, sample.buffers), sample.meta_batch)
+        """L_meta(θ; φ) on the sample's meta batch, in the modes the task's loop ran in."""
+        modes = getattr(sample.task, "training", None)
+        return sample.task.meta_loss(self.forward_at(params, sample.buffers, modes), sample.meta_batch)
 
     def task_gradient(
         self, sample: Sample, params: Sequence[torch.Tensor], create_graph: bool

@@ -23,7 +23,7 @@ from .algorithms import Accumulator, Algorithm
 from .clipping import check_max_norm
 from .initialisation import InitialisationLearner
 from .loop import MOVED_IN_TASK, Loop
-from .objectives import Objective, ReplayContext, exact, meta_gradient
+from .objectives import Objective, ReplayContext, exact, meta_gradient, module_modes
 from .step_hypers import StepHypers, capture
 from .task_optimizers import functional_step_for, optimizer_states
 from .tasks import Task
@@ -363,6 +363,8 @@ def step(
         if run.trajectory is not None:
             run.trajectory.note_hypers(run.steps, run.hypers)
         _check_loop_reads_task(model, run)  # each step: a draw (Leap's probe) may read ahead at any step
+        if run.steps == 0:  # the replays of this task's steps run the model in the loop's modes
+            run.task.training = module_modes(model.module)
         if run.steps == 0 and run.guard is not None:
             run.check = step_check.before(
                 model.adapt, model.states(), grads, run.buffers, run.hypers, run.guard, run.task

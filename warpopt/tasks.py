@@ -259,6 +259,9 @@ class Task:
         self.batch_loss: BatchLoss = batch_loss if batch_loss is not None else supervised(loss_fn)  # type: ignore[arg-type]
         self.meta_batch_loss: BatchLoss = meta_loss if meta_loss is not None else self.batch_loss
         self._data = data
+        #: the model's train/eval flags at the loop's first step (``objectives.module_modes``), which
+        #: every replay of this task's steps runs in; None: the model as it is at replay time
+        self.training: tuple[bool, ...] | None = None
         self._seen: list[Any] = []
         self._loop = 0  # one-shot data: how far the loop has read the tape
         self._tape = _Tape(data) if _kind(data) == "one-shot" else None  # type: ignore[arg-type]
