@@ -207,3 +207,23 @@ def test_a_fallback_to_the_loop_replays_the_batches_already_drawn():
             opt.meta_step()
         phi.append(torch.cat([p.detach().reshape(-1) for p in model.warp_parameters()]))
     torch.testing.assert_close(phi[1], phi[0], rtol=1e-12, atol=1e-14)
+
+
+def test_tasks_adapted_in_different_train_eval_modes_are_not_mapped_together():
+    # A vmap group runs its first sample's task: its modes must be every member's.
+    phi = []
+    for gradient in (meta_gradient, vectorised()):
+        model = _warped("conv")
+        opt = warpopt.WarpGradMetaOptimizer(model, lr=0.1, initialisation=warpopt.none(),
+                                            algorithm=warpopt.offline(batch_size=10, gradient=gradient))
+        data, loss = _task_data("conv", 1)
+        for train in (True, False):
+            model.train(train)
+            with opt.task(data, loss):
+                for k in range(2):
+                    opt.zero_grad()
+                    loss(model(data(k)[0]), data(k)[1]).backward()
+                    opt.step()
+        opt.meta_step()
+        phi.append(torch.cat([p.detach().reshape(-1) for p in model.warp_parameters()]))
+    torch.testing.assert_close(phi[1], phi[0], rtol=1e-10, atol=1e-12)

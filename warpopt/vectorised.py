@@ -25,7 +25,8 @@ Policies:
   sequence of draws. Samples are stacked in groups that share the batch structure (shapes and
   dtypes), the optimizer-state keys and the loss functions; each group is one vmap call and
   the group results are summed with weight ``len(group)/η``. Samples whose steps used
-  different hyper-parameters (a scheduler changing the lr) or clipping form different groups.
+  different hyper-parameters (a scheduler changing the lr) or clipping, or whose tasks ran in
+  different train/eval modes, form different groups.
   Equal batch shapes across a mini-batch (the normal case) give a single group; with
   ``strict=True`` anything else raises a ``ValueError`` naming the mismatch instead.
 - **BatchNorm**: every sample gets its own *batched clone* of the recorded buffers, and each
@@ -109,11 +110,12 @@ def _group_key(sample: Sample, task_batch: Any, meta_batch: Any) -> Any:
         _batch_signature(task_batch),
         _batch_signature(meta_batch),
         sample.hypers,
+        getattr(task, "training", None),  # the train/eval modes its loop ran in (objectives.in_modes)
     )  # recorded per-step lr/clipping are Python numbers: one vmap call per value
 
 
 def _describe(key: Any) -> str:
-    loss, meta_loss, states, (_, task_shapes), (_, meta_shapes), hypers = key
+    loss, meta_loss, states, (_, task_shapes), (_, meta_shapes), hypers, _ = key
     return (
         f"task batch {[s for s, *_ in task_shapes]}, meta batch {[s for s, *_ in meta_shapes]}, "
         f"step hyper-parameters {hypers}, "
