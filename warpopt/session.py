@@ -349,7 +349,8 @@ def step(
     None for continual steps outside a task. ``loss``: what ``step(closure)`` returned."""
     if run is not None:
         algorithm_state = run.algorithm_state
-        if any(p.dtype != s.dtype or p.device != s.device for p, s in zip(model.adapt, run.theta0)):
+        live, start = model.adapt[0], run.theta0[0]  # model.to() moves all: one check per step
+        if live.dtype != start.dtype or live.device != start.device:
             raise RuntimeError(MOVED_IN_TASK)
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in model.adapt]
     if run is not None:
