@@ -124,6 +124,18 @@ def task_groups(params: Iterable[Any] | None, named_adapt: list) -> list[dict[st
 def _partition(module: nn.Module) -> tuple[list, list, list]:
     """(named adapt parameters, warp parameters, adapt buffer names); an unwarped model is all θ."""
     if not warping.is_warped(module):
+        inner = [n for n, m in module.named_modules() if n and warping.is_warped(m)]
+        if inner:  # its warp layers would be taken for task parameters: adapted, never meta-learned
+            spec = warping._spec(module.get_submodule(inner[0]))
+            where = [f"{inner[0]}.{w.target}" for w in spec.inserted]
+            designated = [f"{inner[0]}.{n}" for n in spec.designated]
+            same = ", ".join([f"where={where!r}"] * bool(where) + [f"designate={designated!r}"] * bool(designated))
+            raise ValueError(
+                f"{type(module).__name__} is not warped but its submodule {inner[0]!r} is: the optimizer "
+                "reads the θ/φ split off the model it is given, so those warp layers would be adapted as "
+                f"task parameters. Give it the warped submodule, or warpopt.unwarp(model.{inner[0]}) and "
+                f"warp the whole model the same way: warpopt.warp(model, {same}) (with the same layer=)"
+            )
         return list(module.named_parameters()), [], [n for n, _ in module.named_buffers()]
     return (
         list(warping.named_adapt_parameters(module)),
