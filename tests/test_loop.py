@@ -1,5 +1,6 @@
 """The task loop seen from the optimizer (warpopt/loop.py): MAML's trajectory built by the loop,
 Warp-MAML's Eq. 7 term read off it, the fallbacks, and that nothing of it outlives a task."""
+
 import copy
 import functools
 
@@ -15,8 +16,11 @@ loss_fn = nn.functional.mse_loss
 
 def make_net(seed=0, bn=False):
     torch.manual_seed(seed)
-    layers = [nn.Linear(3, 5), nn.Tanh()] + ([nn.BatchNorm1d(5)] if bn else []) + [nn.Linear(5, 5), nn.Tanh(),
-                                                                                   nn.Linear(5, 1)]
+    layers = (
+        [nn.Linear(3, 5), nn.Tanh()]
+        + ([nn.BatchNorm1d(5)] if bn else [])
+        + [nn.Linear(5, 5), nn.Tanh(), nn.Linear(5, 1)]
+    )
     return nn.Sequential(*layers).to(DTYPE)
 
 
@@ -32,9 +36,16 @@ def batches(seed, n=3):
 
 def maml_opt(model, unroll="loop", task_optimizer=torch.optim.SGD, algorithm=None, **kwargs):
     return warpopt.WarpGradMetaOptimizer(
-        model, lr=0.3, meta_optimizer=torch.optim.SGD, meta_lr=1.0, init_lr=1.0, task_optimizer=task_optimizer,
+        model,
+        lr=0.3,
+        meta_optimizer=torch.optim.SGD,
+        meta_lr=1.0,
+        init_lr=1.0,
+        task_optimizer=task_optimizer,
         algorithm=algorithm if algorithm is not None else warpopt.algorithms.Algorithm(),
-        initialisation=warpopt.maml(unroll=unroll), **kwargs)
+        initialisation=warpopt.maml(unroll=unroll),
+        **kwargs,
+    )
 
 
 def theta0_step(opt, model, tasks, loop):
@@ -106,8 +117,9 @@ def test_maml_in_the_loop_equals_finite_differences_and_the_replay():
         torch.testing.assert_close(a, c, rtol=1e-6, atol=1e-8)
 
 
-@pytest.mark.parametrize("task_optimizer", [functools.partial(torch.optim.SGD, momentum=0.9, nesterov=True),
-                                            torch.optim.Adam])
+@pytest.mark.parametrize(
+    "task_optimizer", [functools.partial(torch.optim.SGD, momentum=0.9, nesterov=True), torch.optim.Adam]
+)
 def test_maml_in_the_loop_equals_the_replay_with_optimizer_state(task_optimizer):
     tasks = two_tasks()
     grads = {}
@@ -259,9 +271,16 @@ def test_maml_in_the_loop_on_a_warped_model_recorded_offline():
 
 
 def warp_maml(model, objective):
-    return warpopt.WarpGradMetaOptimizer(model, lr=0.3, meta_optimizer=torch.optim.SGD, meta_lr=1.0, init_lr=1.0,
-                                         objective=objective, algorithm=warpopt.online(),
-                                         initialisation=warpopt.maml())
+    return warpopt.WarpGradMetaOptimizer(
+        model,
+        lr=0.3,
+        meta_optimizer=torch.optim.SGD,
+        meta_lr=1.0,
+        init_lr=1.0,
+        objective=objective,
+        algorithm=warpopt.online(),
+        initialisation=warpopt.maml(),
+    )
 
 
 def exact_by_another_name(context, sample):
@@ -343,6 +362,7 @@ class TiedNet(nn.Module):
 def test_maml_in_the_loop_with_tied_weights_and_structured_outputs_equals_the_replay(out):
     """A weight held by two modules is swapped in both (θ_k everywhere the forward reads it), and
     outputs of any structure reach the loss: the loop's meta-gradient is the replay's."""
+
     def pick(o):
         return o if out == "tensor" else o[0] if out == "tuple" else o["y"]
 
@@ -387,8 +407,11 @@ def test_a_nonfinite_gradient_at_any_step_of_a_maml_task_drops_it(policy):
     bad = [(x.clone(), y) for x, y in bad]
     bad[1][0][0, 0] = float("nan")
     seen = []
-    context = pytest.raises(FloatingPointError, match="NaN") if policy == "raise" else pytest.warns(
-        RuntimeWarning, match="dropped")
+    context = (
+        pytest.raises(FloatingPointError, match="NaN")
+        if policy == "raise"
+        else pytest.warns(RuntimeWarning, match="dropped")
+    )
     with context:
         with opt.task(bad, loss_fn, meta_data=lambda k: bad_query) as task:
             for k, (x, y) in enumerate(task):
@@ -401,3 +424,55 @@ def test_a_nonfinite_gradient_at_any_step_of_a_maml_task_drops_it(policy):
     assert all(torch.equal(p, q) for p, q in zip(opt.theta0, theta0))
     assert opt.contributions is contributions and opt.counters["tasks"] == 1
     opt.meta_step()  # the first task's contribution only
+
+
+def test_maml_in_the_loop_with_continual_warp_updates_is_refused_at_construction():
+    # continual() updates φ in place inside the task; the loop's MAML graph runs through φ, so the
+    # task's backward failed with autograd's "modified by an inplace operation".
+    model = warpopt.warp(make_net())
+    with pytest.raises(ValueError, match="maml\\(\\).*updates φ in place inside the task.*unroll='replay'"):
+        maml_opt(model, algorithm=warpopt.continual(every=2))
+    opt = maml_opt(model, unroll="replay", algorithm=warpopt.continual(every=2))  # the suggested way works
+    with opt.task(batches(1, n=4), loss_fn) as task:
+        for x, y in task:
+            opt.zero_grad()
+            loss_fn(model(x), y).backward()
+            opt.step()
+    assert opt.counters["warp_updates"] == 2
+    maml_opt(make_net(), algorithm=warpopt.continual(every=2))  # θ0 only: no φ to update, accepted
+
+
+@pytest.mark.parametrize("unroll", ["loop", "replay"])
+def test_maml_differentiates_the_steps_taken_under_a_scheduler_and_clipping(unroll):
+    # Each step's lr (LambdaLR) and clip_grad_norm_ are the step's own; unroll="replay" used the
+    # param groups as they were at the task's end and no clipping.
+    net = make_net()
+    opt = maml_opt(net, unroll=unroll)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1 / (1 + k))
+    data, query = batches(1, n=4), batches(9, n=1)[0]
+    theta0 = [p.detach().clone() for p in net.parameters()]
+
+    def loop(opt, model, task, data):
+        for x, y in task:
+            opt.zero_grad()
+            loss_fn(model(x), y).backward()
+            opt.clip_grad_norm_(0.1)
+            opt.step()
+            scheduler.step()
+
+    got = theta0_step(opt, net, [(data, query)], loop)
+    names = [n for n, _ in net.named_parameters()]
+    start = [t.clone().requires_grad_(True) for t in theta0]
+    theta = start
+    for k, (x, y) in enumerate(data):  # θ_{k+1} = θ_k − α_k clip(∇L(θ_k)), by hand
+        g = torch.autograd.grad(
+            loss_fn(torch.func.functional_call(net, dict(zip(names, theta)), (x,)), y), theta, create_graph=True
+        )
+        norm = torch.sqrt(sum((t**2).sum() for t in g))
+        assert norm > 0.1  # the clip is active
+        theta = [t - 0.3 / (1 + k) * gi * (0.1 / (norm + 1e-6)) for t, gi in zip(theta, g)]
+    expected = torch.autograd.grad(
+        loss_fn(torch.func.functional_call(net, dict(zip(names, theta)), (query[0],)), query[1]), start
+    )
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

@@ -121,6 +121,47 @@ def test_a_loop_that_iterates_the_generator_itself_is_warned_that_it_lost_the_pr
     opt.meta_step()  # the replay draws from the batch it read ahead
 
 
+
+def test_the_default_leap_probing_at_the_first_step_warns_a_loop_that_iterates_the_generator_itself():
+    # leap() reads ΔL off the loop's batches; a loop over the generator hides them, so the probe
+    # draws at the first step, after the loop took its first batch: the loop loses the second.
+    model = make_model()
+    opt = warpopt.WarpGradMetaOptimizer(model, lr=0.1)
+    gen = (b for b in batches(1))
+    seen = 0
+    with pytest.warns(RuntimeWarning, match=r"1 batch\(es\) of your one-shot data.*Iterate the task"):
+        with opt.task(gen, loss_fn):
+            for x, y in gen:
+                seen += 1
+                opt.zero_grad()
+                loss_fn(model(x), y).backward()
+                opt.step()
+    assert seen == 4
+
+
+def test_a_loop_that_consumed_the_generator_itself_fails_at_the_task_end_and_records_nothing():
+    # Nothing read the generator onto the tape, so the replay would have no batch: say so at the
+    # task's end, rolled back, rather than at every later meta_step() (the task would stay in the buffer).
+    model = make_model()
+    opt = warpopt.WarpGradMetaOptimizer(model, lr=0.1, initialisation=warpopt.none())
+    theta = [p.detach().clone() for p in model.parameters()]
+    gen = (b for b in batches(1))
+    with pytest.raises(ValueError, match="your loop read the one-shot data.*itself.*Iterate the task"):
+        with opt.task(gen, loss_fn):
+            for x, y in gen:
+                opt.zero_grad()
+                loss_fn(model(x), y).backward()
+                opt.step()
+    assert all(torch.equal(p, t) for p, t in zip(model.parameters(), theta))
+    assert len(opt.replay) == 0 and opt.counters["tasks"] == 0
+    with opt.task(batches(2), loss_fn) as task:  # the optimizer is usable
+        for x, y in task:
+            opt.zero_grad()
+            loss_fn(model(x), y).backward()
+            opt.step()
+    assert opt.meta_step()["warp_updates"] == 6
+
+
 def test_an_exhausted_generator_fails_at_the_task_start_with_the_fix_and_changes_nothing():
     model = make_model()
     opt = warpopt.WarpGradMetaOptimizer(model, lr=0.1, initialisation=warpopt.leap(loss="probe"))
@@ -147,3 +188,38 @@ def test_task_none_is_refused_by_the_optimizer():
     with pytest.raises(TypeError, match="task data is None"):
         with opt.task(None, loss_fn):
             pass
+
+
+@pytest.mark.parametrize("batch", [{"x": 0, "y": 1}, (0, 1, 2)])
+def test_a_batch_that_is_not_inputs_and_target_is_refused_with_the_batch_loss_recipe(batch):
+    # A dict batch unpacked into its keys reached the model as strings ("must be Tensor, not str").
+    x, y = batches(1, n=1)[0]
+    batch = {"x": x, "y": y} if isinstance(batch, dict) else (x, y, 7)
+    task = warpopt.Task([batch], loss_fn)
+    with pytest.raises(TypeError, match="takes batches \\(inputs, target\\).*batch_loss="):
+        task.task_loss(make_model(), task.task_batch(0))
+    task = warpopt.Task([batch], batch_loss=lambda forward, b: loss_fn(forward(b["x"] if isinstance(b, dict) else b[0]),
+                                                                        b["y"] if isinstance(b, dict) else b[1]))
+    assert torch.isfinite(task.task_loss(make_model(), task.task_batch(0)))
+
+
+@pytest.mark.parametrize("empty", ["list", "dataloader_drop_last"])
+def test_an_empty_re_iterable_fails_at_the_task_end_not_at_every_later_meta_step(empty):
+    # The 0-step task was committed (its θ_0 point) and every meta_step() failed on it after.
+    model = make_model()
+    opt = warpopt.WarpGradMetaOptimizer(model, lr=0.1, initialisation=warpopt.none())
+    xs = torch.randn(3, 3, dtype=DTYPE)
+    data = [] if empty == "list" else DataLoader(TensorDataset(xs, xs[:, :1]), batch_size=4, drop_last=True)
+    with pytest.raises(ValueError, match="data is empty.*rolled back"):
+        with opt.task(data, loss_fn) as task:
+            for x, y in task:
+                opt.zero_grad()
+                loss_fn(model(x), y).backward()
+                opt.step()
+    assert len(opt.replay) == 0
+    with opt.task(batches(2), loss_fn) as task:
+        for x, y in task:
+            opt.zero_grad()
+            loss_fn(model(x), y).backward()
+            opt.step()
+    assert opt.meta_step()["warp_updates"] == 6

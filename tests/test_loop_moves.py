@@ -77,6 +77,47 @@ def test_a_move_while_the_meta_batch_is_pending_is_refused_and_changes_nothing()
     opt.meta_step()
 
 
+
+@pytest.mark.parametrize("initialisation", ["leap", "maml"])
+def test_a_move_inside_a_task_is_refused_with_what_to_do_and_rolled_back(initialisation):
+    # It failed inside the library's own forwards with "mat1 and mat2 must have the same dtype".
+    model = make_model()
+    opt = warpopt.WarpGradMetaOptimizer(model, lr=0.1, initialisation=getattr(warpopt, initialisation)())
+    theta = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match="moved .* inside a task.*Move the model between tasks"):
+        with opt.task(batches(1), loss_fn) as task:
+            for k, (x, y) in enumerate(task):
+                if k == 1:
+                    model.double()
+                    x, y = x.double(), y.double()
+                opt.zero_grad()
+                loss_fn(model(x), y).backward()
+                opt.step()
+    assert all(torch.equal(p, t.double()) for p, t in zip(model.parameters(), theta))  # rolled back
+    assert len(opt.replay) == 0 and opt.counters["tasks"] == 0
+    adapt(opt, model, batches(2, dtype=torch.float64))  # between tasks the move is followed
+    assert opt.meta_step()["warp_updates"] > 0 and all(t.dtype == torch.float64 for t in opt.theta0)
+
+
+
+def test_a_float16_model_whose_adam_meta_update_overflows_is_told_why():
+    # torch.optim.Adam's eps=1e-8 is 0 in float16: a zero second moment gives 0/0 in φ or θ0.
+    # The error named only losses and learning rates; it says what to change now, and that works.
+    import functools
+
+    for meta_optimizer, fails in ((torch.optim.Adam, True), (functools.partial(torch.optim.Adam, eps=1e-4), False)):
+        model = make_model()
+        opt = warpopt.WarpGradMetaOptimizer(model, lr=0.1, meta_optimizer=meta_optimizer)
+        model.half()
+        adapt(opt, model, batches(1, dtype=torch.float16))
+        if fails:
+            with pytest.raises(FloatingPointError, match="float16.*eps=1e-8 rounds to 0.*eps=1e-4"):
+                opt.meta_step()
+        else:
+            opt.meta_step()
+            assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
 def test_replaced_parameters_are_refused_with_what_to_do():
     model = make_model()
     opt = warpopt.WarpGradMetaOptimizer(model, lr=0.1)
@@ -206,6 +247,33 @@ def test_a_task_loop_under_autocast_is_recorded_in_full_precision_and_replayed_i
     assert torch.isfinite(torch.tensor(opt.meta_step()["meta_loss"]))
 
 
+
+def test_maml_under_autocast_recomputes_the_loop_loss_under_the_loops_autocast():
+    # MAML recomputes the task loss from the model output to build the unrolled step; outside the
+    # loop's autocast that loss ran in bfloat16 and the check refused the loop ("a different
+    # criterion, a scaled or regularised loss"). θ0's meta-gradient stays close to float32's.
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(8, 3, generator=g), torch.randint(0, 4, (8,), generator=g)) for _ in range(3)]
+    criterion = nn.functional.cross_entropy  # on bfloat16 logits outside autocast: a bfloat16 loss
+    steps = []
+    for amp in (False, True):
+        torch.manual_seed(0)
+        model = warpopt.warp(nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 4)))
+        opt = warpopt.WarpGradMetaOptimizer(model, lr=0.1, initialisation=warpopt.maml(), algorithm=warpopt.online(),
+                                            meta_optimizer=torch.optim.SGD, meta_lr=1.0)
+        before = [t.detach().clone() for t in opt.theta0]
+        with opt.task(data, criterion) as task:
+            for x, y in task:
+                opt.zero_grad()
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                    loss = criterion(model(x), y)  # the bfloat16 logits, as autocast loops write it
+                loss.backward()
+                opt.step()
+        opt.meta_step()
+        steps.append(torch.cat([(a - b).reshape(-1) for a, b in zip(before, opt.theta0)]))
+    assert (steps[1] - steps[0]).norm() < 5e-2 * steps[0].norm()
+
+
 def _compiled_run(backend, pass_compiled):
     model = make_model()
     compiled = torch.compile(model, backend=backend)
@@ -231,3 +299,24 @@ def test_a_warped_model_under_torch_compile_in_the_task_loop(pass_compiled):
 @pytest.mark.slow
 def test_a_warped_model_under_torch_compile_inductor():
     _compiled_run("inductor", True)
+
+
+def test_maml_with_a_compiled_model_says_to_replay_and_replaying_matches_eager():
+    # maml() differentiates the loop's own forward twice, which compiled graphs cannot; the
+    # error was torch's alone. maml(unroll="replay") keeps the loop first order.
+    torch._dynamo.reset()  # earlier compilations of the same forward could leave it running eagerly
+    model = make_model()
+    compiled = torch.compile(model, backend="aot_eager")
+    opt = warpopt.WarpGradMetaOptimizer(model, lr=0.1, initialisation=warpopt.maml())
+    theta = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match="maml\\(\\).*torch.compile.*unroll='replay'"):
+        adapt(opt, model, batches(1), forward=compiled)
+    assert all(torch.equal(p, t) for p, t in zip(model.parameters(), theta)) and opt.counters["tasks"] == 0
+    opt = warpopt.WarpGradMetaOptimizer(model, lr=0.1, initialisation=warpopt.maml(unroll="replay"))
+    twin = make_model()
+    twin_opt = warpopt.WarpGradMetaOptimizer(twin, lr=0.1, initialisation=warpopt.maml(unroll="replay"))
+    adapt(opt, model, batches(1), forward=compiled)
+    adapt(twin_opt, twin, batches(1))
+    opt.meta_step(), twin_opt.meta_step()
+    for a, b in zip(opt.theta0, twin_opt.theta0):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -1,6 +1,7 @@
 """Issue 14, item 5: the step replayed is the step taken. Per-step hyper-parameters (schedulers)
 and gradient clipping are recorded with each point and replayed (differentiably); any other
 change to the step is detected and reported once."""
+import functools
 import warnings
 
 import pytest
@@ -204,6 +205,25 @@ def test_a_change_to_the_step_the_replay_cannot_see_is_reported_once(modify, thr
     assert sum("step replayed" in str(w.message) for w in record) == 1
 
 
+
+@pytest.mark.parametrize("through_task", [True, False])
+def test_gradients_changed_by_hand_only_from_a_later_step_on_are_reported(through_task):
+    # A clean first step used to end the check (clipping once a condition holds went unseen); the
+    # gradients' version counters stay watched for the rest of a checked task (free).
+    model = make_model()
+    opt = warpopt.WarpGradMetaOptimizer(model, lr=0.1)
+    data = batches(1)
+    with pytest.warns(RuntimeWarning, match="changed between backward\\(\\) and step\\(\\) at step 2") as record:
+        with opt.task(data if through_task else (lambda k: data[k]), loss_fn) as task:
+            for k, (x, y) in enumerate(task if through_task else data):
+                opt.zero_grad()
+                loss_fn(model(x), y).backward()
+                if k >= 2:
+                    torch.nn.utils.clip_grad_norm_(model.adapt_parameters(), 1e-3)
+                opt.step()
+    assert sum("step replayed" in str(w.message) for w in record) == 1
+
+
 @pytest.mark.parametrize("dropout", [0.0, 0.5])
 def test_a_plain_loop_gets_no_warning_dropout_included(dropout):
     model = make_model(dropout=dropout)
@@ -222,6 +242,62 @@ def test_a_plain_loop_gets_no_warning_dropout_included(dropout):
         for x, _ in data:
             model(x)
     assert torch.equal(torch.get_rng_state(), after_tasks)
+
+
+
+@pytest.mark.parametrize("initialisation", ["leap", "fomaml", "maml", "multitask"])
+def test_a_frozen_parameter_is_neither_replayed_nor_meta_learned(initialisation):
+    # torch.optim never steps a parameter without a gradient. It was an adapt parameter all the
+    # same: the replay stepped it (a different step from the one taken) and θ0 learners moved it.
+    model = make_model()
+    frozen = model[0].weight
+    frozen.requires_grad_(False)
+    value = frozen.detach().clone()
+    opt = warpopt.WarpGradMetaOptimizer(model, lr=0.3, initialisation=getattr(warpopt, initialisation)(), meta_lr=0.1)
+    assert all(p is not frozen for g in opt.param_groups for p in g["params"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the step check finds the replayed step is the step taken
+        for seed in (1, 2):
+            with opt.task(batches(seed), loss_fn) as task:
+                for x, y in task:
+                    opt.zero_grad()
+                    loss_fn(model(x), y).backward()
+                    opt.step()
+            opt.meta_step()
+    assert torch.equal(frozen, value)
+    with pytest.raises(ValueError, match="frozen"):
+        warpopt.WarpGradMetaOptimizer(model, lr=0.1, params=[frozen])
+
+
+def test_the_exact_meta_gradient_holds_a_frozen_parameter_fixed():
+    model = make_model()
+    model[0].weight.requires_grad_(False)
+    with torch.no_grad():
+        for p in model.warp_parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    (x, y), (mx, my) = batches(3, n=2)
+    opt = warpopt.WarpGradMetaOptimizer(model, lr=0.3, algorithm=warpopt.online(), initialisation=warpopt.none(),
+                                        meta_optimizer=torch.optim.SGD, meta_lr=1.0)
+    phi = [p.detach().clone() for p in model.warp_parameters()]
+    theta = {n: p.detach().clone() for n, p in model.named_adapt_parameters()}
+    with opt.task(lambda k: (x, y), loss_fn, meta_data=lambda k: (mx, my)):
+        opt.zero_grad()
+        loss_fn(model(x), y).backward()
+        opt.step()
+    opt.meta_step()
+    got = [a - b for a, b in zip(phi, model.warp_parameters())]
+    names = [n for n, _ in model.named_warp_parameters()]
+    trained = [n for n in theta if n != "0.weight"]
+
+    def objective(point):  # one SGD step of the trained parameters only, by hand
+        t = [theta[n].clone().requires_grad_(True) for n in trained]
+        at = lambda ps, inp: functional_call(model, {**theta, **dict(zip(names, point)), **dict(zip(trained, ps))},  # noqa: E731
+                                             (inp,))
+        g = torch.autograd.grad(loss_fn(at(t, x), y), t)
+        with torch.no_grad():
+            return loss_fn(at([a - 0.3 * b for a, b in zip(t, g)], mx), my).item()
+
+    assert relative_error(got, central_differences(objective, phi)) <= 1e-6
 
 
 def test_clip_grad_norm_refuses_bad_bounds_before_touching_the_gradients():
@@ -251,3 +327,43 @@ def test_a_check_that_fails_warns_and_never_stops_training():
                 loss_fn(model(x), y).backward()
                 opt.step()
     assert opt.counters["tasks"] == 1 and len(opt.replay) == 2
+
+
+def test_a_loss_that_is_not_a_scalar_is_refused_with_what_to_do():
+    # reduction="none": Leap's ΔL failed with "The size of tensor a (6) must match the size of tensor b (4)".
+    model = make_model()
+    opt = warpopt.WarpGradMetaOptimizer(model, lr=0.1)
+    theta = [p.detach().clone() for p in model.parameters()]
+    per_example = functools.partial(loss_fn, reduction="none")
+    with pytest.raises(ValueError, match="loss must be a scalar tensor.*got \\(4, 1\\)"):
+        with opt.task(batches(1), per_example) as task:
+            for x, y in task:
+                opt.zero_grad()
+                per_example(model(x), y).mean().backward()
+                opt.step()
+    assert all(torch.equal(p, t) for p, t in zip(model.parameters(), theta)) and len(opt.replay) == 0
+
+
+@pytest.mark.parametrize("initialisation", ["none", "fomaml", "maml"])
+def test_the_replay_runs_the_model_in_the_train_eval_modes_the_loop_ran_in(initialisation):
+    # BatchNorm normalises with batch statistics in train mode and running ones in eval mode: the
+    # replay ran in whatever mode the model was in at meta_step() (or at the task's end), silently
+    # another step than the one taken.
+    def run(switch):
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(3, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 1))
+        model = warpopt.warp(net.to(DTYPE))
+        opt = warpopt.WarpGradMetaOptimizer(model, lr=0.3, initialisation=getattr(warpopt, initialisation)(),
+                                            meta_optimizer=torch.optim.SGD, meta_lr=1.0)
+        with opt.task(batches(1), loss_fn) as task:
+            for x, y in task:
+                opt.zero_grad()
+                loss_fn(model(x), y).backward()
+                opt.step()
+            if switch:
+                model.eval()  # e.g. to evaluate the adapted model, inside the task or after it
+        opt.meta_step()
+        assert model.training != switch  # the user's mode is left as the user set it
+        return torch.cat([p.detach().reshape(-1) for p in list(model.warp_parameters()) + list(opt.theta0)])
+
+    torch.testing.assert_close(run(switch=True), run(switch=False), rtol=0, atol=0)

@@ -538,3 +538,37 @@ def test_meta_step_stats_are_per_step_with_running_counters():
         stats = opt.meta_step()
         assert stats["warp_updates"] == 8
         assert stats["counters"]["warp_updates"] == expected_total
+
+
+def test_copying_or_pickling_the_optimizer_says_to_use_state_dict():
+    # torch.optim's __getstate__ kept only defaults/state/param_groups: deepcopy failed with
+    # KeyError '_own_defaults' (and a full copy would share a DiskStorage directory).
+    import pickle
+
+    model = warpopt.warp(nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)))
+    opt = warpopt.WarpGradMetaOptimizer(model, lr=0.1)
+    for attempt in (copy.deepcopy, copy.copy, pickle.dumps):
+        with pytest.raises(TypeError, match="cannot be copied or pickled.*state_dict\\(\\)"):
+            attempt(opt)
+
+
+def test_an_optimizer_given_a_model_with_a_warped_submodule_says_how_to_warp_it():
+    # warp(model.encoder) then WarpGradMetaOptimizer(model): the outer model is not warped, so its
+    # parameters were all taken for task parameters, warp layers included (adapted, never meta-learned).
+    class Outer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 5), nn.Tanh())
+            self.head = nn.Linear(5, 1)
+
+        def forward(self, x):
+            return self.head(self.encoder(x))
+
+    model = Outer()
+    warpopt.warp(model.encoder, where=nn.Linear)
+    with pytest.raises(ValueError, match="submodule 'encoder' is.*where=\\['encoder.0', 'encoder.2'\\]"):
+        warpopt.WarpGradMetaOptimizer(model, lr=0.1)
+    inner = [n for n, _ in model.encoder.named_warp_parameters()]
+    warpopt.unwarp(model.encoder)
+    warpopt.warp(model, where=["encoder.0", "encoder.2"])  # the advice, as given
+    assert [n for n, _ in model.named_warp_parameters()] == ["encoder." + n for n in inner]

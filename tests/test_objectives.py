@@ -104,6 +104,85 @@ def test_exact_meta_gradient_matches_finite_differences_adam():
     _check_exact_against_fd(torch.optim.Adam, lr=0.01)
 
 
+
+class _LeakyReLU(torch.autograd.Function):
+    """An autograd.Function written the pre-torch.func way (no setup_context), as users have."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return torch.where(x > 0, x, 0.1 * x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad * torch.where(x > 0, 1.0, 0.1)
+
+
+class _CustomNet(nn.Module):
+    def __init__(self, checkpoint=False):
+        super().__init__()
+        self.checkpoint = checkpoint
+        self.a, self.b, self.out = nn.Linear(3, 4), nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = _LeakyReLU.apply(self.a(x))
+        block = lambda t: torch.tanh(self.b(t))  # noqa: E731
+        h = torch.utils.checkpoint.checkpoint(block, h, use_reentrant=False) if self.checkpoint else block(h)
+        return self.out(h)
+
+
+def _custom_net():
+    torch.manual_seed(0)
+    model = warpopt.warp(_CustomNet(), exclude="out")
+    with torch.no_grad():
+        for p in model.warp_parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return model
+
+
+def test_replay_runs_autograd_functions_written_without_setup_context():
+    # torch.func.grad refuses such a Function: the per-sample replay differentiates with autograd.
+    from finite_differences import check_exact_meta_gradient
+
+    model, task = _custom_net(), _fixed_task()
+    (a, b), meta = task.task_batch(0), task.meta_batch(0)
+    assert check_exact_meta_gradient(model, (a, b), meta, nn.functional.mse_loss, lr=0.1) <= 1e-6
+    # approx: ∇φ L_meta at the updated θ held fixed, by hand
+    optimizer = torch.optim.SGD(model.adapt_parameters(), lr=0.1)
+    sample = _sample(model, optimizer, task)
+    phi = list(model.warp_parameters())
+    grads, _ = meta_gradient(approx, _context(model, optimizer), [sample], phi)
+    theta = [p.detach().clone().requires_grad_(True) for p in sample.params]
+    names = [n for n, _ in model.named_adapt_parameters()]
+    at = lambda params, x: torch.func.functional_call(model, dict(zip(names, params)), (x,))  # noqa: E731
+    step = torch.autograd.grad(nn.functional.mse_loss(at(theta, a), b), theta)
+    updated = [t.detach() - 0.1 * g for t, g in zip(theta, step)]
+    with warpopt.objectives.trainable(phi):
+        expected = torch.autograd.grad(nn.functional.mse_loss(at(updated, meta[0]), meta[1]), phi)
+    assert _rel_error(grads, expected) <= 1e-12
+
+
+@pytest.mark.parametrize("initialisation", ["leap", "maml"])
+def test_activation_checkpointing_is_refused_with_a_reason(initialisation):
+    # Its recomputation runs in the backward pass, after the replay (or MAML's unrolled forward)
+    # has put the live parameters back: it would differentiate the wrong θ, silently.
+    model = _custom_net()
+    model.checkpoint = True
+    opt = warpopt.WarpGradMetaOptimizer(model, lr=0.1, initialisation=getattr(warpopt, initialisation)())
+    phi = [p.detach().clone() for p in model.warp_parameters()]
+    task = _fixed_task()
+    with pytest.raises(RuntimeError, match="checkpointing"):
+        with opt.task(lambda k: task.task_batch(k), nn.functional.mse_loss):
+            for k in range(2):
+                opt.zero_grad()
+                x, y = task.task_batch(k)
+                nn.functional.mse_loss(model(x), y).backward()
+                opt.step()
+        opt.meta_step()
+    assert all(torch.equal(p, q) for p, q in zip(model.warp_parameters(), phi))
+
+
 def test_learned_lr_meta_gradient_matches_finite_differences():
     model = _warped_mlp()
     task = _fixed_task()

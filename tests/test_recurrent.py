@@ -183,6 +183,72 @@ def test_exact_meta_gradient_through_recurrent_layers_matches_finite_differences
     assert check_exact_meta_gradient(model, tokens(generator=g), tokens(generator=g), F.cross_entropy) <= 1e-6
 
 
+
+class PackedClassifier(nn.Module):
+    """Padded token ids (0 = padding) packed by length before the RNN, as users write it."""
+
+    def __init__(self, cell="lstm", **options) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, EMBED)
+        self.rnn = CELLS[cell](EMBED, 3, batch_first=True, **options)
+        self.fc = nn.Linear(3 * (2 if options.get("bidirectional") else 1), CLASSES)
+
+    def forward(self, ids):
+        lengths = (ids != 0).sum(1).clamp(min=1)
+        out, _ = self.rnn(pack_padded_sequence(self.embed(ids), lengths, batch_first=True, enforce_sorted=False))
+        padded, _ = pad_packed_sequence(out, batch_first=True, total_length=ids.shape[1])
+        return self.fc(padded.sum(1) / lengths[:, None])
+
+
+def padded_tokens(generator):
+    ids, y = tokens(generator=generator)
+    ids[1:, -2:] = 0  # shorter sequences
+    ids[2, 2:] = 0
+    return ids, y
+
+
+@pytest.mark.parametrize("cell, options", [("lstm", {}), ("gru", {"bidirectional": True, "num_layers": 2})])
+def test_exact_meta_gradient_through_packed_sequences_matches_finite_differences(cell, options):
+    # torch.func.grad cannot run the packed recurrent kernels ("Cannot access data pointer of
+    # Tensor that doesn't have storage"): the per-sample replay differentiates with autograd.
+    torch.manual_seed(1)
+    g = torch.Generator().manual_seed(3)
+    model = warpopt.warp(PackedClassifier(cell, **options).double(), example_input=padded_tokens(g)[0])
+    with torch.no_grad():
+        for p in model.warp_parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    assert check_exact_meta_gradient(model, padded_tokens(g), padded_tokens(g), F.cross_entropy) <= 1e-6
+
+
+
+class HiddenStateClassifier(SequenceClassifier):
+    """Reads only h_n: the output sequence, where a warp acts, never reaches the prediction."""
+
+    def __init__(self, cell="lstm", hidden_layer=False):
+        super().__init__(cell)
+        self.pre = nn.Linear(EMBED, EMBED) if hidden_layer else None
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        _, h = self.rnn(self.pre(x) if self.pre is not None else x)
+        return self.fc((h[0] if isinstance(h, tuple) else h)[-1])
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_a_warp_whose_sequence_is_never_read_is_not_made(cell):
+    ids, _ = tokens()
+    model = HiddenStateClassifier(cell)
+    state = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"output sequence of \['rnn'\] does not reach.*h_n"):
+        warpopt.warp(model, example_input=ids)
+    assert not warpopt.is_warped(model) and all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    # with another hidden layer the default warps that one only
+    model = warpopt.warp(HiddenStateClassifier(cell, hidden_layer=True), example_input=ids)
+    assert list(model.warp_layers()) == ["pre.warp"]
+    # the sequence read (the usual classifier): the RNN is warped
+    assert list(warpopt.warp(SequenceClassifier(cell), example_input=ids).warp_layers()) == ["rnn.warp"]
+
+
 def test_where_accepts_module_names_and_patterns():
     for where in ("rnn", ["rnn"], "r*", nn.LSTM):
         model = warpopt.warp(SequenceClassifier(), where=where)

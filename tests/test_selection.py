@@ -63,8 +63,9 @@ def test_a_head_registered_first_is_never_warped():
     model, x = HeadFirst(), torch.randn(5, 4)
     reference = copy.deepcopy(model)
     before = snapshot(model)
-    with pytest.raises(ValueError, match="example_input.*exclude.*where"):
+    with pytest.raises(ValueError, match="example_input.*exclude.*where") as raised:
         warp(model)
+    assert "exclude='body'" not in str(raised.value)  # no example naming a hidden layer as the output
     assert snapshot(model) == before and not warpopt.is_warped(model)
 
     warp(model, example_input=x)
@@ -188,3 +189,24 @@ def test_meta_training_a_head_first_model_keeps_the_head_unwarped():
     opt.meta_step()
     assert {n for n, _ in model.named_warp_parameters()} == {
         "hidden.warp.weight", "hidden.warp.bias", "body.warp.weight", "body.warp.bias"}
+
+
+class ReturnsHidden(nn.Module):
+    """Hugging Face style: the output carries the hidden states too, so every layer reaches it."""
+
+    def __init__(self):
+        super().__init__()
+        self.classifier = nn.Linear(6, 3)
+        self.dense = nn.Linear(4, 6)
+
+    def forward(self, x):
+        hidden = torch.tanh(self.dense(x))
+        return {"logits": self.classifier(hidden), "hidden_states": hidden}
+
+
+def test_a_model_returning_its_hidden_states_is_told_how_to_name_the_output_layer():
+    model = ReturnsHidden()
+    with pytest.raises(ValueError, match=r"\['dense', 'classifier'\] all reach.*exclude='classifier'"):
+        warp(model, example_input=torch.randn(2, 4))
+    assert not warpopt.is_warped(model)
+    assert list(warp(model, exclude="classifier").warp_layers()) == ["dense.warp"]  # the advice works

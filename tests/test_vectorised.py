@@ -181,3 +181,49 @@ def test_offline_meta_step_matches_loop():
     assert results[0][0] == pytest.approx(results[1][0], rel=1e-10)
     for a, b in zip(results[0][1], results[1][1]):
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+
+
+def test_a_fallback_to_the_loop_replays_the_batches_already_drawn():
+    # The vmap attempt draws each sample's batches first; the fallback drew them again, so with a
+    # list (or any stateful source) it replayed other batches than the loop would, silently.
+    def not_vmappable(context, sample):
+        loss = warpopt.exact(context, sample)
+        return loss * 2 if loss.item() > 0 else loss
+
+    phi = []
+    for gradient in (meta_gradient, vectorised(chunk_size=4)):
+        model = _warped("mlp")
+        opt = warpopt.WarpGradMetaOptimizer(model, lr=0.1, objective=not_vmappable, initialisation=warpopt.none(),
+                                            algorithm=warpopt.offline(batch_size=4, gradient=gradient))
+        g = torch.Generator().manual_seed(3)
+        data = [(torch.randn(5, 3, generator=g), torch.randn(5, 2, generator=g)) for _ in range(3)]
+        with opt.task(data, nn.functional.mse_loss) as task:
+            for x, y in task:
+                opt.zero_grad()
+                nn.functional.mse_loss(model(x), y).backward()
+                opt.step()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the fallback's warning
+            opt.meta_step()
+        phi.append(torch.cat([p.detach().reshape(-1) for p in model.warp_parameters()]))
+    torch.testing.assert_close(phi[1], phi[0], rtol=1e-12, atol=1e-14)
+
+
+def test_tasks_adapted_in_different_train_eval_modes_are_not_mapped_together():
+    # A vmap group runs its first sample's task: its modes must be every member's.
+    phi = []
+    for gradient in (meta_gradient, vectorised()):
+        model = _warped("conv")
+        opt = warpopt.WarpGradMetaOptimizer(model, lr=0.1, initialisation=warpopt.none(),
+                                            algorithm=warpopt.offline(batch_size=10, gradient=gradient))
+        data, loss = _task_data("conv", 1)
+        for train in (True, False):
+            model.train(train)
+            with opt.task(data, loss):
+                for k in range(2):
+                    opt.zero_grad()
+                    loss(model(data(k)[0]), data(k)[1]).backward()
+                    opt.step()
+        opt.meta_step()
+        phi.append(torch.cat([p.detach().reshape(-1) for p in model.warp_parameters()]))
+    torch.testing.assert_close(phi[1], phi[0], rtol=1e-10, atol=1e-12)

@@ -294,7 +294,7 @@ class FOMAML(InitialisationLearner):
     def end_task(self, state: Any, view: TaskView) -> Tensors | None:
         theta = [p.detach().requires_grad_(True) for p in view.params]
         task = view.task
-        loss = task.meta_loss(view.context.forward_at(theta, view.buffers), task.meta_batch(view.steps))
+        loss = task.meta_loss(view.context.forward_at(theta, view.buffers, task.training), task.meta_batch(view.steps))
         return list(torch.autograd.grad(loss, theta))
 
 
@@ -332,17 +332,20 @@ class MAML(InitialisationLearner):
         buffers = [b.detach() for b in view.start_buffers]
         loop = getattr(view, "loop", None)
         if loop is not None and loop.unroll:  # θ_K is already a graph of θ0: the loop built it
-            return loop.theta0_gradient(task.meta_batch(view.steps), lambda theta: ctx.forward_at(theta, buffers))
+            return loop.theta0_gradient(
+                task.meta_batch(view.steps), lambda theta: ctx.forward_at(theta, buffers, task.training)
+            )
         else:
             batches = [task.loop_batch(k) for k in range(view.steps)]  # fails before any work if unknown
+            recorded = getattr(view, "step_hypers", [])  # what each step used: its lr, its clipping
             theta0 = [t.detach().requires_grad_(True) for t in view.theta0]
             theta = theta0
             states: list[dict[str, torch.Tensor]] = [{} for _ in theta0]
-            for batch in batches:
-                loss = task.task_loss(ctx.forward_at(theta, buffers), batch)
+            for k, batch in enumerate(batches):
+                loss = task.task_loss(ctx.forward_at(theta, buffers, task.training), batch)
                 grads = torch.autograd.grad(loss, theta, create_graph=True)
-                theta, states = ctx.step(theta, grads, states, ctx.hypers)
-        loss = task.meta_loss(ctx.forward_at(theta, buffers), task.meta_batch(view.steps))
+                theta, states = ctx.apply_step(theta, grads, states, recorded[k] if k < len(recorded) else None)
+        loss = task.meta_loss(ctx.forward_at(theta, buffers, task.training), task.meta_batch(view.steps))
         return list(torch.autograd.grad(loss, theta0))
 
     def __repr__(self) -> str:
@@ -355,7 +358,7 @@ class MultiTask(InitialisationLearner):
     def end_task(self, state: Any, view: TaskView) -> Tensors | None:
         theta = [t.detach().requires_grad_(True) for t in view.theta0]
         task = view.task
-        loss = task.task_loss(view.context.forward_at(theta, view.start_buffers), task.task_batch(0))
+        loss = task.task_loss(view.context.forward_at(theta, view.start_buffers, task.training), task.task_batch(0))
         return list(torch.autograd.grad(loss, theta))
 
 

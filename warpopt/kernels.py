@@ -28,6 +28,12 @@ sends that model's convolutions to PyTorch's native kernels during the replay on
 
 The selection is made when the forward runs; the backward of the math kernel is ordinary
 autograd, so nothing needs to be active when the graph is later differentiated.
+
+Activation checkpointing (``torch.utils.checkpoint``, any saved-tensor hooks) is refused: the
+replay runs the forward with θ_k swapped in (``functional_call``) and differentiates it after
+the call has returned, when a checkpoint's recomputation would read the live parameters
+instead, a silently wrong meta-gradient. Inside :func:`replay_kernels` installing
+saved-tensor hooks raises a ``RuntimeError`` that says so.
 """
 
 from __future__ import annotations
@@ -77,6 +83,14 @@ def _no_cudnn() -> Iterator[None]:
         torch.backends.cudnn.enabled = previous
 
 
+_RECOMPUTATION = (
+    "activation checkpointing (torch.utils.checkpoint) or other saved-tensor hooks in the model's "
+    "forward cannot run while warpopt replays it (the exact objective, MAML): the recomputation "
+    "would run after the replay has put the live parameters back, and differentiate those instead "
+    "of the replayed θ_k. Turn checkpointing off in the model given to warpopt"
+)
+
+
 def _has_rnn(model: nn.Module | None) -> bool:
     return model is not None and any(isinstance(m, nn.RNNBase) for m in model.modules())
 
@@ -84,9 +98,10 @@ def _has_rnn(model: nn.Module | None) -> bool:
 @contextlib.contextmanager
 def replay_kernels(model: nn.Module | None = None, *, rnn: bool | None = None) -> Iterator[None]:
     """Context in which the replay evaluates ``model``: attention by the twice-differentiable
-    math kernel, no ``nn.MultiheadAttention`` / ``nn.TransformerEncoderLayer`` fast path, and
-    no cuDNN if ``model`` contains an RNN/LSTM/GRU (``rnn``: whether it does, when the caller
-    already knows; saves walking the module tree at every forward).
+    math kernel, no ``nn.MultiheadAttention`` / ``nn.TransformerEncoderLayer`` fast path, no
+    cuDNN if ``model`` contains an RNN/LSTM/GRU (``rnn``: whether it does, when the caller
+    already knows; saves walking the module tree at every forward), and no activation
+    checkpointing (a ``RuntimeError`` saying why).
 
     These are process-wide flags in torch (not thread-local); they are restored on exit, also
     when the body raises. Nesting is safe.
@@ -96,6 +111,7 @@ def replay_kernels(model: nn.Module | None = None, *, rnn: bool | None = None) -
         stack.enter_context(_no_mha_fastpath())
         if _has_rnn(model) if rnn is None else rnn:
             stack.enter_context(_no_cudnn())
+        stack.enter_context(torch.autograd.graph.disable_saved_tensors_hooks(_RECOMPUTATION))
         yield
 
 

@@ -41,7 +41,7 @@ user's ``.grad`` is the plain vector-Jacobian product of their own backward.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -101,6 +101,17 @@ class _Forward:
     theta: Tensors = field(default_factory=list)
     graph_outputs: Tensors = field(default_factory=list)
     backwards: int = 0
+    autocast: tuple[str, torch.dtype] | None = None  # the torch.autocast the forward ran under
+
+
+def _autocast_at(device: torch.device) -> tuple[str, torch.dtype] | None:
+    """(device type, dtype) of the ``torch.autocast`` active for ``device``, None if off."""
+    try:
+        if not torch.is_autocast_enabled(device.type):
+            return None
+        return device.type, torch.get_autocast_dtype(device.type)
+    except TypeError:  # torch < 2.4: no device_type argument
+        return None
 
 
 class _Tap(torch.autograd.Function):
@@ -121,6 +132,31 @@ class _Tap(torch.autograd.Function):
     def backward(ctx: Any, *grads: torch.Tensor) -> tuple[None, ...]:
         ctx.loop._backward(ctx.entry, list(grads))
         return (None, None, None) + (None,) * len(grads)
+
+
+MOVED_IN_TASK = (
+    "the model moved (device or dtype) inside a task: what the task recorded is in the old placement. "
+    "Move the model between tasks (after meta_step(): θ0 and the optimizers' state follow it); this "
+    "task was rolled back"
+)
+
+
+COMPILED = (
+    "maml() builds the task's trajectory through the loop's own forward and differentiates it twice, "
+    "which torch.compile'd graphs do not support (aot_autograd has no double backward): call the "
+    "model uncompiled in this loop, or use maml(unroll='replay'), whose loop stays first order"
+)
+
+
+@contextlib.contextmanager
+def _explain_compiled() -> Iterator[None]:
+    """torch's error for a compiled forward differentiated twice, re-raised saying what to do."""
+    try:
+        yield
+    except RuntimeError as error:
+        if "does not currently support double backward" in str(error):
+            raise RuntimeError(COMPILED) from error
+        raise
 
 
 def _zeros_for_none(grads: Sequence[torch.Tensor | None], like: Sequence[torch.Tensor]) -> Tensors:
@@ -210,6 +246,9 @@ class Loop:
             return None  # a nested call, or one of the library's functional forwards
         stack = contextlib.ExitStack()
         if self.unroll:
+            live, theta = self.live[0], self.theta[0]
+            if live.dtype != theta.dtype or live.device != theta.device:
+                raise RuntimeError(MOVED_IN_TASK)
             stack.callback(self._swap(self.theta + self.phi))
         self._inside = stack
         return None
@@ -243,6 +282,8 @@ class Loop:
         leaves, spec = ([output], None) if type(output) is torch.Tensor else pytree.tree_flatten(output)
         graph = [i for i, t in enumerate(leaves) if isinstance(t, torch.Tensor) and t.requires_grad]
         entry = _Forward(self.step_index, args, kwargs, output, list(self.theta), [leaves[i] for i in graph])
+        if graph:
+            entry.autocast = _autocast_at(leaves[graph[0]].device)
         self.forwards.append(entry)
         if not graph:
             return None
@@ -336,8 +377,11 @@ class Loop:
             if entry.backwards == 1 and sum(e.backwards for e in self.forwards) == 1:
                 batch = self._loop_batch(entry.step)
                 if batch is not _Unmatched:
+                    # under the loop's autocast, as the loop computed its loss: the same gradient
+                    autocast = torch.autocast(*entry.autocast) if entry.autocast else contextlib.nullcontext()
                     try:
-                        matched = self.task.task_loss(self._replaying(entry), batch)
+                        with autocast:
+                            matched = self.task.task_loss(self._replaying(entry), batch)
                     except _Unmatched:
                         matched = None
             if matched is not None:
@@ -412,7 +456,7 @@ class Loop:
         if self.merged is not None:
             grads, self.merged = self.merged, None
             return grads
-        with torch.enable_grad():  # retained: the step's graph is still needed by the θ0 term
+        with torch.enable_grad(), _explain_compiled():  # retained: the step's graph is still needed by the θ0 term
             return _zeros_for_none(torch.autograd.grad(loss, phi, retain_graph=True, allow_unused=True), phi)
 
     def theta0_gradient(
@@ -423,7 +467,7 @@ class Loop:
         (φ held fixed in this one: only θ0 is asked for here; a model with adapt buffers is
         evaluated with the buffers the task started from, so it gets its own forward); else
         ``forward(θ_K)`` runs it."""
-        with torch.enable_grad():
+        with torch.enable_grad(), _explain_compiled():
             if self.pending is not None and not self.buffers and same(self.pending[2], meta_batch):
                 loss, phi, _ = self.pending
                 grads = torch.autograd.grad(loss, self.theta0 + phi, allow_unused=True)

@@ -103,6 +103,12 @@ class WarpGradMetaOptimizer(torch.optim.Optimizer):
                 "through the task update, so α would get no meta-gradient"
             )
         self.core = session.build(model, params, task_optimizer, lr, task_kwargs, learn_lr, learn_momentum)
+        if initialisation.unrolls and not algorithm.resets and self.core.meta_parameters():
+            raise ValueError(
+                "maml() builds each task's trajectory in the loop as one autograd graph through φ, and "
+                f"{algorithm!r} updates φ in place inside the task, which breaks that graph: use "
+                "maml(unroll='replay'), fomaml(), reptile() or leap() with it, or maml() with online()/offline()"
+            )
         if not self.core.meta_parameters() and not initialisation.learns:
             raise ValueError(
                 "nothing to meta-learn: the model has no warp parameters (call "
@@ -353,6 +359,16 @@ class WarpGradMetaOptimizer(torch.optim.Optimizer):
 
     def _restore(self, saved: tuple) -> None:
         self.algorithm_state, self.contributions, self.counters = saved
+
+    def __getstate__(self) -> dict[str, Any]:
+        # torch.optim's pickling keeps only defaults/state/param_groups, which a copy of this shell
+        # cannot run on (it failed with KeyError '_own_defaults'); a full copy would share the
+        # replay storage (a DiskStorage directory the original clears) with the original.
+        raise TypeError(
+            "a WarpGradMetaOptimizer cannot be copied or pickled (it holds the model, the replay "
+            "buffer's storage and the tasks' data): snapshot it with opt.state_dict() (and "
+            "model.state_dict()) and load them into an optimizer built on the model's copy"
+        )
 
     @staticmethod
     def _register(hooks: OrderedDict, hook: Callable) -> RemovableHandle:

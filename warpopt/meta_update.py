@@ -44,6 +44,17 @@ def _finite(grads: Sequence[torch.Tensor]) -> bool:
     return not grads or bool(torch.isfinite(torch.stack(torch._foreach_norm(list(grads))).sum()))
 
 
+def _precision_hint(params: Sequence[torch.Tensor]) -> str:
+    """Why a float16 model's meta-update goes NaN/inf: Adam's default eps (1e-8) is 0 in float16,
+    so entries with a zero second moment divide 0 by 0 (torch.optim's behaviour, not a bad loss)."""
+    if not any(p.dtype == torch.float16 for p in params):
+        return ""
+    return (
+        "; the model is in float16, where Adam's default eps=1e-8 rounds to 0: keep the model in "
+        "float32 under torch.autocast, or pass meta_optimizer=functools.partial(torch.optim.Adam, eps=1e-4)"
+    )
+
+
 @dataclass
 class MetaParameters:
     """φ (+ learned hyper-parameters) and θ0 with their meta optimizers (None: not learned)."""
@@ -97,6 +108,7 @@ class MetaParameters:
         if ok:
             return True
         message = f"the {what} is NaN/inf: check the task and meta losses and the learning rates"
+        message += _precision_hint(self.phi + self.theta0)
         if self.on_nonfinite == "skip":
             warnings.warn(message + "; this update was skipped (on_nonfinite='skip')", RuntimeWarning, stacklevel=4)
             return False
@@ -135,7 +147,9 @@ class MetaParameters:
             p.grad = None
         if not _finite([p.detach() for p in self.theta0]):  # cannot be skipped: the transaction undoes it
             raise FloatingPointError(
-                "θ0 became NaN/inf after an update with a finite meta-gradient: lower init_lr; the meta-step was undone"
+                "θ0 became NaN/inf after an update with a finite meta-gradient: lower init_lr"
+                + _precision_hint(self.theta0)
+                + "; the meta-step was undone"
             )
         return True
 

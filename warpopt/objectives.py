@@ -11,9 +11,12 @@ L_meta are evaluated on two different fresh batches of the task's data (Appendix
 
 An objective is ONE per-sample function ``(context, sample) -> scalar tensor``. It is pure in
 the sample's tensors and batches (``sample.task_batch``/``sample.meta_batch``, drawn by
-``with_batches`` before the call) and uses ``torch.func.grad`` for inner gradients, so the
-same definition serves the per-sample loop here and ``torch.func.vmap`` in
-``warpopt.vectorised`` (which only stacks samples). Adding an objective is one function.
+``with_batches`` before the call) and takes inner gradients through ``context.gradient``, so the
+same definition serves the per-sample loop here (``torch.autograd``, which runs whatever the
+task loop ran: packed sequences, ``autograd.Function``s without ``setup_context``, activation
+checkpointing, none of which ``torch.func.grad`` accepts) and ``torch.func.vmap`` in
+``warpopt.vectorised`` (which stacks samples and swaps in ``torch.func.grad``). Adding an
+objective is one function.
 """
 
 from __future__ import annotations
@@ -35,6 +38,58 @@ from .trajectory import Sample
 __all__ = ["ReplayContext", "Objective", "exact", "approx", "meta_gradient", "with_batches", "trainable"]
 
 
+Gradient = Callable[[Callable[[list[torch.Tensor]], torch.Tensor], Sequence[torch.Tensor]], list[torch.Tensor]]
+
+
+def autograd_gradient(
+    loss_fn: Callable[[list[torch.Tensor]], torch.Tensor], theta: Sequence[torch.Tensor]
+) -> list[torch.Tensor]:
+    """∇θ ``loss_fn(θ)`` by ``torch.autograd``, differentiable (``create_graph``) when grad mode is
+    on; θ that do not require grad are differentiated as fresh leaves, θ that do (MAML's
+    trajectory) keep their graph. Parameters the loss does not reach get zeros, as with
+    ``torch.func.grad``."""
+    create_graph = torch.is_grad_enabled()
+    with torch.enable_grad():
+        wrt = [t if t.requires_grad else t.detach().requires_grad_(True) for t in theta]
+        loss = loss_fn(wrt)
+        grads = (
+            torch.autograd.grad(loss, wrt, create_graph=create_graph, allow_unused=True)
+            if loss.requires_grad
+            else [None] * len(wrt)
+        )
+    return [g if g is not None else torch.zeros_like(t) for g, t in zip(grads, wrt)]
+
+
+def functional_gradient(
+    loss_fn: Callable[[list[torch.Tensor]], torch.Tensor], theta: Sequence[torch.Tensor]
+) -> list[torch.Tensor]:
+    """∇θ ``loss_fn(θ)`` by ``torch.func.grad``: valid under ``torch.func.vmap``."""
+    return list(grad(loss_fn)(list(theta)))
+
+
+def module_modes(model: nn.Module) -> tuple[bool, ...]:
+    """The train/eval flag of every module of ``model`` (``Task.training`` records the loop's)."""
+    return tuple(m.training for m in model.modules())
+
+
+@contextlib.contextmanager
+def in_modes(model: nn.Module, modes: Sequence[bool] | None) -> Iterator[None]:
+    """``model``'s modules in the train/eval ``modes`` (None or a different module tree: as they
+    are), put back on exit: a replayed step runs BatchNorm and dropout as the loop's step did."""
+    modules = list(model.modules())
+    now = [m.training for m in modules]
+    if modes is None or len(modes) != len(modules) or tuple(now) == tuple(modes):
+        yield
+        return
+    for m, flag in zip(modules, modes):
+        m.training = flag
+    try:
+        yield
+    finally:
+        for m, flag in zip(modules, now):
+            m.training = flag
+
+
 @dataclass
 class ReplayContext:
     """What replaying a sample needs besides the sample itself.
@@ -49,6 +104,8 @@ class ReplayContext:
         groups: per adapt parameter, the index of its param group (to apply a sample's
             recorded per-step hyper-parameters, ``Sample.hypers``).
         learned: the learned hyper-parameters (tensors), which override recorded values.
+        gradient: how inner gradients ∇θ L_task are taken: ``autograd_gradient`` (default) or
+            ``functional_gradient`` (under ``torch.func.vmap``: ``warpopt.vectorised``).
     """
 
     model: nn.Module
@@ -58,9 +115,13 @@ class ReplayContext:
     hypers: Sequence[Mapping[str, Any]]
     groups: Sequence[int] = ()
     learned: Mapping[str, Any] = field(default_factory=dict)
+    gradient: Gradient = autograd_gradient
 
-    def forward_at(self, params: Sequence[torch.Tensor], buffers: Sequence[torch.Tensor]) -> Callable[..., Any]:
-        """``forward(*inputs)`` of the model at θ = ``params`` (φ live); a pure function.
+    def forward_at(
+        self, params: Sequence[torch.Tensor], buffers: Sequence[torch.Tensor], modes: Sequence[bool] | None = None
+    ) -> Callable[..., Any]:
+        """``forward(*inputs)`` of the model at θ = ``params`` (φ live); a pure function. ``modes``:
+        the modules' train/eval flags to run in (``Task.training``, the loop's; None: as they are).
 
         Buffers are cloned: a BatchNorm in train mode updates its running statistics in
         place, and those must not leak into the recorded point or the live model. That holds
@@ -76,18 +137,20 @@ class ReplayContext:
                 mapping[name] = b.clone()
 
         def forward(*args: Any, **kwargs: Any) -> Any:
-            with replay_kernels(model):  # twice-differentiable kernels (warpopt/kernels.py)
+            with replay_kernels(model), in_modes(model, modes):  # twice-differentiable kernels (kernels.py)
                 return functional_call(model, mapping, args, kwargs, strict=False)
 
         return forward
 
     def task_loss_at(self, sample: Sample, params: Sequence[torch.Tensor]) -> torch.Tensor:
-        """L_task(θ; φ) on the sample's task batch."""
-        return sample.task.task_loss(self.forward_at(params, sample.buffers), sample.task_batch)
+        """L_task(θ; φ) on the sample's task batch, in the modes the task's loop ran in."""
+        modes = getattr(sample.task, "training", None)
+        return sample.task.task_loss(self.forward_at(params, sample.buffers, modes), sample.task_batch)
 
     def meta_loss_at(self, sample: Sample, params: Sequence[torch.Tensor]) -> torch.Tensor:
-        """L_meta(θ; φ) on the sample's meta batch."""
-        return sample.task.meta_loss(self.forward_at(params, sample.buffers), sample.meta_batch)
+        """L_meta(θ; φ) on the sample's meta batch, in the modes the task's loop ran in."""
+        modes = getattr(sample.task, "training", None)
+        return sample.task.meta_loss(self.forward_at(params, sample.buffers, modes), sample.meta_batch)
 
     def task_gradient(
         self, sample: Sample, params: Sequence[torch.Tensor], create_graph: bool
@@ -119,9 +182,9 @@ class ReplayContext:
 
     def update(self, sample: Sample, theta: list[torch.Tensor]) -> list[torch.Tensor]:
         """U(θ_k, ∇L_task(θ_k; φ)): one replayed task-optimizer step, differentiable in θ, φ
-        and tensor hyper-parameters (``torch.func.grad``: also valid under ``vmap``), with the
-        hyper-parameters and clipping of the step taken from θ_k (``sample.hypers``)."""
-        grads = grad(lambda t: self.task_loss_at(sample, t))(theta)
+        and tensor hyper-parameters (``self.gradient``), with the hyper-parameters and clipping
+        of the step taken from θ_k (``sample.hypers``)."""
+        grads = self.gradient(lambda t: self.task_loss_at(sample, t), theta)
         updated, _ = self.apply_step(theta, grads, sample.states, sample.hypers)
         return updated
 
@@ -148,7 +211,7 @@ def exact(context: ReplayContext, sample: Sample) -> torch.Tensor:
 def approx(context: ReplayContext, sample: Sample) -> torch.Tensor:
     """Eq. 8: L_meta after a stop-gradient task-optimizer step from θ_k (first order)."""
     sample = with_batches(sample)
-    with torch.no_grad():  # sg[U(θ_k, ∇L_task)]: torch.func.grad still works under no_grad
+    with torch.no_grad():  # sg[U(θ_k, ∇L_task)]: context.gradient still takes ∇L_task under no_grad
         updated = context.update(sample, list(sample.params))
     return context.meta_loss_at(sample, [u.detach() for u in updated])
 

@@ -178,23 +178,29 @@ def _call(model: nn.Module, example_input: Any) -> Any:
     return model(example_input)
 
 
-def traced_output_layers(model: nn.Module, names: list[str], example_input: Any) -> tuple[list[str], set[str]]:
+def traced_output_layers(
+    model: nn.Module, names: list[str], example_input: Any
+) -> tuple[list[str], set[str], set[str]]:
     """Run ``model`` once on ``example_input`` and return (the candidates ``names`` that ran,
-    in call order; the output layers among them).
+    in call order; the output layers among them; those whose output never reaches the model's
+    output, for an RNN/LSTM/GRU its output sequence, where a warp would act: a model that
+    reads only ``h_n``).
 
     Nothing observable changes: buffers (BatchNorm statistics), ``requires_grad`` flags and
     the global RNG state (dropout) are restored, and the hooks removed. No backward runs.
     """
     called: list[str] = []
-    marks: dict[Any, str] = {}
+    marks: dict[tuple[Any, int], str] = {}  # (autograd node, which of its outputs) -> module
 
     def recorder(name: str) -> Callable[[nn.Module, Any, Any], None]:
         def hook(module: nn.Module, inputs: Any, output: Any) -> None:
             if name not in called:
                 called.append(name)
+            if isinstance(module, nn.RNNBase) and isinstance(output, tuple):
+                output = output[0]  # the sequence the warp acts on; h_n comes out of the same node
             for t in _tensors(output):
                 if t.grad_fn is not None:
-                    marks.setdefault(t.grad_fn, name)
+                    marks.setdefault((t.grad_fn, t.output_nr), name)
 
         return hook
 
@@ -212,19 +218,28 @@ def traced_output_layers(model: nn.Module, names: list[str], example_input: Any)
                 output = _call(model, example_input)
             except Exception as err:
                 raise ValueError(f"example_input: {type(model).__name__}'s forward failed on it: {err}") from err
-        # Walk the autograd graph back from the outputs; stop at the first task layer on each path.
+        # Walk the autograd graph back from the outputs: the first task layer on each path is an
+        # output layer; the walk goes on past it to see which task layers reach the output at all.
         found: set[str] = set()
+        reached: set[str] = set()
         seen: set[Any] = set()
-        stack: list[Node | None] = [t.grad_fn for t in _tensors(output) if t.grad_fn is not None]
+        stack: list[tuple[Node | None, int, bool]] = [
+            (t.grad_fn, t.output_nr, True) for t in _tensors(output) if t.grad_fn is not None
+        ]
         while stack:
-            node = stack.pop()
-            if node is None or node in seen:
+            node, nr, first = stack.pop()
+            if node is None:
                 continue
-            seen.add(node)
-            if node in marks:
-                found.add(marks[node])
+            name = marks.get((node, nr))
+            if name is not None:
+                reached.add(name)
+                if first:
+                    found.add(name)
+                first = False
+            if (node, first) in seen:
                 continue
-            stack.extend(fn for fn, _ in node.next_functions)
+            seen.add((node, first))
+            stack.extend((fn, index, first) for fn, index in node.next_functions)
     finally:
         for handle in handles:
             handle.remove()
@@ -234,8 +249,8 @@ def traced_output_layers(model: nn.Module, names: list[str], example_input: Any)
             for b, saved in buffers:
                 b.copy_(saved)
     if not found and called:  # the output does not depend on them through autograd (argmax, detach)
-        found = {called[-1]}
-    return called, found
+        return called, {called[-1]}, set()
+    return called, found, set(called) - reached
 
 
 def default_targets(model: nn.Module, example_input: Any = None, exclude: Selector | None = None) -> list[str]:
@@ -243,9 +258,12 @@ def default_targets(model: nn.Module, example_input: Any = None, exclude: Select
     and ``exclude`` (see the module docstring), in registration order."""
     names = task_layers(model)
     excluded = select(model, exclude, "exclude") if exclude is not None else []
+    unreached: set[str] = set()
+    outputs: list[str] = []  # in call order
     if example_input is not None:
-        called, outputs = traced_output_layers(model, names, example_input)
-        kept = [n for n in names if n in called and n not in outputs]
+        called, found, unreached = traced_output_layers(model, names, example_input)
+        outputs = [n for n in called if n in found]
+        kept = [n for n in names if n in called and n not in found and n not in unreached]
     else:
         last = _structural_output_layer(model, names) if len(names) > 1 else (names[0] if names else None)
         if last is None and exclude is None:
@@ -253,11 +271,28 @@ def default_targets(model: nn.Module, example_input: Any = None, exclude: Select
                 f"cannot tell which task layer of {type(model).__name__} is its output layer: its forward "
                 f"decides the order in which {names} run, and the output layer must not be warped. "
                 f"Pass example_input=<a batch> to find it by running one forward "
-                f"(warp(model, example_input=x)), exclude=<its name> to name it "
-                f"(e.g. exclude={names[-1]!r}), or where=<selector> to choose the modules to warp"
+                f"(warp(model, example_input=x)), exclude=<its name> to name it (one of {names}; "
+                f"the last registered is not necessarily the last called), or where=<selector> to "
+                f"choose the modules to warp"
             )
         kept = [n for n in names if n != last]  # last None: `exclude` names the output layers
     targets = [n for n in kept if not any(within(n, e) for e in excluded)]
+    sequences = sorted(n for n in unreached if isinstance(model.get_submodule(n), nn.RNNBase))
+    if not targets and sequences:
+        raise ValueError(
+            f"the output sequence of {sequences} does not reach {type(model).__name__}'s output (its "
+            "forward reads only the hidden state h_n), so a warp on it would have no effect. Read the "
+            "sequence instead (out[:, -1] equals h_n[-1] for a unidirectional RNN), or pass where= to "
+            "choose the modules to warp"
+        )
+    if not targets and len(outputs) > 1:
+        raise ValueError(
+            f"example_input: the outputs of {outputs} all reach {type(model).__name__}'s output without "
+            "passing through another of them, so each counts as an output layer and none is warped (a "
+            "model that also returns hidden states does this). Name the real output layer(s) instead, "
+            f"without example_input: warp(model, exclude={outputs[-1]!r}) if it is the last one called, "
+            "or pass where=<selector>"
+        )
     if not targets:
         raise ValueError(
             f"{type(model).__name__} has no Conv1d/2d/3d, Linear or RNN/LSTM/GRU module besides its "

@@ -21,8 +21,8 @@ from . import step_check, warping
 from .algorithms import Accumulator, Algorithm
 from .clipping import check_max_norm
 from .initialisation import InitialisationLearner
-from .loop import Loop
-from .objectives import Objective, ReplayContext, exact, meta_gradient
+from .loop import MOVED_IN_TASK, Loop
+from .objectives import Objective, ReplayContext, exact, meta_gradient, module_modes
 from .step_hypers import StepHypers, capture
 from .task_optimizers import copy_state_dict, functional_step_for, optimizer_states
 from .tasks import Task
@@ -87,12 +87,20 @@ class Model:
 
 
 def task_groups(params: Iterable[Any] | None, named_adapt: list) -> list[dict[str, Any]]:
-    """Param groups for the task optimizer: all adapt parameters, or the user's groups (checked)."""
+    """Param groups for the task optimizer: all adapt parameters, or the user's groups (checked).
+
+    Parameters frozen when the optimizer is built (``requires_grad=False``) are left out: a task
+    step never changes them (``torch.optim`` skips a parameter without a gradient), so neither may
+    the replayed step nor a θ0 update; they stay constants of the model."""
     adapt_ids = {id(p) for _, p in named_adapt}
     if params is None:
-        if not named_adapt:
-            raise ValueError("the warped model has no adapt parameters to train on tasks")
-        return [{"params": [p for _, p in named_adapt]}]
+        trainable = [p for _, p in named_adapt if p.requires_grad]
+        if not trainable:
+            raise ValueError(
+                "the warped model has no adapt parameters to train on tasks"
+                + (" (all of them are frozen: requires_grad=False)" if named_adapt else "")
+            )
+        return [{"params": trainable}]
     groups = list(params)
     if groups and not isinstance(groups[0], dict):
         groups = [{"params": groups}]
@@ -105,6 +113,11 @@ def task_groups(params: Iterable[Any] | None, named_adapt: list) -> list[dict[st
                     f"a parameter of shape {tuple(p.shape)} passed in params is not an adapt "
                     "parameter of the warped model; pass parameters from model.adapt_parameters()"
                 )
+            if not p.requires_grad:
+                raise ValueError(
+                    f"a parameter of shape {tuple(p.shape)} passed in params is frozen (requires_grad="
+                    "False): tasks would never change it, so it cannot be adapted; leave it out"
+                )
         group["params"] = group_params
     return groups
 
@@ -112,6 +125,18 @@ def task_groups(params: Iterable[Any] | None, named_adapt: list) -> list[dict[st
 def _partition(module: nn.Module) -> tuple[list, list, list]:
     """(named adapt parameters, warp parameters, adapt buffer names); an unwarped model is all θ."""
     if not warping.is_warped(module):
+        inner = [n for n, m in module.named_modules() if n and warping.is_warped(m)]
+        if inner:  # its warp layers would be taken for task parameters: adapted, never meta-learned
+            spec = warping._spec(module.get_submodule(inner[0]))
+            where = [f"{inner[0]}.{w.target}" for w in spec.inserted]
+            designated = [f"{inner[0]}.{n}" for n in spec.designated]
+            same = ", ".join([f"where={where!r}"] * bool(where) + [f"designate={designated!r}"] * bool(designated))
+            raise ValueError(
+                f"{type(module).__name__} is not warped but its submodule {inner[0]!r} is: the optimizer "
+                "reads the θ/φ split off the model it is given, so those warp layers would be adapted as "
+                f"task parameters. Give it the warped submodule, or warpopt.unwarp(model.{inner[0]}) and "
+                f"warp the whole model the same way: warpopt.warp(model, {same}) (with the same layer=)"
+            )
         return list(module.named_parameters()), [], [n for n, _ in module.named_buffers()]
     return (
         list(warping.named_adapt_parameters(module)),
@@ -185,7 +210,7 @@ class TaskRun:
     algorithm_state: Accumulator = field(default_factory=Accumulator)  # tentative until the task ends
     hypers: StepHypers | None = None  # what the latest step used (recorded with its point)
     step_hypers: list[StepHypers] = field(default_factory=list)  # per step k (shared objects; for θ0 learners)
-    guard: step_check.GradGuard | None = None  # set while the task's first step is to be checked
+    guard: step_check.GradGuard | None = None  # set while a checked task adapts (its gradients' versions)
     check: step_check.Before | None = None  # the first step, compared where the loop took θ_1 to
     # issue 18: the loop seen from the optimizer (warpopt/loop.py) and the loop's training loss
     # L(θ_k) of the step being taken, for θ0 learners that ask for them (``unrolls``/``needs_loss``)
@@ -341,6 +366,9 @@ def step(
     None for continual steps outside a task. ``loss``: what ``step(closure)`` returned."""
     if run is not None:
         algorithm_state = run.algorithm_state
+        live, start = model.adapt[0], run.theta0[0]  # model.to() moves all: one check per step
+        if live.dtype != start.dtype or live.device != start.device:
+            raise RuntimeError(MOVED_IN_TASK)
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in model.adapt]
     learn = run is None or run.learn
     clip, model.clip = model.clip, None
@@ -350,12 +378,17 @@ def step(
         run.step_hypers.append(run.hypers)
         if run.trajectory is not None:
             run.trajectory.note_hypers(run.steps, run.hypers)
-        if run.steps == 0:
-            _check_loop_reads_task(model, run)
-            if run.guard is not None:
-                run.check = step_check.before(
-                    model.adapt, model.states(), grads, run.buffers, run.hypers, run.guard, run.task
-                )
+        _check_loop_reads_task(model, run)  # each step: a draw (Leap's probe) may read ahead at any step
+        if run.steps == 0:  # the replays of this task's steps run the model in the loop's modes
+            run.task.training = module_modes(model.module)
+        if run.steps == 0 and run.guard is not None:
+            run.check = step_check.before(
+                model.adapt, model.states(), grads, run.buffers, run.hypers, run.guard, run.task
+            )
+        elif run.guard is not None:  # later steps of a checked task: the free version-counter half
+            changed = run.guard.changed()
+            if changed:
+                step_check.report(step_check.changed_gradients(changed, run.steps), model.reported, run.task)
                 run.guard.remove()
                 run.guard = None
     # ---- issue 18: the unrolled step θ_{k+1} = U(θ_k, g_k), a graph node of θ0 (MAML) ----------
@@ -474,6 +507,18 @@ def end(
         return None
     if not run.learn:
         return TaskOutcome(None, run.steps, run.algorithm_state, None)
+    _check_loop_reads_task(model, run)
+    if run.trajectory is not None and not run.task.can_draw():  # meta_step() would fail on it, every time
+        fix = (
+            "your loop read the one-shot data (a generator or iterator) itself, so no batch is left for "
+            "the replay's draws at meta_step(). Iterate the task instead: `with opt.task(gen, loss_fn) as "
+            "task: for x, y in task: ...` (its batches are kept for the replay), or pass a list of batches "
+            "or a callable k -> batch"
+            if run.task.kind == "one-shot"
+            else "the task's data is empty (a DataLoader with drop_last=True yields no batch from fewer "
+            "samples than batch_size), so the replay would have no batch at meta_step()"
+        )
+        raise ValueError(f"{run.task!r}: {fix}. The task was rolled back; nothing was recorded")
     if run.loop is not None:  # issue 18: the loop's loss was the task's at every step (else ValueError)
         run.loop.check()
     contribution = initialisation.end_task(run.init_state, run)
@@ -517,15 +562,17 @@ def _verify_first_step(model: Model, run: TaskRun) -> None:
 
 
 def _check_loop_reads_task(model: Model, run: TaskRun) -> None:
-    """At a task's first step: batches a draw read ahead from a one-shot iterator are lost to a
-    loop that iterates the iterator itself rather than the task (warned once)."""
+    """At each step and the task's end: batches a draw read ahead from a one-shot iterator are
+    lost to a loop that iterates the iterator itself rather than the task (warned once)."""
+    if "data" in model.reported:
+        return
     ahead = run.task.read_ahead()
-    if ahead and not run.task.batches_seen() and "data" not in model.reported:
+    if ahead and not run.task.batches_seen():
         model.reported.add("data")
         warnings.warn(
             f"{run.task!r}: {ahead} batch(es) of your one-shot data (a generator or iterator) were read by "
-            "warpopt before your loop's first step (a probe or a replay draw) and your loop does not "
-            "iterate the task, so it will not see them. Iterate the task instead: `with opt.task(gen, "
+            "warpopt (Leap's probe or a replay draw) and your loop does not iterate the task, so it will "
+            "not see them. Iterate the task instead: `with opt.task(gen, "
             "loss_fn) as task: for x, y in task: ...` (every batch reaches the loop and is kept for the "
             "replay). Reported once.",
             RuntimeWarning,

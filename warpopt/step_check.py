@@ -21,8 +21,9 @@ The check replays a task's first step and compares it with θ_1 where the loop w
    place or replaced between ``backward()`` and ``step()``.
 
 It runs on the first step of tasks 0, 1, 2, 4, 8, ... (about log₂ of the tasks; a forward and
-backward each) and each kind of mismatch is reported once per optimizer, in a warning naming
-the likely cause.
+backward each), and the ``GradGuard`` stays on for those tasks' later steps (gradients changed by
+hand from some step on: clipping once a condition holds). Each kind of mismatch is reported
+once per optimizer, in a warning naming the likely cause.
 """
 
 from __future__ import annotations
@@ -202,14 +203,19 @@ def after(context: ReplayContext, task: Any, live: Sequence[torch.Tensor], b: Be
                 )
             # a stochastic forward (dropout): the recomputation cannot tell; the guard can
     if b.changed:
-        return (
-            "gradient",
-            f"the gradients of {len(b.changed)} adapt parameter(s) were changed between backward() "
-            "and step() (scaled or clipped by hand: for clipping by norm call "
-            "opt.clip_grad_norm_(max_norm), which the replay reproduces; a GradScaler's unscale_ also "
-            "shows up here and is harmless)",
-        )
+        return changed_gradients(b.changed, 0)
     return None
+
+
+def changed_gradients(changed: Sequence[int], step: int) -> tuple[str, str]:
+    """The ``GradGuard``'s finding at step ``step`` of a checked task, as a report."""
+    return (
+        "gradient",
+        f"the gradients of {len(changed)} adapt parameter(s) were changed between backward() "
+        f"and step() at step {step} (scaled or clipped by hand: for clipping by norm call "
+        "opt.clip_grad_norm_(max_norm), which the replay reproduces; a GradScaler's unscale_ also "
+        "shows up here and is harmless)",
+    )
 
 
 def report(kind_message: tuple[str, str] | None, reported: set[str], task: Any) -> None:
@@ -227,7 +233,7 @@ def report(kind_message: tuple[str, str] | None, reported: set[str], task: Any) 
         )
         return
     warnings.warn(
-        f"warpopt: the step replayed is not the step taken (checked on the first step of {task!r}): "
+        f"warpopt: the step replayed is not the step taken (checked on {task!r}): "
         f"{message}. The exact objective (Eq. 7) differentiates the replayed step, so its meta-gradient "
         "is that of a different step. Reported once.",
         RuntimeWarning,

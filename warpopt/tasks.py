@@ -33,6 +33,13 @@ def supervised(criterion: Callable[[Any, Any], torch.Tensor]) -> BatchLoss:
     """Batch loss ``criterion(forward(x), y)`` for batches ``(x, y)``."""
 
     def batch_loss(forward: Forward, batch: Any) -> torch.Tensor:
+        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+            kind = f"a {type(batch).__name__}" + (f" of {len(batch)}" if isinstance(batch, (tuple, list)) else "")
+            raise TypeError(
+                f"a loss_fn (output, target) takes batches (inputs, target), got {kind}: pass "
+                "batch_loss=lambda forward, batch: loss(forward(<inputs>), <target>) instead of loss_fn "
+                "(e.g. forward(batch['x']), batch['y'] for dict batches)"
+            )
         inputs, target = batch
         return criterion(forward(inputs), target)
 
@@ -255,6 +262,9 @@ class Task:
         self.batch_loss: BatchLoss = batch_loss if batch_loss is not None else supervised(loss_fn)  # type: ignore[arg-type]
         self.meta_batch_loss: BatchLoss = meta_loss if meta_loss is not None else self.batch_loss
         self._data = data
+        #: the model's train/eval flags at the loop's first step (``objectives.module_modes``), which
+        #: every replay of this task's steps runs in; None: the model as it is at replay time
+        self.training: tuple[bool, ...] | None = None
         self._seen: list[Any] = []
         self._loop = 0  # one-shot data: how far the loop has read the tape
         self._skip = 0  # a resumed re-iterable: batches of the first pass the loop already took
@@ -329,6 +339,21 @@ class Task:
         will never reach it (iterate the task: ``for x, y in task``)."""
         return 0 if self._tape is None else len(self._tape.batches) - self._loop
 
+    def can_draw(self) -> bool:
+        """Whether the draws will have a batch. One-shot data: the tape holds one, else the iterator
+        yields one more (read onto the tape, as the first draw would); False when a loop that read
+        the iterator itself consumed it all. A re-iterable: unless its length is 0 (an empty list, a
+        ``DataLoader`` whose ``drop_last`` leaves no batch); one without a length, and a callable,
+        are taken to yield."""
+        if self._tape is not None:
+            return bool(self._tape.batches) or self._tape.pull()
+        if self._seen:
+            return True
+        try:
+            return len(self._data) > 0  # type: ignore[arg-type]
+        except TypeError:
+            return True
+
     def loop_batch(self, k: int) -> Any:
         """The batch the training loop used at step k (see the class docstring)."""
         if k < len(self._seen):
@@ -338,16 +363,26 @@ class Task:
         if isinstance(self._data, Sequence) and len(self._data):
             return self._data[k % len(self._data)]
         raise ValueError(
-            f"the batch of step {k} is unknown: the loop's batches of a one-shot iterable are only seen "
+            f"the batch of step {k} is unknown: the loop's batches of data that is not a list (a generator, "
+            "a DataLoader or its iterator) are only seen "
             "when the loop iterates the task itself (`with opt.task(data, loss_fn) as task: for x, y in "
             "task: ...`); or pass a list of batches or a callable k -> batch"
         )
 
     def task_loss(self, forward: Forward, batch: Any) -> torch.Tensor:
-        return self.batch_loss(forward, batch)
+        return self._scalar(self.batch_loss(forward, batch), "loss")
 
     def meta_loss(self, forward: Forward, batch: Any) -> torch.Tensor:
-        return self.meta_batch_loss(forward, batch)
+        return self._scalar(self.meta_batch_loss(forward, batch), "meta loss")
+
+    def _scalar(self, loss: Any, what: str) -> torch.Tensor:
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise ValueError(
+                f"{self!r}: the {what} must be a scalar tensor (the mean over the batch, as "
+                f"torch.nn.functional losses return by default), got {shape}"
+            )
+        return loss
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:

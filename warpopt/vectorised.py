@@ -7,8 +7,8 @@ The per-sample path (``warpopt.objectives.meta_gradient``) runs a Python loop ov
 replayed points of a mini-batch, one small forward/backward each. Here the points' θ_k,
 optimizer states, buffers and batches are stacked along a new leading dimension and the
 SAME per-sample objective (``warpopt.exact``, ``warpopt.approx`` or your own, defined once in
-terms of ``torch.func.grad``) is mapped over them with ``torch.func.vmap``; this module only
-batches:
+terms of ``context.gradient``, here ``torch.func.grad``) is mapped over them with
+``torch.func.vmap``; this module only batches:
 
     per_sample(θ_k, s_k, b_k, task batch, meta batch) = objective(context, sample_k)
 
@@ -25,7 +25,8 @@ Policies:
   sequence of draws. Samples are stacked in groups that share the batch structure (shapes and
   dtypes), the optimizer-state keys and the loss functions; each group is one vmap call and
   the group results are summed with weight ``len(group)/η``. Samples whose steps used
-  different hyper-parameters (a scheduler changing the lr) or clipping form different groups.
+  different hyper-parameters (a scheduler changing the lr) or clipping, or whose tasks ran in
+  different train/eval modes, form different groups.
   Equal batch shapes across a mini-batch (the normal case) give a single group; with
   ``strict=True`` anything else raises a ``ValueError`` naming the mismatch instead.
 - **BatchNorm**: every sample gets its own *batched clone* of the recorded buffers, and each
@@ -59,7 +60,15 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 from .kernels import unvectorisable
-from .objectives import Objective, ReplayContext, accumulate_gradient, meta_gradient, trainable, with_batches
+from .objectives import (
+    Objective,
+    ReplayContext,
+    accumulate_gradient,
+    functional_gradient,
+    meta_gradient,
+    trainable,
+    with_batches,
+)
 from .trajectory import Sample
 
 __all__ = ["vectorised", "vectorised_meta_gradient"]
@@ -101,11 +110,12 @@ def _group_key(sample: Sample, task_batch: Any, meta_batch: Any) -> Any:
         _batch_signature(task_batch),
         _batch_signature(meta_batch),
         sample.hypers,
+        getattr(task, "training", None),  # the train/eval modes its loop ran in (objectives.in_modes)
     )  # recorded per-step lr/clipping are Python numbers: one vmap call per value
 
 
 def _describe(key: Any) -> str:
-    loss, meta_loss, states, (_, task_shapes), (_, meta_shapes), hypers = key
+    loss, meta_loss, states, (_, task_shapes), (_, meta_shapes), hypers, _ = key
     return (
         f"task batch {[s for s, *_ in task_shapes]}, meta batch {[s for s, *_ in meta_shapes]}, "
         f"step hyper-parameters {hypers}, "
@@ -176,6 +186,8 @@ def _per_sample_fn(objective: Objective, context: ReplayContext, first: Sample) 
     sample's tensors for vmap's per-sample slices. Samples of a group share the first one's
     task (hence its loss functions, by which the group was formed).
     """
+
+    context = replace(context, gradient=functional_gradient)  # autograd cannot run under vmap
 
     def fn(params, states, buffers, task_batch, meta_batch):
         sample = replace(
@@ -250,7 +262,7 @@ def vectorised_meta_gradient(
                         RuntimeWarning,
                         stacklevel=2,
                     )
-                    return meta_gradient(objective, context, samples, meta_params)
+                    return meta_gradient(objective, context, drawn, meta_params)  # the batches drawn above
                 accumulate_gradient(loss, meta_params, grads)
                 total = total + loss.detach()
     return grads, total
