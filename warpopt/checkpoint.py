@@ -35,7 +35,8 @@ from . import task_checkpoint
 from .algorithms import Accumulator, Algorithm
 from .initialisation import InitialisationLearner
 from .meta_update import Contributions, MetaParameters
-from .session import Model, TaskRun
+from .partition import Model
+from .session import TaskRun
 from .state_fit import check_optimizer_state, check_points, check_tensors
 from .tasks import Task
 from .trajectory import ReplayBuffer

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from . import checkpoint, placement, session, task_checkpoint
+from . import checkpoint, partition, placement, session, task_checkpoint
 from .algorithms import Algorithm, Offline
 from .initialisation import InitialisationLearner, Leap
 from .meta_update import Contributions, MetaParameters, add_contribution, check_rate, meta_update, transaction
@@ -102,7 +102,7 @@ class WarpGradMetaOptimizer(torch.optim.Optimizer):
                 "learn_lr/learn_momentum need objective=exact: Eq. 8 stops the gradient "
                 "through the task update, so α would get no meta-gradient"
             )
-        self.core = session.build(model, params, task_optimizer, lr, task_kwargs, learn_lr, learn_momentum)
+        self.core = partition.build(model, params, task_optimizer, lr, task_kwargs, learn_lr, learn_momentum)
         if initialisation.unrolls and not algorithm.resets and self.core.meta_parameters():
             raise ValueError(
                 "maml() builds each task's trajectory in the loop as one autograd graph through φ, and "

@@ -22,7 +22,7 @@ from torch import nn
 
 from .algorithms import Accumulator, Algorithm, Offline, accumulate, mean
 from .objectives import Objective
-from .session import Model
+from .partition import Model
 from .task_optimizers import copy_state_dict
 from .trajectory import ReplayBuffer
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from .meta_update import MetaParameters
-from .session import Model
+from .partition import Model
 
 __all__ = ["follow"]
 

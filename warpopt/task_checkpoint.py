@@ -33,8 +33,9 @@ from torch import nn
 from .algorithms import Accumulator, Algorithm
 from .initialisation import InitialisationLearner
 from .objectives import Objective
+from .partition import Model
 from .points import flatten_point, unflatten_point
-from .session import Model, TaskRun, abort, begin, finish
+from .session import TaskRun, abort, begin, finish
 from .step_hypers import from_plain, to_plain
 from .tasks import Task
 from .trajectory import ReplayBuffer
