@@ -320,6 +320,12 @@ class WarpGradMetaOptimizer(torch.optim.Optimizer):
 
         All or nothing: on any error φ, θ0, both meta optimizers, the replay buffer, the
         replay and global torch RNGs and the counters are left as they were.
+
+        Returns ``{"warp_updates": n, "meta_loss": m, "counters": {...}}``: ``m`` is the mean
+        L_meta of the points this meta-step replayed (Eq. 7/8; offline and continual), and
+        NaN when it replayed none (online, whose per-step terms were taken in the task steps,
+        and θ0-only meta-learning): a NaN there means "not measured", never a diverged loss,
+        which ``on_nonfinite`` catches before any update.
         """
         if self._run is not None:
             raise RuntimeError("meta_step() inside a task: call it after the `with opt.task(...)` blocks")
