@@ -74,6 +74,18 @@ def _check_data(data: Any) -> None:
         )
 
 
+def _skipped(data: Iterable[Any], n: int) -> Iterator[Any]:
+    """``iter(data)`` past its first ``n`` items (a position saved by a checkpoint), without drawing
+    from the global RNG: the uninterrupted run drew for this pass before the checkpoint (an
+    ``iter(DataLoader)`` draws a base seed, a shuffling sampler the seed of its permutation),
+    and the saved RNG state already holds those draws."""
+    with torch.random.fork_rng(devices=[]):
+        it = iter(data)
+        for _ in range(n):
+            next(it, None)
+    return it
+
+
 class _Pass:
     """Draws from a re-iterable source by an iterator of its own, re-iterated when it runs out.
 
@@ -88,13 +100,9 @@ class _Pass:
 
     def draw(self, k: int) -> Any:
         for _ in range(2):
-            if self.it is None:
-                it = iter(self.data)
-                self.it, self.drawn = it, 0
-                for _ in range(self.skip):  # a resumed position (state_dict)
-                    next(it, None)
-                    self.drawn += 1
-                self.skip = 0
+            if self.it is None:  # a fresh pass, or a resumed position (state_dict)
+                self.it = _skipped(self.data, self.skip) if self.skip else iter(self.data)
+                self.drawn, self.skip = self.skip, 0
             try:
                 batch = next(self.it)
                 self.drawn += 1
@@ -300,10 +308,10 @@ class Task:
                 "(or task.task_batch(k)) instead of iterating the task"
             )
         if self._tape is None:
-            for batch in self._data:  # type: ignore[union-attr]
-                if self._skip:  # resumed: the loop took this batch before the checkpoint
-                    self._skip -= 1
-                    continue
+            # resumed: past the batches the loop took before the checkpoint
+            batches = _skipped(self._data, self._skip) if self._skip else self._data  # type: ignore[arg-type]
+            self._skip = 0
+            for batch in batches:  # type: ignore[union-attr]
                 self._seen.append(batch)
                 yield batch
             return
