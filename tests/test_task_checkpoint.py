@@ -155,6 +155,14 @@ def test_an_invalid_in_task_checkpoint_is_refused_before_anything_changes():
         "task_in_progress.restore_optimizer": lambda r: r["restore_optimizer"]["param_groups"].append({"params": []}),
         "a builtins.eval is not a state": lambda r: r["init_state"].update(module="builtins", namedtuple="eval"),
         "missing \\['finite'\\]": lambda r: r.pop("finite"),
+        # fields read only when the task resumes: refused at load, not with a raw error later
+        "task_in_progress.hypers\\[0\\]": lambda r: r["hypers"].__setitem__(0, {"x": 1}),
+        "task_in_progress.trajectory.hypers": lambda r: r["trajectory"]["hypers"].__setitem__(0, [1]),
+        "task_in_progress.task": lambda r: r["task"]["task_source"].__setitem__("drawn", "x"),
+        "task_in_progress.task'.*kind 3": lambda r: r["task"].__setitem__("kind", 3),
+        "task_in_progress.name": lambda r: r.__setitem__("name", 5),
+        "task_in_progress.progress": lambda r: r["progress"].__setitem__("loop", "a"),
+        "task_in_progress.algorithm_state.count": lambda r: r["algorithm_state"].__setitem__("count", "a"),
     }
     for match, damage in sabotage.items():
         bad = copy.deepcopy(saved["opt"])

@@ -9,7 +9,37 @@ from typing import Any
 
 import torch
 
-__all__ = ["check_optimizer_state", "check_tensors", "check_points"]
+from .step_hypers import from_plain
+
+__all__ = [
+    "check_optimizer_state",
+    "check_tensors",
+    "check_points",
+    "check_count",
+    "check_replay_state",
+    "check_hypers",
+]
+
+
+def check_count(field: str, value: Any) -> None:
+    if type(value) is not int or value < 0:
+        raise ValueError(f"state_dict field {field!r}: a count (an integer ≥ 0) expected, got {value!r}")
+
+
+def check_replay_state(field: str, saved: Any) -> None:
+    """``ReplayBuffer.state_dict``: its generator's state and the reservoir's count."""
+    generator = saved.get("generator") if isinstance(saved, dict) else None
+    if not isinstance(generator, torch.Tensor) or generator.dtype != torch.uint8:
+        raise ValueError(f"state_dict field {field!r}: expected {{'generator': a uint8 tensor, 'offered': int}}")
+    check_count(f"{field}.offered", saved.get("offered"))
+
+
+def check_hypers(field: str, saved: Any) -> None:
+    """What a step used (``warpopt.step_hypers.to_plain``), or None."""
+    try:
+        from_plain(saved)
+    except (TypeError, KeyError, ValueError, IndexError) as error:
+        raise ValueError(f"state_dict field {field!r} is not a step's hyper-parameters ({error!r})") from None
 
 
 def check_optimizer_state(field: str, saved: Any, live: torch.optim.Optimizer | None) -> None:

@@ -203,6 +203,26 @@ def _kind(data: Any) -> str:
     return "one-shot" if isinstance(data, IteratorABC) else "iterable"
 
 
+def check_task_state(state: Any) -> None:
+    """Raise ``ValueError`` unless ``state`` has the form ``Task.state_dict`` gives (checked when a
+    checkpoint loads, before anything is written, rather than failing when the task resumes)."""
+    if not isinstance(state, dict) or not {"kind", "tape", "meta_tape", "task_source", "meta_source"} <= set(state):
+        raise ValueError("not a Task state_dict")
+    if state["kind"] not in ("callable", "iterable", "one-shot", "none") or not isinstance(
+        state.get("name"), (str, type(None))
+    ):
+        raise ValueError(f"not a Task state_dict: kind {state['kind']!r}, name {state.get('name')!r}")
+    for key in ("tape", "meta_tape"):
+        if not isinstance(state[key], (list, type(None))):
+            raise ValueError(f"Task state_dict {key!r}: a list of batches or None expected")
+    for key in ("task_source", "meta_source"):
+        source = state[key]
+        if not (source is None and key == "meta_source") and not (
+            isinstance(source, dict) and all(type(v) is int for v in source.values())
+        ):
+            raise ValueError(f"Task state_dict {key!r}: draw positions (integers) expected, got {source!r}")
+
+
 class Task:
     """One task τ: where its batches come from and how its losses are computed.
 
@@ -374,8 +394,7 @@ class Task:
 
     def check_state(self, state: Any) -> None:
         """Raise ``ValueError`` if ``state`` (from ``state_dict``) cannot be loaded into this task."""
-        if not isinstance(state, dict) or not {"kind", "tape", "meta_tape", "task_source", "meta_source"} <= set(state):
-            raise ValueError("not a Task state_dict")
+        check_task_state(state)
         label = repr(self.name or state.get("name") or "")
         if state["kind"] in ("callable", "iterable") and self.kind != state["kind"]:
             raise ValueError(
