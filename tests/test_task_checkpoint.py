@@ -253,3 +253,35 @@ def test_a_dataloader_is_re_iterated_on_resume_without_drawing_from_the_global_r
     reference = _loader_run(probe=probe)
     resumed = _loader_run(saved=_through_a_file(_loader_run(stop=stop, probe=probe)), probe=probe)
     assert _equal(resumed, reference)
+
+
+def test_resuming_with_other_data_is_refused_for_a_list_and_warned_for_other_re_iterables():
+    model, opt = R.build("offline-leap")
+    with opt.task(R.task_data(0), R.loss_fn, name="task 0") as task:
+        for k, (x, y) in enumerate(task):  # the loop iterates the task: its batches are saved
+            opt.zero_grad()
+            R.loss_fn(model(x), y).backward()
+            opt.step()
+            if k == 1:
+                saved = _through_a_file(opt.state_dict())
+    model, opt = R.build("offline-leap", seed=7)
+    opt.load_state_dict(saved)
+    for wrong in (R.task_data(0)[2:], R.task_data(5)):  # advanced by hand (the task skips itself) / other data
+        with pytest.raises(ValueError, match="does not start with the batches the loop took"), \
+                opt.task(wrong, R.loss_fn, name="task 0"):
+            pass
+    assert opt.task_in_progress is not None  # still pending, nothing changed
+
+    class Batches:  # a re-iterable that is not a sequence (as a DataLoader): seen only as the loop skips
+        def __init__(self, batches):
+            self.batches = batches
+
+        def __iter__(self):
+            return iter(self.batches)
+
+    with pytest.warns(RuntimeWarning, match="does not start with the batches the loop took"), \
+            opt.task(Batches(R.task_data(5)), R.loss_fn, name="task 0") as task:
+        for x, y in task:
+            opt.zero_grad()
+            R.loss_fn(model(x), y).backward()
+            opt.step()

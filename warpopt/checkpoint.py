@@ -36,8 +36,16 @@ from .algorithms import Accumulator, Algorithm
 from .initialisation import InitialisationLearner
 from .meta_update import Contributions, MetaParameters
 from .session import Model, TaskRun
-from .state_fit import check_count, check_hypers, check_optimizer_state, check_points, check_replay_state, check_tensors
-from .tasks import Task, check_task_state
+from .state_fit import (
+    check_count,
+    check_hypers,
+    check_optimizer_state,
+    check_points,
+    check_replay_state,
+    check_task_state,
+    check_tensors,
+)
+from .tasks import Task
 from .trajectory import ReplayBuffer
 
 

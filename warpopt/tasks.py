@@ -17,11 +17,14 @@ supervised data, ``supervised(criterion)`` builds one from a criterion ``(output
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from collections.abc import Iterator as IteratorABC
 from typing import Any
 
 import torch
+
+from .state_fit import check_task_state, same_batch
 
 Forward = Callable[..., Any]
 BatchLoss = Callable[[Forward, Any], torch.Tensor]
@@ -74,15 +77,23 @@ def _check_data(data: Any) -> None:
         )
 
 
-def _skipped(data: Iterable[Any], n: int) -> Iterator[Any]:
+def _skipped(data: Iterable[Any], n: int, expected: Sequence[Any] = (), name: str | None = None) -> Iterator[Any]:
     """``iter(data)`` past its first ``n`` items (a position saved by a checkpoint), without drawing
     from the global RNG: the uninterrupted run drew for this pass before the checkpoint (an
     ``iter(DataLoader)`` draws a base seed, a shuffling sampler the seed of its permutation),
-    and the saved RNG state already holds those draws."""
+    and the saved RNG state already holds those draws. Skipped items that differ from
+    ``expected`` (the batches the loop took before the checkpoint) are warned about once."""
     with torch.random.fork_rng(devices=[]):
         it = iter(data)
-        for _ in range(n):
-            next(it, None)
+        skipped = [next(it, None) for _ in range(n)]
+    if not all(same_batch(a, b) for a, b in zip(skipped, expected)):
+        warnings.warn(
+            f"task {name or ''!r} resumed from a checkpoint: its data does not start with the batches the loop "
+            f"took before the checkpoint (a shuffling DataLoader reshuffles, or other data), so the resumed "
+            f"task is not the interrupted one. Pass the same data, in the same order",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     return it
 
 
@@ -203,26 +214,6 @@ def _kind(data: Any) -> str:
     return "one-shot" if isinstance(data, IteratorABC) else "iterable"
 
 
-def check_task_state(state: Any) -> None:
-    """Raise ``ValueError`` unless ``state`` has the form ``Task.state_dict`` gives (checked when a
-    checkpoint loads, before anything is written, rather than failing when the task resumes)."""
-    if not isinstance(state, dict) or not {"kind", "tape", "meta_tape", "task_source", "meta_source"} <= set(state):
-        raise ValueError("not a Task state_dict")
-    if state["kind"] not in ("callable", "iterable", "one-shot", "none") or not isinstance(
-        state.get("name"), (str, type(None))
-    ):
-        raise ValueError(f"not a Task state_dict: kind {state['kind']!r}, name {state.get('name')!r}")
-    for key in ("tape", "meta_tape"):
-        if not isinstance(state[key], (list, type(None))):
-            raise ValueError(f"Task state_dict {key!r}: a list of batches or None expected")
-    for key in ("task_source", "meta_source"):
-        source = state[key]
-        if not (source is None and key == "meta_source") and not (
-            isinstance(source, dict) and all(type(v) is int for v in source.values())
-        ):
-            raise ValueError(f"Task state_dict {key!r}: draw positions (integers) expected, got {source!r}")
-
-
 class Task:
     """One task τ: where its batches come from and how its losses are computed.
 
@@ -329,7 +320,9 @@ class Task:
             )
         if self._tape is None:
             # resumed: past the batches the loop took before the checkpoint
-            batches = _skipped(self._data, self._skip) if self._skip else self._data  # type: ignore[arg-type]
+            batches = (
+                _skipped(self._data, self._skip, self._seen, self.name) if self._skip else self._data  # type: ignore[arg-type]
+            )
             self._skip = 0
             for batch in batches:  # type: ignore[union-attr]
                 self._seen.append(batch)
@@ -453,6 +446,20 @@ class Task:
             self._loop = int(progress["loop"]) - (len(seen) - len(self._seen))
         else:  # one batch per step: the loop's next batch is the (k+1)-th of the data
             self._skip = int(steps)
+
+    def check_resume(self, progress: dict[str, Any], steps: int) -> None:
+        """``ValueError`` when this task's data is a sequence (a list of batches) whose first
+        ``steps`` batches are not those the interrupted loop took (``progress_state``): other data,
+        or data the caller already advanced (iterating the task skips them itself)."""
+        if not isinstance(self._data, Sequence):
+            return
+        seen = progress["seen"][:steps]
+        if not all(same_batch(a, b) for a, b in zip(self._data, seen)) or len(self._data) < len(seen):
+            raise ValueError(
+                f"task {self.name or ''!r} resumed from a checkpoint after {steps} steps: its data does not start "
+                "with the batches the loop took before the checkpoint. Pass the same list as before, from its "
+                "start (iterating the task skips the batches of the steps taken)"
+            )
 
     def __repr__(self) -> str:
         return f"Task({self.name!r})" if self.name else "Task()"
