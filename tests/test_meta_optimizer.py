@@ -538,3 +538,18 @@ def test_meta_step_stats_are_per_step_with_running_counters():
         stats = opt.meta_step()
         assert stats["warp_updates"] == 8
         assert stats["counters"]["warp_updates"] == expected_total
+
+
+def test_continual_with_maml_in_the_loop_is_refused_and_the_replayed_maml_runs():
+    # continual() updates φ inside step() (in place), while maml()'s in-loop trajectory holds φ in
+    # its graph: the θ0 meta-gradient at the task's end failed with autograd's in-place error.
+    model = make_model()
+    with pytest.raises(ValueError, match=r"continual\(\).*maml\(unroll=\"replay\"\)"):
+        warpopt.WarpGradMetaOptimizer(model, lr=0.1, algorithm=warpopt.continual(every=2),
+                                      initialisation=warpopt.maml())
+    opt = warpopt.WarpGradMetaOptimizer(model, lr=0.1, algorithm=warpopt.continual(every=2),
+                                        initialisation=warpopt.maml(unroll="replay"))
+    adapt(opt, model, make_tasks(2, batches=3))
+    assert opt.counters["warp_updates"] == 3
+    opt.meta_step()
+    assert all(torch.isfinite(t).all() for t in opt.theta0)

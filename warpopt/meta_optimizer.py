@@ -103,6 +103,11 @@ class WarpGradMetaOptimizer(torch.optim.Optimizer):
                 "through the task update, so α would get no meta-gradient"
             )
         self.core = session.build(model, params, task_optimizer, lr, task_kwargs, learn_lr, learn_momentum)
+        if initialisation.unrolls and not algorithm.resets and self.core.warp:
+            raise ValueError(
+                "continual() updates φ inside step() while maml()'s in-loop trajectory holds φ in its graph "
+                'of the task: use warpopt.maml(unroll="replay") with continual()'
+            )
         if not self.core.meta_parameters() and not initialisation.learns:
             raise ValueError(
                 "nothing to meta-learn: the model has no warp parameters (call "
