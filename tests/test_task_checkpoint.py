@@ -266,6 +266,9 @@ def test_resuming_with_other_data_is_refused_for_a_list_and_warned_for_other_re_
                 saved = _through_a_file(opt.state_dict())
     model, opt = R.build("offline-leap", seed=7)
     opt.load_state_dict(saved)
+    with pytest.raises(ValueError, match="more than one pass over its 1 batches"), \
+            opt.task(R.task_data(0)[:1], R.loss_fn, name="task 0"):  # (as a checkpoint in a second epoch)
+        pass
     for wrong in (R.task_data(0)[2:], R.task_data(5)):  # advanced by hand (the task skips itself) / other data
         with pytest.raises(ValueError, match="does not start with the batches the loop took"), \
                 opt.task(wrong, R.loss_fn, name="task 0"):

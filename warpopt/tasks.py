@@ -454,7 +454,13 @@ class Task:
         if not isinstance(self._data, Sequence):
             return
         seen = progress["seen"][:steps]
-        if not all(same_batch(a, b) for a, b in zip(self._data, seen)) or len(self._data) < len(seen):
+        if len(seen) > len(self._data):  # the resumed pass would skip past its end
+            raise ValueError(
+                f"task {self.name or ''!r} was checkpointed after {steps} steps, more than one pass over its "
+                f"{len(self._data)} batches: resuming inside a later pass over the task (epochs) is not supported. "
+                "Checkpoint during the first pass or between tasks"
+            )
+        if not all(same_batch(a, b) for a, b in zip(self._data, seen)):
             raise ValueError(
                 f"task {self.name or ''!r} resumed from a checkpoint after {steps} steps: its data does not start "
                 "with the batches the loop took before the checkpoint. Pass the same list as before, from its "
