@@ -194,6 +194,28 @@ def test_a_state_dict_with_a_wrong_shape_or_dtype_is_refused_before_anything_cha
     opt.load_state_dict(sd)  # the good one loads
 
 
+def test_a_malformed_state_dict_is_refused_with_a_value_error_before_anything_changes():
+    model, opt = build()
+    adapt(opt, model, seeds=(1,))
+    sd = opt.state_dict()  # mid meta-batch: one pending task
+    adapt(opt, model, seeds=(2,))
+    before = full_state(opt)
+    sabotage = {
+        "'replay'": lambda s: s.__setitem__("replay", {"x": 1}),
+        "'replay'.*generator": lambda s: s["replay"].__setitem__("generator", torch.zeros(3)),
+        "'algorithm_state.count'": lambda s: s["algorithm_state"].__setitem__("count", "a"),
+        "'contributions.count'": lambda s: s["contributions"].__setitem__("count", None),
+        "'counters.tasks'": lambda s: s["counters"].__setitem__("tasks", "1"),
+        "tasks=\\[0\\]": lambda s: s["pending"]["tasks"][0].__setitem__("kind", "a tape"),
+    }
+    for match, damage in sabotage.items():
+        bad = copy.deepcopy(sd)
+        damage(bad)
+        with pytest.raises(ValueError, match=match):
+            opt.load_state_dict(bad, tasks=[warpopt.Task(lambda k: batches(1)[k % 4], loss_fn)])
+        assert_same(full_state(opt), before)
+
+
 def test_state_dict_is_a_snapshot_that_later_training_never_mutates():
     model, opt = build(task_optimizer=torch.optim.Adam)
     adapt(opt, model)

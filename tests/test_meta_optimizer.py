@@ -572,3 +572,18 @@ def test_an_optimizer_given_a_model_with_a_warped_submodule_says_how_to_warp_it(
     warpopt.unwarp(model.encoder)
     warpopt.warp(model, where=["encoder.0", "encoder.2"])  # the advice, as given
     assert [n for n, _ in model.named_warp_parameters()] == ["encoder." + n for n in inner]
+
+
+def test_continual_with_maml_in_the_loop_is_refused_and_the_replayed_maml_runs():
+    # continual() updates φ inside step() (in place), while maml()'s in-loop trajectory holds φ in
+    # its graph: the θ0 meta-gradient at the task's end failed with autograd's in-place error.
+    model = make_model()
+    with pytest.raises(ValueError, match=r"updates φ in place.*maml\(unroll='replay'\)"):
+        warpopt.WarpGradMetaOptimizer(model, lr=0.1, algorithm=warpopt.continual(every=2),
+                                      initialisation=warpopt.maml())
+    opt = warpopt.WarpGradMetaOptimizer(model, lr=0.1, algorithm=warpopt.continual(every=2),
+                                        initialisation=warpopt.maml(unroll="replay"))
+    adapt(opt, model, make_tasks(2, batches=3))
+    assert opt.counters["warp_updates"] == 3
+    opt.meta_step()
+    assert all(torch.isfinite(t).all() for t in opt.theta0)

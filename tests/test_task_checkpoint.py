@@ -155,6 +155,14 @@ def test_an_invalid_in_task_checkpoint_is_refused_before_anything_changes():
         "task_in_progress.restore_optimizer": lambda r: r["restore_optimizer"]["param_groups"].append({"params": []}),
         "a builtins.eval is not a state": lambda r: r["init_state"].update(module="builtins", namedtuple="eval"),
         "missing \\['finite'\\]": lambda r: r.pop("finite"),
+        # fields read only when the task resumes: refused at load, not with a raw error later
+        "task_in_progress.hypers\\[0\\]": lambda r: r["hypers"].__setitem__(0, {"x": 1}),
+        "task_in_progress.trajectory.hypers": lambda r: r["trajectory"]["hypers"].__setitem__(0, [1]),
+        "task_in_progress.task": lambda r: r["task"]["task_source"].__setitem__("drawn", "x"),
+        "task_in_progress.task'.*kind 3": lambda r: r["task"].__setitem__("kind", 3),
+        "task_in_progress.name": lambda r: r.__setitem__("name", 5),
+        "task_in_progress.progress": lambda r: r["progress"].__setitem__("loop", "a"),
+        "task_in_progress.algorithm_state.count": lambda r: r["algorithm_state"].__setitem__("count", "a"),
     }
     for match, damage in sabotage.items():
         bad = copy.deepcopy(saved["opt"])
@@ -199,3 +207,84 @@ def test_a_resume_that_fails_midway_leaves_the_model_as_it_was_and_the_task_pend
     R.adapt(opt, model, 4, resume=saved)  # the right data: continued as if nothing happened
     result = R.result(opt, model, list(saved["losses"]) + R.run(opt, model, start=5))
     assert _equal(result["theta0"], reference["theta0"]) and _equal(result["phi"], reference["phi"])
+
+
+def _loader_run(stop: tuple | None = None, saved: dict | None = None, probe: bool = False):
+    """Offline + Leap on a model with dropout, each task's data a ``DataLoader`` object; stopped
+    (a checkpoint taken) after ``stop = (task, steps)``, or resumed from ``saved`` (in-task or
+    between tasks). Returns the checkpoint, or φ and θ0 after the meta-step."""
+    torch.manual_seed(5)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 6), torch.nn.Tanh(), torch.nn.Dropout(0.3), torch.nn.Linear(6, 1))
+    model = warpopt.warp(net)
+    init = warpopt.leap(loss="probe" if probe else "train")
+    opt = warpopt.WarpGradMetaOptimizer(model, lr=0.1, meta_lr=1e-2, algorithm=warpopt.offline(batch_size=2),
+                                        initialisation=init)
+    g = torch.Generator().manual_seed(3)
+    loaders = [torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(20, 3, generator=g),
+                                                                          torch.randn(20, 1, generator=g)),
+                                           batch_size=5) for _ in range(2)]
+    start = (0, 0)
+    if saved is not None:
+        running = saved["task_in_progress"]
+        start = (1, 0) if saved["pending"] is not None and running is None else (int(running is not None), 0)
+        opt.load_state_dict(saved, tasks=[warpopt.Task(loaders[0], R.loss_fn)] if saved["pending"] else None)
+    for i in range(start[0], 2):
+        with opt.task(loaders[i], R.loss_fn) as task:
+            for k, (x, y) in enumerate(task, start=task.start_step):
+                if k == 3:
+                    break
+                opt.zero_grad()
+                R.loss_fn(model(x), y).backward()
+                opt.step()
+                if stop == (i, k + 1):
+                    return opt.state_dict(include_rng=True)
+        if stop == (i, "after"):
+            return opt.state_dict(include_rng=True)
+    opt.meta_step()
+    return [p.detach().clone() for p in model.warp_parameters()] + [t.clone() for t in opt.meta.theta0]
+
+
+@pytest.mark.parametrize("stop", [(1, 1), (1, 2), (0, "after")])
+@pytest.mark.parametrize("probe", [False, True])
+def test_a_dataloader_is_re_iterated_on_resume_without_drawing_from_the_global_rng(stop, probe):
+    # Each iter(DataLoader) draws a base seed from the global RNG: re-iterating a loader to its
+    # saved position on resume (the loop's pass, the draws' pass: Leap's probe) must not, or the
+    # dropout masks after it shift.
+    reference = _loader_run(probe=probe)
+    resumed = _loader_run(saved=_through_a_file(_loader_run(stop=stop, probe=probe)), probe=probe)
+    assert _equal(resumed, reference)
+
+
+def test_resuming_with_other_data_is_refused_for_a_list_and_warned_for_other_re_iterables():
+    model, opt = R.build("offline-leap")
+    with opt.task(R.task_data(0), R.loss_fn, name="task 0") as task:
+        for k, (x, y) in enumerate(task):  # the loop iterates the task: its batches are saved
+            opt.zero_grad()
+            R.loss_fn(model(x), y).backward()
+            opt.step()
+            if k == 1:
+                saved = _through_a_file(opt.state_dict())
+    model, opt = R.build("offline-leap", seed=7)
+    opt.load_state_dict(saved)
+    with pytest.raises(ValueError, match="more than one pass over its 1 batches"), \
+            opt.task(R.task_data(0)[:1], R.loss_fn, name="task 0"):  # (as a checkpoint in a second epoch)
+        pass
+    for wrong in (R.task_data(0)[2:], R.task_data(5)):  # advanced by hand (the task skips itself) / other data
+        with pytest.raises(ValueError, match="does not start with the batches the loop took"), \
+                opt.task(wrong, R.loss_fn, name="task 0"):
+            pass
+    assert opt.task_in_progress is not None  # still pending, nothing changed
+
+    class Batches:  # a re-iterable that is not a sequence (as a DataLoader): seen only as the loop skips
+        def __init__(self, batches):
+            self.batches = batches
+
+        def __iter__(self):
+            return iter(self.batches)
+
+    with pytest.warns(RuntimeWarning, match="does not start with the batches the loop took"), \
+            opt.task(Batches(R.task_data(5)), R.loss_fn, name="task 0") as task:
+        for x, y in task:
+            opt.zero_grad()
+            R.loss_fn(model(x), y).backward()
+            opt.step()

@@ -37,7 +37,15 @@ from .initialisation import InitialisationLearner
 from .meta_update import Contributions, MetaParameters
 from .partition import Model
 from .session import TaskRun
-from .state_fit import check_optimizer_state, check_points, check_tensors
+from .state_fit import (
+    check_count,
+    check_hypers,
+    check_optimizer_state,
+    check_points,
+    check_replay_state,
+    check_task_state,
+    check_tensors,
+)
 from .tasks import Task
 from .trajectory import ReplayBuffer
 
@@ -194,7 +202,16 @@ def validate(opt: WarpGradMetaOptimizer, sd: Any) -> None:
         raise ValueError(
             f"state_dict field 'learned': {sorted(sd['learned'])}, this optimizer {sorted(opt.meta.learned)}"
         )
+    check_replay_state("replay", sd["replay"])
+    counters = sd["counters"]
+    if not isinstance(counters, dict) or set(counters) != set(opt.counters):
+        raise ValueError(f"state_dict field 'counters': expected the keys {sorted(opt.counters)}")
+    for key, value in counters.items():
+        check_count(f"counters.{key}", value)
     for field in ("algorithm_state", "contributions"):
+        if not isinstance(sd[field], dict):
+            raise ValueError(f"state_dict field {field!r} is malformed")
+        check_count(f"{field}.count", sd[field].get("count"))
         total = sd[field]["total"]
         if total is not None:
             live = opt.meta.phi if field == "algorithm_state" else opt.meta.theta0
@@ -219,8 +236,10 @@ def _check_running_fields(opt: WarpGradMetaOptimizer, running: Any) -> None:
         missing = sorted(set(task_checkpoint.KEYS) - set(running)) if isinstance(running, dict) else "all"
         raise ValueError(f"state_dict field {field!r} is malformed (missing {missing})")
     steps = running["steps"]
-    if not isinstance(steps, int) or steps < 0 or not isinstance(running["learn"], bool):
+    if type(steps) is not int or steps < 0 or not isinstance(running["learn"], bool):
         raise ValueError(f"state_dict field {field!r}: steps {steps!r} / learn {running['learn']!r} malformed")
+    if not isinstance(running["name"], (str, type(None))):
+        raise ValueError(f"state_dict field {field + '.name'!r}: a str or None expected, got {running['name']!r}")
     theta0, buffers = [p.detach() for p in opt.meta.theta0], opt.core.initial_buffers
     for key, live in (("params", theta0), ("buffers", buffers), ("start", theta0), ("start_buffers", buffers)):
         check_tensors(f"{field}.{key}", running[key], live)
@@ -234,23 +253,34 @@ def _check_running_fields(opt: WarpGradMetaOptimizer, running: Any) -> None:
     finite = running["finite"]
     if not isinstance(finite, torch.Tensor) or finite.dtype != torch.bool or finite.dim():
         raise ValueError(f"state_dict field {field + '.finite'!r}: a 0-dim bool tensor expected")
+    check_count(f"{field}.algorithm_state.count", running["algorithm_state"]["count"])
     total = running["algorithm_state"]["total"]
     if total is not None:
         check_tensors(f"{field}.algorithm_state", total, [p.detach() for p in opt.meta.phi])
     hypers = running["hypers"]
     if not isinstance(hypers, list) or len(hypers) != steps:
         raise ValueError(f"state_dict field {field + '.hypers'!r}: one entry per step taken ({steps}) expected")
+    for k, h in enumerate(hypers):
+        check_hypers(f"{field}.hypers[{k}]", h)
     trajectory = running["trajectory"]
     if trajectory is not None:
+        for k, h in trajectory["hypers"].items():
+            check_hypers(f"{field}.trajectory.hypers[{k}]", h)
         check_points(f"{field}.trajectory.points", trajectory.get("points"), theta0, buffers)
         if any(int(point["step"]) > steps for point in trajectory["points"]):
             raise ValueError(f"state_dict field {field + '.trajectory'!r}: a point past step {steps}")
     if running["learn"]:
         task_checkpoint.decode(opt.initialisation, running["init_state"])
     task, progress = running["task"], running["progress"]
-    if not isinstance(task, dict) or not {"kind", "tape", "task_source"} <= set(task):
-        raise ValueError(f"state_dict field {field + '.task'!r} is not a Task state_dict")
-    if not isinstance(progress, dict) or not isinstance(progress.get("seen"), list):
+    try:
+        check_task_state(task)
+    except ValueError as error:
+        raise ValueError(f"state_dict field {field + '.task'!r}: {error}") from None
+    if (
+        not isinstance(progress, dict)
+        or not isinstance(progress.get("seen"), list)
+        or type(progress.get("loop")) is not int
+    ):
         raise ValueError(f"state_dict field {field + '.progress'!r} is malformed")
     if (running["loop"] is not None) != bool(
         running["learn"] and (opt.initialisation.unrolls or opt.initialisation.needs_loss)

@@ -1,6 +1,7 @@
 """Whether a saved state fits the live optimizer: the checks ``load_state_dict`` runs before it
 writes anything (``warpopt.checkpoint``, ``warpopt.task_checkpoint``). Each raises a
-``ValueError`` naming the state_dict field that does not fit."""
+``ValueError`` naming the state_dict field that does not fit. ``same_batch`` tells whether the
+data given on resume repeats the batches a task saved (``warpopt.tasks``)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,37 @@ from typing import Any
 
 import torch
 
-__all__ = ["check_optimizer_state", "check_tensors", "check_points"]
+from .step_hypers import from_plain
+
+__all__ = [
+    "check_optimizer_state",
+    "check_tensors",
+    "check_points",
+    "check_count",
+    "check_replay_state",
+    "check_hypers",
+]
+
+
+def check_count(field: str, value: Any) -> None:
+    if type(value) is not int or value < 0:
+        raise ValueError(f"state_dict field {field!r}: a count (an integer ≥ 0) expected, got {value!r}")
+
+
+def check_replay_state(field: str, saved: Any) -> None:
+    """``ReplayBuffer.state_dict``: its generator's state and the reservoir's count."""
+    generator = saved.get("generator") if isinstance(saved, dict) else None
+    if not isinstance(generator, torch.Tensor) or generator.dtype != torch.uint8:
+        raise ValueError(f"state_dict field {field!r}: expected {{'generator': a uint8 tensor, 'offered': int}}")
+    check_count(f"{field}.offered", saved.get("offered"))
+
+
+def check_hypers(field: str, saved: Any) -> None:
+    """What a step used (``warpopt.step_hypers.to_plain``), or None."""
+    try:
+        from_plain(saved)
+    except (TypeError, KeyError, ValueError, IndexError) as error:
+        raise ValueError(f"state_dict field {field!r} is not a step's hyper-parameters ({error!r})") from None
 
 
 def check_optimizer_state(field: str, saved: Any, live: torch.optim.Optimizer | None) -> None:
@@ -75,3 +106,44 @@ def check_points(field: str, points: Any, theta0: Sequence[torch.Tensor], buffer
                     raise ValueError(
                         f"state_dict field {where + '.states'!r}: {key!r} does not fit its parameter {tuple(p.shape)}"
                     )
+
+
+def check_task_state(state: Any) -> None:
+    """Raise ``ValueError`` unless ``state`` has the form ``Task.state_dict`` gives (checked when a
+    checkpoint loads, before anything is written, rather than failing when the task resumes)."""
+    if not isinstance(state, dict) or not {"kind", "tape", "meta_tape", "task_source", "meta_source"} <= set(state):
+        raise ValueError("not a Task state_dict")
+    if state["kind"] not in ("callable", "iterable", "one-shot", "none") or not isinstance(
+        state.get("name"), (str, type(None))
+    ):
+        raise ValueError(f"not a Task state_dict: kind {state['kind']!r}, name {state.get('name')!r}")
+    for key in ("tape", "meta_tape"):
+        if not isinstance(state[key], (list, type(None))):
+            raise ValueError(f"Task state_dict {key!r}: a list of batches or None expected")
+    for key in ("task_source", "meta_source"):
+        source = state[key]
+        if not (source is None and key == "meta_source") and not (
+            isinstance(source, dict) and all(type(v) is int for v in source.values())
+        ):
+            raise ValueError(f"Task state_dict {key!r}: draw positions (integers) expected, got {source!r}")
+
+
+def same_batch(a: Any, b: Any) -> bool:
+    """Whether two batches are equal (tensors bit for bit, containers element-wise); True when
+    their elements cannot be compared."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (
+            isinstance(a, torch.Tensor)
+            and isinstance(b, torch.Tensor)
+            and a.shape == b.shape
+            and a.dtype == b.dtype
+            and torch.equal(a, b.to(a.device))
+        )
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(same_batch(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same_batch(a[k], b[k]) for k in a)
+    try:
+        return bool(a == b)
+    except Exception:  # e.g. numpy arrays: cannot tell, do not complain
+        return True

@@ -217,6 +217,7 @@ def check_task(task: Task, saved: dict[str, Any], learn: bool) -> None:
             f"of the batches after the {len(saved['task']['tape'])} it had read (or None), not {task.kind} data"
         )
     task.check_state(saved["task"])
+    task.check_resume(saved["progress"], int(saved["steps"]))
 
 
 def resume(

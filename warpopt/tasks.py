@@ -17,11 +17,14 @@ supervised data, ``supervised(criterion)`` builds one from a criterion ``(output
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from collections.abc import Iterator as IteratorABC
 from typing import Any
 
 import torch
+
+from .state_fit import check_task_state, same_batch
 
 Forward = Callable[..., Any]
 BatchLoss = Callable[[Forward, Any], torch.Tensor]
@@ -81,6 +84,26 @@ def _check_data(data: Any) -> None:
         )
 
 
+def _skipped(data: Iterable[Any], n: int, expected: Sequence[Any] = (), name: str | None = None) -> Iterator[Any]:
+    """``iter(data)`` past its first ``n`` items (a position saved by a checkpoint), without drawing
+    from the global RNG: the uninterrupted run drew for this pass before the checkpoint (an
+    ``iter(DataLoader)`` draws a base seed, a shuffling sampler the seed of its permutation),
+    and the saved RNG state already holds those draws. Skipped items that differ from
+    ``expected`` (the batches the loop took before the checkpoint) are warned about once."""
+    with torch.random.fork_rng(devices=[]):
+        it = iter(data)
+        skipped = [next(it, None) for _ in range(n)]
+    if not all(same_batch(a, b) for a, b in zip(skipped, expected)):
+        warnings.warn(
+            f"task {name or ''!r} resumed from a checkpoint: its data does not start with the batches the loop "
+            f"took before the checkpoint (a shuffling DataLoader reshuffles, or other data), so the resumed "
+            f"task is not the interrupted one. Pass the same data, in the same order",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return it
+
+
 class _Pass:
     """Draws from a re-iterable source by an iterator of its own, re-iterated when it runs out.
 
@@ -95,13 +118,9 @@ class _Pass:
 
     def draw(self, k: int) -> Any:
         for _ in range(2):
-            if self.it is None:
-                it = iter(self.data)
-                self.it, self.drawn = it, 0
-                for _ in range(self.skip):  # a resumed position (state_dict)
-                    next(it, None)
-                    self.drawn += 1
-                self.skip = 0
+            if self.it is None:  # a fresh pass, or a resumed position (state_dict)
+                self.it = _skipped(self.data, self.skip) if self.skip else iter(self.data)
+                self.drawn, self.skip = self.skip, 0
             try:
                 batch = next(self.it)
                 self.drawn += 1
@@ -310,10 +329,12 @@ class Task:
                 "(or task.task_batch(k)) instead of iterating the task"
             )
         if self._tape is None:
-            for batch in self._data:  # type: ignore[union-attr]
-                if self._skip:  # resumed: the loop took this batch before the checkpoint
-                    self._skip -= 1
-                    continue
+            # resumed: past the batches the loop took before the checkpoint
+            batches = (
+                _skipped(self._data, self._skip, self._seen, self.name) if self._skip else self._data  # type: ignore[arg-type]
+            )
+            self._skip = 0
+            for batch in batches:  # type: ignore[union-attr]
                 self._seen.append(batch)
                 yield batch
             return
@@ -401,8 +422,7 @@ class Task:
 
     def check_state(self, state: Any) -> None:
         """Raise ``ValueError`` if ``state`` (from ``state_dict``) cannot be loaded into this task."""
-        if not isinstance(state, dict) or not {"kind", "tape", "meta_tape", "task_source", "meta_source"} <= set(state):
-            raise ValueError("not a Task state_dict")
+        check_task_state(state)
         label = repr(self.name or state.get("name") or "")
         if state["kind"] in ("callable", "iterable") and self.kind != state["kind"]:
             raise ValueError(
@@ -461,6 +481,26 @@ class Task:
             self._loop = int(progress["loop"]) - (len(seen) - len(self._seen))
         else:  # one batch per step: the loop's next batch is the (k+1)-th of the data
             self._skip = int(steps)
+
+    def check_resume(self, progress: dict[str, Any], steps: int) -> None:
+        """``ValueError`` when this task's data is a sequence (a list of batches) whose first
+        ``steps`` batches are not those the interrupted loop took (``progress_state``): other data,
+        or data the caller already advanced (iterating the task skips them itself)."""
+        if not isinstance(self._data, Sequence):
+            return
+        seen = progress["seen"][:steps]
+        if len(seen) > len(self._data):  # the resumed pass would skip past its end
+            raise ValueError(
+                f"task {self.name or ''!r} was checkpointed after {steps} steps, more than one pass over its "
+                f"{len(self._data)} batches: resuming inside a later pass over the task (epochs) is not supported. "
+                "Checkpoint during the first pass or between tasks"
+            )
+        if not all(same_batch(a, b) for a, b in zip(self._data, seen)):
+            raise ValueError(
+                f"task {self.name or ''!r} resumed from a checkpoint after {steps} steps: its data does not start "
+                "with the batches the loop took before the checkpoint. Pass the same list as before, from its "
+                "start (iterating the task skips the batches of the steps taken)"
+            )
 
     def __repr__(self) -> str:
         return f"Task({self.name!r})" if self.name else "Task()"
