@@ -13,8 +13,9 @@ averages contributions over the tasks of a meta-batch and applies them with lear
   sets ``needs_loss`` (else None).
 - ``end_task(state, view) -> list[Tensor] | None``: ∇C(θ0) for this task (None: none).
 
-``view`` is the task's read-only view (``warpopt.session.TaskView``): ``task``, ``context``
-(a ``ReplayContext``), live ``params``/``buffers``, the start ``theta0``/``start_buffers``,
+``view`` is the task's read-only view (``TaskView``, below; the session's
+``warpopt.session.TaskRun``): ``task``, ``context`` (a ``ReplayContext``), live
+``params``/``buffers``, the start ``theta0``/``start_buffers``,
 ``steps``, ``loss``, ``recorded(k)`` (θ_k as the task's trajectory recorded it, read-only views,
 or None) and ``loop`` (``warpopt.loop.Loop``: with ``unrolls`` set, the
 differentiable trajectory θ0 → θ_k the task loop built). A learner keeps nothing between calls
@@ -72,7 +73,8 @@ class TaskView(Protocol):
 class InitialisationLearner:
     """Base class: a fixed θ0 (no contribution); tasks start from θ0."""
 
-    #: whether ``after_step`` needs θ_k before the step (costs one parameter copy per step)
+    #: whether ``after_step`` needs θ_k before the step (the recorded point, read-only; a parameter
+    #: copy per step where the task does not record θ_k in full precision)
     needs_previous: bool = False
     #: whether ``after_step`` needs the loop's training loss L(θ_k) (``view.loss``)
     needs_loss: bool = False
