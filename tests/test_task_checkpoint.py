@@ -339,3 +339,49 @@ def test_resuming_with_other_data_is_refused_for_a_list_and_warned_for_other_re_
             opt.zero_grad()
             R.loss_fn(model(x), y).backward()
             opt.step()
+
+
+def test_maml_with_dropout_and_extra_forwards_and_draws_in_the_loop_resumes_bit_identically():
+    """A loop that makes a second (no_grad) forward and draws from the RNG itself at each step:
+    the rebuilt step draws what the forward its gradient came from drew, whatever came before."""
+    data = [R.task_data(i) for i in range(2)]
+
+    def build():
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Dropout(0.3), torch.nn.Linear(8, 1))
+        model = warpopt.warp(net.double())
+        return model, warpopt.WarpGradMetaOptimizer(model, lr=0.1, initialisation=warpopt.maml())
+
+    def steps(opt, model, batches):
+        for x, y in batches:
+            with torch.no_grad():
+                model(x)  # a monitoring forward: draws masks the graph does not use
+            torch.rand(7)  # and the loop's own draw
+            opt.zero_grad()
+            R.loss_fn(model(x), y).backward()
+            opt.step()
+
+    model, opt = build()
+    for d in data:
+        with opt.task(d, R.loss_fn):
+            steps(opt, model, d)
+    opt.meta_step()
+    reference = [t.detach().clone() for t in opt.theta0]
+
+    model, opt = build()
+    with opt.task(data[0], R.loss_fn):
+        steps(opt, model, data[0])
+    with opt.task(data[1], R.loss_fn):
+        steps(opt, model, data[1][:2])
+        saved = _through_a_file({"opt": opt.state_dict(include_rng=True), "model": model.state_dict()})
+    model, opt = build()
+    torch.manual_seed(5)
+    model.load_state_dict(saved["model"])
+    opt.load_state_dict(saved["opt"], tasks=[warpopt.Task(data[0], R.loss_fn)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with opt.task(data[1], R.loss_fn) as task:
+            assert task.start_step == 2
+            steps(opt, model, data[1][2:])
+    opt.meta_step()
+    assert _equal([t.detach() for t in opt.theta0], reference)
