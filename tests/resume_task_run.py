@@ -28,6 +28,9 @@ CONFIGS = {
     "offline-probe": (warpopt.offline, lambda: warpopt.leap(loss="probe"), 0.2, 5, 1),  # Leap's probe batch
     "offline-maml": (warpopt.offline, warpopt.maml, 0.0, 4, 3),  # MAML's in-loop trajectory rebuilt
     "online-maml": (warpopt.online, warpopt.maml, 0.0, 3, 2),  # Warp-MAML: its pending Eq. 7 term too
+    # MAML with dropout: the rebuilt trajectory draws the loop's masks (each step's RNG state saved)
+    "dropout-maml": (warpopt.offline, warpopt.maml, 0.2, 4, 2),
+    "dropout-warp-maml": (warpopt.online, warpopt.maml, 0.2, 3, 1),  # and the pending Eq. 7 term's
     "continual-reptile": (lambda: warpopt.continual(every=3), warpopt.reptile, 0.2, 4, 2),  # φ updated mid-task
 }
 

@@ -8,6 +8,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -185,11 +186,61 @@ def test_a_checkpoint_between_a_forward_and_the_step_is_refused():
         assert opt.state_dict()["task_in_progress"]["steps"] == 1
 
 
-def test_maml_with_dropout_warns_that_the_rebuilt_trajectory_draws_fresh_masks(monkeypatch):
-    monkeypatch.setitem(R.CONFIGS, "dropout-maml", (warpopt.offline, warpopt.maml, 0.2, 4, 2))
-    saved = _through_a_file(R.checkpoint("dropout-maml"))
+@pytest.mark.parametrize("config", ["dropout-maml", "dropout-warp-maml"])
+def test_maml_with_dropout_rebuilds_the_trajectory_with_the_loops_masks(config, monkeypatch):
+    """The fresh-process test above checks the result bit for bit; here, what makes it so: each
+    step's RNG state (and the pending Eq. 7 term's) is in the checkpoint, and without them (a
+    checkpoint from before they were saved) the rebuild draws fresh masks, is warned and differs."""
+    terms = []  # Warp-MAML: each pending Eq. 7 loss L_meta(θ_{k+1}; φ_k) when it is taken
+    taken = warpopt.loop.Loop.warp_gradient
+
+    def record(loop):
+        if loop.pending is not None:
+            terms.append((loop.task.name, loop.step_index, loop.pending[0].detach().clone()))
+        return taken(loop)
+
+    monkeypatch.setattr(warpopt.loop.Loop, "warp_gradient", record)
+    reference = _reference(config)
+    saved = _through_a_file(R.checkpoint(config))
+    loop = saved["opt"]["task_in_progress"]["loop"]
+    assert len(loop["rng"]) == R.CONFIGS[config][4]  # one state per step taken
+    assert all(r["cpu"].dtype == torch.uint8 and r["cuda"] is None for r in loop["rng"])
+    assert (loop["pending"] is not None) == (config == "dropout-warp-maml")
+    i, k = R.CONFIGS[config][3:]
+    live = [t for t in terms if t[:2] == (f"task {i}", k)]
+    terms.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning any more
+        resumed = R.resume(config, copy.deepcopy(saved))
+    assert _equal(resumed["theta0"], reference["theta0"]) and _equal(resumed["phi"], reference["phi"])
+    assert _equal([t for t in terms if t[:2] == (f"task {i}", k)], live)  # the rebuilt Eq. 7 term too
+    old = copy.deepcopy(saved)
+    del old["opt"]["task_in_progress"]["loop"]["rng"]
     with pytest.warns(RuntimeWarning, match="rebuilt with fresh dropout masks"):
-        R.resume("dropout-maml", saved)
+        stale = R.resume(config, old)
+    assert not _equal(stale["theta0"], reference["theta0"])
+    if loop["pending"] is not None:  # the pending term's forward is drawn from its own state
+        assert live
+        old = copy.deepcopy(saved)
+        old["opt"]["task_in_progress"]["loop"]["pending"]["rng"] = loop["rng"][0]  # another state
+        terms.clear()
+        R.resume(config, old)
+        assert not _equal([t for t in terms if t[:2] == (f"task {i}", k)], live)
+
+
+def test_a_malformed_maml_rng_state_is_refused_at_load():
+    saved = _through_a_file(R.checkpoint("dropout-maml"))
+    _, opt = R.build("dropout-maml", seed=7)
+    before = [p.detach().clone() for p in opt.theta0]
+    for bad, match in (
+        (lambda loop: loop["rng"].pop(), r"loop.rng'.*one RNG state per step taken \(2\)"),
+        (lambda loop: loop["rng"][1].update(cpu=torch.zeros(3)), r"loop.rng\[1\]'.*uint8"),
+    ):
+        entry = copy.deepcopy(saved["opt"])
+        bad(entry["task_in_progress"]["loop"])
+        with pytest.raises(ValueError, match=match):
+            opt.load_state_dict(entry, tasks=[R.reattach(3)])
+        assert _equal([p.detach() for p in opt.theta0], before)
 
 
 def test_a_resume_that_fails_midway_leaves_the_model_as_it_was_and_the_task_pending():
@@ -288,3 +339,49 @@ def test_resuming_with_other_data_is_refused_for_a_list_and_warned_for_other_re_
             opt.zero_grad()
             R.loss_fn(model(x), y).backward()
             opt.step()
+
+
+def test_maml_with_dropout_and_extra_forwards_and_draws_in_the_loop_resumes_bit_identically():
+    """A loop that makes a second (no_grad) forward and draws from the RNG itself at each step:
+    the rebuilt step draws what the forward its gradient came from drew, whatever came before."""
+    data = [R.task_data(i) for i in range(2)]
+
+    def build():
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Dropout(0.3), torch.nn.Linear(8, 1))
+        model = warpopt.warp(net.double())
+        return model, warpopt.WarpGradMetaOptimizer(model, lr=0.1, initialisation=warpopt.maml())
+
+    def steps(opt, model, batches):
+        for x, y in batches:
+            with torch.no_grad():
+                model(x)  # a monitoring forward: draws masks the graph does not use
+            torch.rand(7)  # and the loop's own draw
+            opt.zero_grad()
+            R.loss_fn(model(x), y).backward()
+            opt.step()
+
+    model, opt = build()
+    for d in data:
+        with opt.task(d, R.loss_fn):
+            steps(opt, model, d)
+    opt.meta_step()
+    reference = [t.detach().clone() for t in opt.theta0]
+
+    model, opt = build()
+    with opt.task(data[0], R.loss_fn):
+        steps(opt, model, data[0])
+    with opt.task(data[1], R.loss_fn):
+        steps(opt, model, data[1][:2])
+        saved = _through_a_file({"opt": opt.state_dict(include_rng=True), "model": model.state_dict()})
+    model, opt = build()
+    torch.manual_seed(5)
+    model.load_state_dict(saved["model"])
+    opt.load_state_dict(saved["opt"], tasks=[warpopt.Task(data[0], R.loss_fn)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with opt.task(data[1], R.loss_fn) as task:
+            assert task.start_step == 2
+            steps(opt, model, data[1][2:])
+    opt.meta_step()
+    assert _equal([t.detach() for t in opt.theta0], reference)

@@ -286,18 +286,39 @@ def _check_running_fields(opt: WarpGradMetaOptimizer, running: Any) -> None:
         running["learn"] and (opt.initialisation.unrolls or opt.initialisation.needs_loss)
     ):
         raise ValueError(f"state_dict field {field + '.loop'!r} does not fit {opt.initialisation!r}")
+    if running["loop"] is not None and opt.initialisation.unrolls:
+        _check_loop_rng(running["loop"], steps, field + ".loop")
 
 
-def _check_rng(rng: Any) -> None:
+def _check_rng(rng: Any, field: str = "rng") -> None:
     if rng is None:
         return
     if not isinstance(rng, dict) or not isinstance(rng.get("cpu"), torch.Tensor) or rng["cpu"].dtype != torch.uint8:
-        raise ValueError("state_dict field 'rng': expected {'cpu': a uint8 tensor, 'cuda': [uint8 tensors] or None}")
+        raise ValueError(
+            f"state_dict field {field!r}: expected {{'cpu': a uint8 tensor, 'cuda': [uint8 tensors] or None}}"
+        )
     cuda = rng.get("cuda")
     if cuda is not None and not (
         isinstance(cuda, (list, tuple)) and all(isinstance(t, torch.Tensor) and t.dtype == torch.uint8 for t in cuda)
     ):
-        raise ValueError("state_dict field 'rng.cuda': expected a list of uint8 tensors or None")
+        raise ValueError(f"state_dict field {field + '.cuda'!r}: expected a list of uint8 tensors or None")
+
+
+def _check_loop_rng(loop: Any, steps: int, field: str) -> None:
+    """MAML's per-step RNG states (absent from older checkpoints): one per step taken."""
+    if not isinstance(loop, dict):
+        raise ValueError(f"state_dict field {field!r} is malformed")
+    rngs = loop.get("rng")
+    if rngs is not None:
+        if not isinstance(rngs, list) or len(rngs) != steps or any(r is None for r in rngs):
+            raise ValueError(f"state_dict field {field + '.rng'!r}: one RNG state per step taken ({steps}) expected")
+        for k, r in enumerate(rngs):
+            _check_rng(r, f"{field}.rng[{k}]")
+    pending = loop.get("pending")
+    if pending is not None:
+        if not isinstance(pending, dict) or "meta_batch" not in pending:
+            raise ValueError(f"state_dict field {field + '.pending'!r} is malformed")
+        _check_rng(pending.get("rng"), f"{field}.pending.rng")
 
 
 def _check_pending(opt: WarpGradMetaOptimizer, pending: Any, tasks: Sequence[Task] | None) -> None:

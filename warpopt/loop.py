@@ -102,6 +102,7 @@ class _Forward:
     graph_outputs: Tensors = field(default_factory=list)
     backwards: int = 0
     autocast: tuple[str, torch.dtype] | None = None  # the torch.autocast the forward ran under
+    rng: RNGState | None = None  # the global RNG when the forward began (unrolled: its dropout masks)
 
 
 def _autocast_at(device: torch.device) -> tuple[str, torch.dtype] | None:
@@ -157,6 +158,20 @@ def _explain_compiled() -> Iterator[None]:
         if "does not currently support double backward" in str(error):
             raise RuntimeError(COMPILED) from error
         raise
+
+
+RNGState = tuple[torch.Tensor, Tensors]  # the CPU generator's state, each CUDA device's (as listed)
+
+
+def rng_state(cuda: Sequence[int]) -> RNGState:
+    """The global RNG's state: the CPU generator's and the CUDA devices' ``cuda`` (a few KB)."""
+    return torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in cuda]
+
+
+def set_rng_state(state: RNGState, cuda: Sequence[int]) -> None:
+    torch.set_rng_state(state[0])
+    for d, s in zip(cuda, state[1]):
+        torch.cuda.set_rng_state(s, d)
 
 
 def _zeros_for_none(grads: Sequence[torch.Tensor | None], like: Sequence[torch.Tensor]) -> Tensors:
@@ -217,6 +232,15 @@ class Loop:
         if unroll:
             self._kernels.enter_context(replay_kernels(module, rnn=self._rnn))
         self.step_index = 0
+        # The RNG state each unrolled step's graph gradient was drawn with (the forward it came
+        # from), and the pending Eq. 7 term's: a task resumed from a checkpoint rebuilds the graph
+        # with the same dropout masks (``warpopt.task_checkpoint``). CUDA: the adapt devices'.
+        self.cuda = sorted({t.device.index or 0 for t in live if t.device.type == "cuda"}) if unroll else []
+        self.rngs: list[RNGState] = []
+        self.graph_rng: RNGState | None = None
+        self.step_rng: RNGState | None = None
+        self.pending_rng: RNGState | None = None
+        self._pre_rng: RNGState | None = None
         self.forwards: list[_Forward] = []
         self.graph_grads: Tensors | None = None  # g_k with its graph, from the tap
         # θ_0's leaves alias ``theta0`` (the session's private copy of where the task starts)
@@ -250,6 +274,7 @@ class Loop:
             if live.dtype != theta.dtype or live.device != theta.device:
                 raise RuntimeError(MOVED_IN_TASK)
             stack.callback(self._swap(self.theta + self.phi))
+            self._pre_rng = rng_state(self.cuda)  # a memcpy of ~5 KB (CPU) per forward
         self._inside = stack
         return None
 
@@ -282,6 +307,7 @@ class Loop:
         leaves, spec = ([output], None) if type(output) is torch.Tensor else pytree.tree_flatten(output)
         graph = [i for i, t in enumerate(leaves) if isinstance(t, torch.Tensor) and t.requires_grad]
         entry = _Forward(self.step_index, args, kwargs, output, list(self.theta), [leaves[i] for i in graph])
+        entry.rng, self._pre_rng = self._pre_rng, None
         if graph:
             entry.autocast = _autocast_at(leaves[graph[0]].device)
         self.forwards.append(entry)
@@ -395,6 +421,7 @@ class Loop:
                 # compared at the end of the task, all steps at once (``check``)
                 self.compare.extend((u.detach(), d.detach()) for u, d in zip(grads, dout))
                 self.graph_grads = g if entry.step == self.step_index else None
+                self.graph_rng = entry.rng
                 plain = g  # copied below, without its graph
             else:  # not the step's one matched backward: the plain product, the graph gradient later
                 self.graph_grads = None
@@ -414,12 +441,13 @@ class Loop:
     def gradient(self, k: int) -> Tensors:
         """g_k = ∇θ_k L_task(θ_k; loop batch k) with its graph (of θ_k and, for Warp-MAML, φ_k):
         the tap's when the loop's backward gave it, else by a functional forward at θ_k."""
-        grads = self.graph_grads
+        grads, self.step_rng = self.graph_grads, self.graph_rng
         if grads is None:
             # From here on the unrolled trajectory follows the loop's batches by definition, but
             # nobody saw the loop step on them: it may differ from the live one (no fast Eq. 7)
             self.faithful = False
             batch = self.task.loop_batch(k)  # unknown batch: ValueError naming the fixes
+            self.step_rng = rng_state(self.cuda)
             with torch.enable_grad():
                 loss = self.task.task_loss(self._functional(self.theta, self.phi), batch)
                 grads = _zeros_for_none(
@@ -442,8 +470,10 @@ class Loop:
         loop_batch = self._loop_batch(k)
         if not self.faithful or loop_batch is _Unmatched or not same(task_batch, loop_batch):
             return task_batch, meta_batch
+        rng = rng_state(self.cuda)
         with torch.enable_grad():
             loss = self.task.meta_loss(self._functional(theta, self.phi), meta_batch)
+        self.pending_rng = rng
         self.pending = (loss, list(self.phi), meta_batch)
         return None
 
@@ -485,7 +515,9 @@ class Loop:
         if self.unroll:
             self.theta, self.states = list(theta), list(states)
             self.phi = self._alias_phi()
-        self.forwards, self.graph_grads = [], None
+            assert self.step_rng is not None  # set by ``gradient``
+            self.rngs.append(self.step_rng)
+        self.forwards, self.graph_grads, self.graph_rng, self.step_rng = [], None, None, None
         self.step_index += 1
 
     def check(self) -> None:

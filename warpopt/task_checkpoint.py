@@ -32,6 +32,7 @@ from torch import nn
 
 from .algorithms import Accumulator, Algorithm
 from .initialisation import InitialisationLearner
+from .loop import RNGState, set_rng_state
 from .objectives import Objective
 from .partition import Model
 from .points import flatten_point, unflatten_point
@@ -135,6 +136,14 @@ def _point(point: Any) -> dict[str, Any]:
     }
 
 
+def _plain_rng(state: RNGState | None) -> dict[str, Any] | None:
+    """An RNG state as ``state_dict()``'s ``rng`` field holds one."""
+    if state is None:
+        return None
+    cpu, cuda = state
+    return {"cpu": cpu.clone(), "cuda": [s.clone() for s in cuda] or None}
+
+
 def save(model: Model, run: TaskRun) -> dict[str, Any]:
     """The task in progress after ``run.steps`` steps (see the module docstring). Raises a
     ``RuntimeError`` when it is not between two steps (a forward or clipping since the last step)."""
@@ -147,7 +156,11 @@ def save(model: Model, run: TaskRun) -> dict[str, Any]:
         )
     acc, trajectory = run.algorithm_state, run.trajectory
     restore_params, restore_buffers, restore_optimizer = run.restore
-    pending = None if loop is None or loop.pending is None else {"meta_batch": loop.pending[2]}
+    pending = (
+        None
+        if loop is None or loop.pending is None
+        else {"meta_batch": loop.pending[2], "rng": _plain_rng(loop.pending_rng)}
+    )
     return {
         "name": run.task.name,
         "steps": run.steps,
@@ -176,6 +189,7 @@ def save(model: Model, run: TaskRun) -> dict[str, Any]:
             "faithful": loop.faithful,
             "compare": [[u.clone(), d.clone()] for u, d in loop.compare],
             "pending": pending,
+            "rng": [_plain_rng(r) for r in loop.rngs] if loop.unroll else None,  # MAML: each step's forward
         },
     }
 
@@ -333,26 +347,42 @@ def _rebuild(run: TaskRun, saved: dict[str, Any]) -> None:
     loop.step_index = run.steps
     if not loop.unroll:
         return
-    if run.steps and any(isinstance(m, _DROPOUT) and m.training and m.p > 0 for m in loop.module.modules()):
+    # Each step's graph gradient is rebuilt by a forward drawing what the loop's forward drew: the
+    # global RNG is set to the state recorded when that forward began (one per step, and one for
+    # the pending Eq. 7 term), inside a fork, so the live RNG stays as the checkpoint left it.
+    saved_rngs = saved.get("rng")  # absent from checkpoints written before it was recorded
+    rngs: list[RNGState] | None = None
+    if saved_rngs is not None and all(len(r["cuda"] or ()) == len(loop.cuda) for r in saved_rngs):
+        rngs = [(r["cpu"], list(r["cuda"] or ())) for r in saved_rngs]
+    pending = saved["pending"]
+    pending_rng = None if pending is None or pending.get("rng") is None else pending["rng"]
+    dropout = any(isinstance(m, _DROPOUT) and m.training and m.p > 0 for m in loop.module.modules())
+    if run.steps and rngs is None and dropout:
         warnings.warn(
-            "maml(): the resumed task's trajectory θ_0 → θ_k is rebuilt with fresh dropout masks (the loop's "
-            "were not saved): its θ0 meta-gradient differs from an uninterrupted run's. Checkpoint between "
-            "tasks for a bit-identical MAML run with dropout",
+            "maml(): the resumed task's trajectory θ_0 → θ_k is rebuilt with fresh dropout masks (the "
+            "checkpoint holds no RNG state per step for this device, written by an older version or on "
+            "another device): its θ0 meta-gradient differs from an uninterrupted run's",
             RuntimeWarning,
             stacklevel=5,
         )
     theta, states, phi = loop.theta, loop.states, loop.phi
-    cuda = sorted({t.device.index or 0 for t in theta if t.device.type == "cuda"})
-    with torch.random.fork_rng(devices=cuda), torch.enable_grad():  # the saved RNG state stays
+    with torch.random.fork_rng(devices=loop.cuda), torch.enable_grad():  # the saved RNG state stays
         for k in range(run.steps):
             phi = loop._alias_phi()
+            if rngs is not None:
+                set_rng_state(rngs[k], loop.cuda)
             loss = task.task_loss(loop._functional(theta, phi), task.loop_batch(k))
             grads = torch.autograd.grad(loss, theta, create_graph=True, allow_unused=True)
             grads = tuple(g if g is not None else torch.zeros_like(t) for g, t in zip(grads, theta))
             theta, states = run.context.apply_step(theta, grads, states, run.step_hypers[k])
-        if saved["pending"] is not None:
-            meta_batch = saved["pending"]["meta_batch"]
+        if pending is not None:
+            meta_batch = pending["meta_batch"]
+            if rngs is not None and pending_rng is not None:
+                loop.pending_rng = (pending_rng["cpu"], list(pending_rng["cuda"] or ()))
+                set_rng_state(loop.pending_rng, loop.cuda)
             loop.pending = (task.meta_loss(loop._functional(theta, phi), meta_batch), list(phi), meta_batch)
+    if rngs is not None:
+        loop.rngs = rngs
     loop.theta, loop.states, loop.phi = list(theta), list(states), loop._alias_phi()
 
 
