@@ -476,3 +476,38 @@ def test_maml_differentiates_the_steps_taken_under_a_scheduler_and_clipping(unro
     )
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def fast_then_off_loop(opt, model, task, data):
+    """Step 0 on the fast path; from step 1 the loop trains on a copy of its batch (other memory):
+    the unrolled trajectory is no longer known to be the live one, Eq. 7 is replayed."""
+    for k, (x, y) in enumerate(task):
+        opt.zero_grad()
+        loss_fn(model(x if k == 0 else x.clone()), y).backward()
+        opt.step()
+
+
+def test_warp_maml_keeps_the_pending_eq7_term_when_the_next_step_is_replayed(monkeypatch):
+    """Step k's Eq. 7 term is pending until step k+1; when step k+1's term is replayed instead
+    (the loop left the fast path), step k's pending term is still counted: every step gives one
+    term (K per task) and φ, θ0 equal the objective replayed at every step."""
+    monkeypatch.setattr(warpopt.step_check, "due", lambda task_index: False)
+    tasks = two_tasks()
+    result, counts = {}, {}
+    for name, objective in (("fast", warpopt.exact), ("replayed", exact_by_another_name)):
+        model = warpopt.warp(make_net())
+        opt = warp_maml(model, objective)
+        phi = [p.detach().clone() for p in model.warp_parameters()]
+        theta0 = [t.detach().clone() for t in opt.theta0]
+        for data, query in tasks:
+            with opt.task(data, loss_fn, meta_data=lambda k, q=query: q) as task:
+                fast_then_off_loop(opt, model, task, data)
+        counts[name] = opt.algorithm_state.count
+        opt.meta_step()
+        result[name] = [a - b for a, b in zip(phi, model.warp_parameters())] + [
+            a - b for a, b in zip(theta0, opt.theta0)
+        ]
+    assert counts == {"fast": 6, "replayed": 6}  # 2 tasks × 3 steps
+    assert sum(g.abs().sum() for g in result["fast"]) > 1e-2
+    for a, b in zip(result["fast"], result["replayed"]):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)

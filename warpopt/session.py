@@ -242,7 +242,7 @@ def step(
             # the step as taken: this step's hyper-parameters and clipping (issue 14)
             unrolled = run.context.apply_step(loop.theta, g_theta, loop.states, run.hypers)  # type: ignore[union-attr]
     # ---- end issue 18 --------------------------------------------------------------------------
-    step_grads = None
+    step_grads = earlier = None  # earlier: the previous step's pending Eq. 7 term (Warp-MAML)
     meta_params = model.meta_parameters()  # built once per step (a new list on every call)
     if learn and meta_params:  # θ0-only meta-learning has no per-step φ work
         if algorithm.harvests:
@@ -259,10 +259,12 @@ def step(
                     # issue 18: Warp-MAML's Eq. 7 term read off the unrolled step (no second inner step):
                     # the previous step's term is due now, this step's waits (see Loop.warp_loss); when
                     # the objective's inner step is not the loop's, it is replayed as below
-                    step_grads = loop.warp_gradient()  # type: ignore[union-attr]
+                    earlier = loop.warp_gradient()  # type: ignore[union-attr]
                     drawn = loop.warp_loss(run.steps, unrolled[0])  # type: ignore[union-attr]
                     fast = drawn is None
-                    if drawn is not None:
+                    if drawn is None:
+                        step_grads, earlier = earlier, None
+                    else:
                         task_batch, meta_batch = drawn
 
                         def sample(states: Any) -> Sample:
@@ -286,6 +288,9 @@ def step(
         if loop is not None:  # issue 18
             loop.advance(*(unrolled or ((), ())))
         run.steps += 1
+    if learn and earlier is not None:  # counted before this step's replayed term (both are terms)
+        # (no update is due from it: maml() with an algorithm updating φ inside the task is refused)
+        algorithm_state, due = algorithm.on_step(algorithm_state, earlier)
     if learn and step_grads is not None:
         algorithm_state, due = algorithm.on_step(algorithm_state, step_grads)
         if run is not None:
