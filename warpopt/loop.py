@@ -448,12 +448,15 @@ class Loop:
             self.faithful = False
             batch = self.task.loop_batch(k)  # unknown batch: ValueError naming the fixes
             self.step_rng = rng_state(self.cuda)
-            with torch.enable_grad():
-                loss = self.task.task_loss(self._functional(self.theta, self.phi), batch)
-                grads = _zeros_for_none(
-                    torch.autograd.grad(loss, self.theta, create_graph=True, allow_unused=True), self.theta
-                )
+            grads = self.functional_gradient(self.theta, self.phi, batch)
         return grads
+
+    def functional_gradient(self, theta: Sequence[torch.Tensor], phi: Sequence[torch.Tensor], batch: Any) -> Tensors:
+        """∇θ L_task(θ; φ, ``batch``) with its graph (of θ and φ), by a functional forward at θ
+        (a step the loop's backward did not give, and the rebuild of a resumed task)."""
+        with torch.enable_grad():
+            loss = self.task.task_loss(self._functional(theta, phi), batch)
+            return _zeros_for_none(torch.autograd.grad(loss, theta, create_graph=True, allow_unused=True), theta)
 
     def warp_loss(self, k: int, theta: Sequence[torch.Tensor]) -> tuple[Any, Any] | None:
         """Eq. 7 at θ_k with θ_k fixed, read off the unrolled step: L_meta(θ_{k+1}; φ_k) with

@@ -22,7 +22,16 @@ from typing import Any
 
 import torch
 
-__all__ = ["Arena", "Point", "State", "flatten_point", "param_views", "unflatten_point"]
+__all__ = [
+    "Arena",
+    "Point",
+    "State",
+    "flatten_point",
+    "param_views",
+    "point_from_plain",
+    "point_to_plain",
+    "unflatten_point",
+]
 
 State = dict[str, torch.Tensor]
 
@@ -216,6 +225,33 @@ def unflatten_point(point: Point, device: torch.device) -> tuple[list[torch.Tens
     params, rest = tensors[:n_params], iter(tensors[n_params:])
     states = [{key: next(rest) for key in keys} for keys in point.layout.state_keys]
     return params, states, list(rest)
+
+
+def point_to_plain(point: Point) -> dict[str, Any]:
+    """A checkpoint's form of ``point``: its step and θ_k, optimizer state and buffers as CPU
+    tensors (copies) in their recorded dtypes (``torch.load(weights_only=True)`` reads it)."""
+    params, states, buffers = unflatten_point(point, torch.device("cpu"))
+    return {
+        "step": point.step,
+        "params": [p.clone() for p in params],
+        "states": [{k: v.clone() for k, v in st.items()} for st in states],
+        "buffers": [b.clone() for b in buffers],
+    }
+
+
+def point_from_plain(
+    plain: dict[str, Any], device: torch.device, dtype: torch.dtype | None = None, arena: Arena | None = None
+) -> Point:
+    """Inverse of ``point_to_plain``: the point recorded again on ``device`` (host-side step
+    counts, 0-dim, stay on the host), with storage ``dtype`` and ``arena`` as ``flatten_point``."""
+    return flatten_point(
+        int(plain["step"]),
+        [p.to(device) for p in plain["params"]],
+        [{k: v.to(device) if v.dim() else v for k, v in st.items()} for st in plain["states"]],
+        [b.to(device) for b in plain["buffers"]],
+        dtype,
+        arena,
+    )
 
 
 def param_views(point: Point) -> list[torch.Tensor] | None:

@@ -35,7 +35,7 @@ from .initialisation import InitialisationLearner
 from .loop import RNGState, set_rng_state
 from .objectives import Objective
 from .partition import Model
-from .points import flatten_point, unflatten_point
+from .points import point_from_plain, point_to_plain
 from .session import TaskRun, abort, begin, finish
 from .step_hypers import from_plain, to_plain
 from .tasks import Task
@@ -126,16 +126,6 @@ def decode(learner: InitialisationLearner, x: Any, where: str = "init_state") ->
 
 
 # ---------------------------------------------------------------------- save
-def _point(point: Any) -> dict[str, Any]:
-    params, states, buffers = unflatten_point(point, torch.device("cpu"))
-    return {
-        "step": point.step,
-        "params": _clones(params),
-        "states": [{k: v.clone() for k, v in st.items()} for st in states],
-        "buffers": _clones(buffers),
-    }
-
-
 def _plain_rng(state: RNGState | None) -> dict[str, Any] | None:
     """An RNG state as ``state_dict()``'s ``rng`` field holds one."""
     if state is None:
@@ -176,7 +166,7 @@ def save(model: Model, run: TaskRun) -> dict[str, Any]:
         "trajectory": None
         if trajectory is None
         else {
-            "points": [_point(p) for p in trajectory.points],
+            "points": [point_to_plain(p) for p in trajectory.points],
             "hypers": {k: to_plain(h) for k, h in trajectory.hypers.items()},
         },
         "hypers": [to_plain(h) for h in run.step_hypers],
@@ -313,17 +303,9 @@ def _continue(
     if run.trajectory is not None:
         trajectory = run.trajectory
         trajectory.discard()  # the θ_0 begin recorded: the saved points replace it
-        for c in saved["trajectory"]["points"]:
-            trajectory.points.append(
-                flatten_point(
-                    int(c["step"]),
-                    [p.to(device) for p in c["params"]],
-                    [{k: v.to(device) if v.dim() else v for k, v in st.items()} for st in c["states"]],
-                    [b.to(device) for b in c["buffers"]],
-                    trajectory.dtype,
-                    trajectory.arena,
-                )
-            )
+        trajectory.points.extend(
+            point_from_plain(c, device, trajectory.dtype, trajectory.arena) for c in saved["trajectory"]["points"]
+        )
         trajectory.hypers = {int(k): from_plain(h) for k, h in saved["trajectory"]["hypers"].items()}  # type: ignore[misc]
     if run.learn:
         run.init_state = decode(initialisation, saved["init_state"])
@@ -371,9 +353,7 @@ def _rebuild(run: TaskRun, saved: dict[str, Any]) -> None:
             phi = loop._alias_phi()
             if rngs is not None:
                 set_rng_state(rngs[k], loop.cuda)
-            loss = task.task_loss(loop._functional(theta, phi), task.loop_batch(k))
-            grads = torch.autograd.grad(loss, theta, create_graph=True, allow_unused=True)
-            grads = tuple(g if g is not None else torch.zeros_like(t) for g, t in zip(grads, theta))
+            grads = loop.functional_gradient(theta, phi, task.loop_batch(k))
             theta, states = run.context.apply_step(theta, grads, states, run.step_hypers[k])
         if pending is not None:
             meta_batch = pending["meta_batch"]

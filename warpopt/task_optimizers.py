@@ -189,7 +189,7 @@ def _sgd_one(p, g, st, h):
         buf = g if buf is None else _axpy(mu * buf, 1 - h.get("dampening", 0.0), g)
         new_st["momentum_buffer"] = buf
         g = _axpy(g, mu, buf) if h.get("nesterov", False) else buf
-    return _axpy(p, -lr, g) if isinstance(lr, (int, float)) else p - lr * g, new_st
+    return _axpy(p, -lr, g), new_st
 
 
 # --------------------------------------------------------------------------- Adam / AdamW

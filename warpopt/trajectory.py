@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from .points import Arena, Point, State, flatten_point, param_views, unflatten_point
+from .points import Arena, Point, State, flatten_point, param_views, point_from_plain, point_to_plain, unflatten_point
 from .step_hypers import StepHypers, from_plain, to_plain
 from .storage import CPUStorage, DeviceStorage, DiskStorage, Storage
 from .tasks import Task
@@ -293,20 +293,8 @@ class ReplayBuffer:
         """The buffer's points in buffer order (task id, step, θ_k, optimizer state, buffers as
         CPU tensors in their recorded dtypes), the ids of their tasks, what each step used
         (``Sample.hypers``, as plain numbers) and the next task id. Costs one copy of the buffer."""
-        points = []
-        for task_id, point in self._points:
-            params, states, buffers = unflatten_point(self.storage.get(point), torch.device("cpu"))
-            points.append(
-                {
-                    "task": task_id,
-                    "step": point.step,
-                    "params": [p.clone() for p in params],
-                    "states": [{k: v.clone() for k, v in st.items()} for st in states],
-                    "buffers": [b.clone() for b in buffers],
-                }
-            )
         return {
-            "points": points,
+            "points": [{"task": task_id, **point_to_plain(self.storage.get(point))} for task_id, point in self._points],
             "tasks": sorted(self._tasks),
             "next_id": self._next_id,
             "hypers": {i: {k: to_plain(h) for k, h in steps.items()} for i, steps in self._hypers.items()},
@@ -316,17 +304,9 @@ class ReplayBuffer:
         """Replace the buffer's points by ``contents()`` (recorded again with this buffer's
         settings, on ``device``), their tasks by ``tasks`` (id -> task): all or nothing. The
         generator and the reservoir count are ``load_state_dict``'s."""
-        trajectories = []
-        for c in contents["points"]:  # recorded as a task's loop records them (warpopt.points)
-            trajectory = Trajectory(tasks[c["task"]], 1, self.dtype)
-            trajectory.record(
-                int(c["step"]),
-                [p.to(device) for p in c["params"]],
-                [{k: v.to(device) if v.dim() else v for k, v in st.items()} for st in c["states"]],
-                [b.to(device) for b in c["buffers"]],
-            )
-            trajectories.append(trajectory.points[0])
-        stored = self.storage.put_many(trajectories)  # all or nothing; the old points are still there
+        # recorded again as a task's loop records them (warpopt.points), then stored: all or nothing
+        points = [point_from_plain(c, device, self.dtype) for c in contents["points"]]
+        stored = self.storage.put_many(points)  # the old points are still there
         for _, point in self._points:
             self.storage.release(point)
         self._points = [(int(c["task"]), point) for c, point in zip(contents["points"], stored)]
